@@ -1,0 +1,150 @@
+"""The adapter protocol: what every backend implements, and nothing more.
+
+A backend moves :class:`OutRecord` batches into topics and hands
+:class:`InRecord` batches to group members. The envelope, codecs, patterns and
+reliability features are written once above this layer.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+__all__ = [
+    "Backend",
+    "Capability",
+    "InRecord",
+    "OutRecord",
+    "Receipt",
+    "Start",
+    "Subscription",
+]
+
+Start = Literal["earliest", "latest"]
+
+
+class Capability(enum.Flag):
+    """What a backend does natively. Asking for a missing one raises CapabilityError."""
+
+    NONE = 0
+    DURABLE_GROUPS = enum.auto()
+    EPHEMERAL_GROUPS = enum.auto()
+    KEY_ORDER = enum.auto()  #: one key keeps its order (partitioned topics)
+    SEEK = enum.auto()  #: seek by offset and replay
+    SEEK_TIME = enum.auto()  #: seek by timestamp
+    DELAY = enum.auto()  #: per-message not-before time
+    LAG = enum.auto()  #: consumer lag per partition
+    COMPACTION = enum.auto()  #: keep the last value per key
+    RETENTION = enum.auto()  #: drop by age and size
+    MULTI_PROCESS = enum.auto()  #: several processes share one topic
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """One message on its way to a backend. Headers carry the envelope."""
+
+    value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    timestamp_ms: int = 0
+    not_before_ms: int = 0  #: deliver no earlier than this (epoch ms); 0 = now
+
+
+@dataclass(slots=True)
+class InRecord:
+    """One message read by a group member, with its position."""
+
+    topic: str
+    partition: int
+    offset: int | str
+    value: bytes
+    key: bytes | None
+    headers: tuple[tuple[str, str], ...]
+    timestamp_ms: int
+    attempt: int = 1  #: 1 on first delivery, +1 per redelivery this backend knows of
+    handle: object = None  #: the adapter's own token for ack/nack (never shown to users)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where a published message was stored."""
+
+    topic: str
+    partition: int
+    offset: int | str
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """Topic settings; a backend ignores none silently (unsupported → CapabilityError)."""
+
+    partitions: int = 1
+    retention_ms: int | None = None
+    retention_bytes: int | None = None
+    compact: bool = False
+    groups: tuple[str, ...] = field(default=())
+
+
+class Subscription(Protocol):
+    """One member of a group (or an ephemeral reader) on one topic.
+
+    Not thread-safe: one thread fetches; ``ack``/``nack`` may come from others.
+    """
+
+    @property
+    def group(self) -> str | None: ...
+
+    def fetch(self, max_records: int, timeout: float) -> list[InRecord]:
+        """Return up to ``max_records`` records, waiting at most ``timeout`` seconds.
+
+        Returns an empty list on timeout; never blocks longer.
+        """
+        ...
+
+    def ack(self, records: Sequence[InRecord]) -> None:
+        """Mark records processed; the contiguous acked prefix becomes committed."""
+        ...
+
+    def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
+        """Redeliver records (``requeue``) or drop them for this group."""
+        ...
+
+    def seek(
+        self, partition: int, *, offset: int | None = None, timestamp_ms: int | None = None
+    ) -> None:
+        """Move this member's position in ``partition``. CapabilityError if unsupported."""
+        ...
+
+    def lag(self) -> dict[int, int]:
+        """Records not yet committed, per partition this member can see."""
+        ...
+
+    def close(self) -> None:
+        """Commit what was acked, leave the group; idempotent."""
+        ...
+
+
+class Backend(Protocol):
+    """A connection to one broker (or one native log directory)."""
+
+    capabilities: Capability
+
+    def declare_topic(self, topic: str, spec: TopicSpec) -> None:
+        """Create the topic (and ``spec.groups``) if missing; idempotent."""
+        ...
+
+    def publish(self, topic: str, records: Sequence[OutRecord]) -> list[Receipt]:
+        """Store records durably per the backend's settings; returns one receipt each."""
+        ...
+
+    def subscribe(
+        self, topic: str, group: str | None, *, start: Start, session_timeout: float
+    ) -> Subscription:
+        """Join ``group`` (durable) or, with ``group=None``, read as an ephemeral member."""
+        ...
+
+    def close(self) -> None:
+        """Release every connection and file; idempotent."""
+        ...

@@ -1,0 +1,353 @@
+"""The facade: :func:`connect` returns a :class:`Bus`, the one interface over every backend."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from .adapters.base import (
+    Backend,
+    Capability,
+    InRecord,
+    OutRecord,
+    Receipt,
+    Start,
+    Subscription,
+    TopicSpec,
+)
+from .codecs import decoder_for, encode
+from .errors import CapabilityError, ClosedError, ConfigurationError, DecodeError
+from .message import (
+    CAUSATION_ID,
+    CONTENT_TYPE,
+    CORRELATION_ID,
+    ENVELOPE,
+    MESSAGE_ID,
+    TIMESTAMP,
+    Delivery,
+    Message,
+)
+from .registry import open_backend
+
+__all__ = ["Bus", "Subscriber", "connect"]
+
+#: marks a key that was given as bytes, so it comes back as bytes
+KEY_BINARY = "polybus-key-binary"
+_ENVELOPE = ENVELOPE | {KEY_BINARY}
+
+
+def connect(url: str, *, default_partitions: int = 4) -> Bus:
+    """Connect to the backend ``url`` names, e.g. ``native:///var/lib/app/bus``.
+
+    Topics used before being declared are created with ``default_partitions``.
+    Raises ConfigurationError for a bad URL and BackendUnavailable for an
+    unknown scheme or a missing client library (naming the extra to install).
+    """
+    return Bus(open_backend(url), default_partitions=default_partitions)
+
+
+def _to_out(message: Message, delay: float | None) -> OutRecord:
+    payload, content_type = encode(message._value, message.content_type)
+    headers = [(MESSAGE_ID, message.id), (CONTENT_TYPE, content_type)]
+    if message.correlation_id:
+        headers.append((CORRELATION_ID, message.correlation_id))
+    if message.causation_id:
+        headers.append((CAUSATION_ID, message.causation_id))
+    key = message.key
+    if isinstance(key, str):
+        key_bytes: bytes | None = key.encode()
+    elif isinstance(key, bytes | bytearray):
+        key_bytes = bytes(key)
+        headers.append((KEY_BINARY, "1"))
+    elif key is None:
+        key_bytes = None
+    else:
+        raise ConfigurationError(
+            f"message key must be str, bytes or None, not {type(key).__name__}"
+        )
+    for name, value in message.headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigurationError(
+                f"header {name!r} must map str to str (got {type(value).__name__}); "
+                "encode other values yourself, e.g. with str() or json.dumps()"
+            )
+        headers.append((name, value))
+    ts_ms = int(message.timestamp * 1000)
+    headers.append((TIMESTAMP, str(ts_ms)))
+    not_before = 0 if not delay else int((time.time() + delay) * 1000)
+    return OutRecord(payload, key_bytes, tuple(headers), ts_ms, not_before)
+
+
+def _to_message(record: InRecord) -> Message:
+    env: dict[str, str] = {}
+    user: dict[str, str] = {}
+    for name, value in record.headers:
+        (env if name in _ENVELOPE else user)[name] = value
+    content_type = env.get(CONTENT_TYPE)
+    key: str | bytes | None = record.key
+    if record.key is not None and KEY_BINARY not in env:
+        key = record.key.decode(errors="surrogateescape")
+    ts = env.get(TIMESTAMP)
+    return Message.received(
+        record.value,
+        decoder_for(content_type),
+        key=key,
+        headers=user,
+        id=env.get(MESSAGE_ID) or f"{record.topic}/{record.partition}/{record.offset}",
+        timestamp=(int(ts) if ts and ts.isdigit() else record.timestamp_ms) / 1000,
+        correlation_id=env.get(CORRELATION_ID),
+        causation_id=env.get(CAUSATION_ID),
+        content_type=content_type,
+    )
+
+
+class Subscriber:
+    """A consumer of one topic, in a group or alone; iterate it or call :meth:`fetch`.
+
+    Every delivery must be settled with ``ack()`` or ``nack()``; unsettled ones
+    are redelivered after this subscriber closes or dies.
+    """
+
+    def __init__(self, bus: Bus, topic: str, subscription: Subscription, model: Any) -> None:
+        self.topic = topic
+        self._bus = bus
+        self._sub = subscription
+        self._model = model
+        self._closed = False
+
+    @property
+    def group(self) -> str | None:
+        return self._sub.group
+
+    def _settle(self, delivery: Delivery, ack: bool, requeue: bool) -> None:
+        assert isinstance(delivery, _Delivery)
+        record = delivery._record
+        if ack:
+            self._sub.ack([record])
+        else:
+            self._sub.nack([record], requeue=requeue)
+
+    def fetch(self, max_messages: int = 100, timeout: float = 1.0) -> list[Delivery]:
+        """Return up to ``max_messages`` deliveries, waiting at most ``timeout`` seconds.
+
+        Returns [] on timeout. Raises ClosedError after close().
+        """
+        if self._closed:
+            raise ClosedError(f"subscriber to {self.topic!r} is closed; subscribe again")
+        if max_messages < 1:
+            raise ConfigurationError("max_messages must be at least 1")
+        out: list[Delivery] = []
+        group = self._sub.group
+        for record in self._sub.fetch(max_messages, max(0.0, timeout)):
+            message = _to_message(record)
+            if self._model is not None:
+                message._decoder = self._model_decoder(message._decoder)
+            d = _Delivery(
+                message,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                group=group,
+                attempt=record.attempt,
+                settle=self._settle,
+            )
+            d._record = record
+            out.append(d)
+        return out
+
+    def _model_decoder(self, inner: Any) -> Any:
+        model = self._model
+
+        def decode(payload: bytes) -> Any:
+            data = inner(payload)
+            try:
+                return model.model_validate(data)
+            except Exception as exc:  # pydantic.ValidationError, without importing pydantic
+                raise DecodeError(f"payload does not match {model.__name__}: {exc}") from exc
+
+        return decode
+
+    def __iter__(self) -> Iterator[Delivery]:
+        """Yield deliveries until the subscriber is closed."""
+        while not self._closed:
+            try:
+                yield from self.fetch(100, 0.5)
+            except ClosedError:
+                return
+
+    def seek(
+        self, partition: int, *, offset: int | None = None, timestamp: float | None = None
+    ) -> None:
+        """Read ``partition`` from ``offset``, or from the first message at or after ``timestamp``.
+
+        Raises CapabilityError on backends without replay.
+        """
+        needed = Capability.SEEK if timestamp is None else Capability.SEEK_TIME
+        if needed not in self._bus.capabilities:
+            raise CapabilityError(f"this backend cannot seek ({needed.name} is missing)")
+        ts = None if timestamp is None else int(timestamp * 1000)
+        self._sub.seek(partition, offset=offset, timestamp_ms=ts)
+
+    def lag(self) -> dict[int, int]:
+        """Messages not yet committed by this group, per partition."""
+        if Capability.LAG not in self._bus.capabilities:
+            raise CapabilityError("this backend does not report lag")
+        return self._sub.lag()
+
+    def close(self) -> None:
+        """Commit what was acked and leave the group; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._sub.close()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Delivery(Delivery):
+    """A delivery that remembers the adapter record it settles."""
+
+    __slots__ = ("_record",)
+    _record: InRecord
+
+
+class Bus:
+    """Publish to topics and subscribe groups, on whichever backend the URL named.
+
+    Thread-safe for publishing. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, backend: Backend, *, default_partitions: int = 4) -> None:
+        self.backend = backend
+        self.default_partitions = default_partitions
+        self._declared: set[str] = set()
+        self._subscribers: list[Subscriber] = []
+        self._closed = False
+
+    @property
+    def capabilities(self) -> Capability:
+        return self.backend.capabilities
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedError("bus is closed; connect again")
+
+    def declare(
+        self,
+        topic: str,
+        *,
+        partitions: int | None = None,
+        groups: Sequence[str] = (),
+        retention: float | None = None,
+        retention_bytes: int | None = None,
+        compact: bool = False,
+    ) -> None:
+        """Create ``topic`` and its durable ``groups`` if missing; idempotent.
+
+        Groups declared here get every message published from now on, even
+        before a member subscribes (fan-out). ``retention`` is in seconds.
+        """
+        self._check()
+        spec = TopicSpec(
+            partitions=partitions or self.default_partitions,
+            retention_ms=None if retention is None else int(retention * 1000),
+            retention_bytes=retention_bytes,
+            compact=compact,
+            groups=tuple(groups),
+        )
+        self.backend.declare_topic(topic, spec)
+        self._declared.add(topic)
+
+    def _ensure(self, topic: str) -> None:
+        if topic not in self._declared:
+            self.declare(topic)
+
+    def publish(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        key: str | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        delay: float | None = None,
+    ) -> Receipt:
+        """Publish one message; return where it was stored.
+
+        ``value`` may be a :class:`Message`. ``delay`` (seconds) holds delivery
+        back (needs Capability.DELAY). Raises EncodeError, MessageTooLarge,
+        ConnectionLost; nothing is stored when it raises.
+        """
+        if isinstance(value, Message):
+            message = value
+        else:
+            message = Message(
+                value,
+                key=key,
+                headers=headers,
+                content_type=content_type,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+            )
+        return self.publish_many(topic, [message], delay=delay)[0]
+
+    def publish_many(
+        self, topic: str, messages: Iterable[Message | Any], *, delay: float | None = None
+    ) -> list[Receipt]:
+        """Publish messages (or plain values) in order, as few backend calls as possible."""
+        self._check()
+        if delay and Capability.DELAY not in self.capabilities:
+            raise CapabilityError("this backend cannot delay delivery")
+        records = [_to_out(m if isinstance(m, Message) else Message(m), delay) for m in messages]
+        if not records:
+            return []
+        self._ensure(topic)
+        return self.backend.publish(topic, records)
+
+    def subscribe(
+        self,
+        topic: str,
+        group: str | None = None,
+        *,
+        start: Start | None = None,
+        session_timeout: float = 10.0,
+        model: Any = None,
+    ) -> Subscriber:
+        """Subscribe to ``topic`` as a member of durable ``group``, or ephemerally.
+
+        Members of one group share the messages; every group gets them all. A
+        durable group keeps its position while nobody listens; an ephemeral
+        subscriber (``group=None``) sees messages published from now on
+        (``start="latest"``, its default) and vanishes on close. ``model``, a
+        pydantic model class, decodes each value into that model.
+        """
+        self._check()
+        self._ensure(topic)
+        if group is None and Capability.EPHEMERAL_GROUPS not in self.capabilities:
+            raise CapabilityError("this backend has no ephemeral subscriptions")
+        start = start or ("latest" if group is None else "earliest")
+        sub = self.backend.subscribe(topic, group, start=start, session_timeout=session_timeout)
+        subscriber = Subscriber(self, topic, sub, model)
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def close(self) -> None:
+        """Close every subscriber and the backend connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in self._subscribers:
+            sub.close()
+        self.backend.close()
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,117 @@
+"""Payload codecs: bytes, str, JSON, msgpack and pydantic models. Never pickle.
+
+The content type travels with each message, so a consumer decodes what a
+producer wrote without both sides agreeing on a codec in advance.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from .errors import DecodeError, EncodeError
+
+__all__ = ["BYTES", "JSON", "MSGPACK", "TEXT", "decoder_for", "encode"]
+
+BYTES = "application/octet-stream"
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+
+
+def _json_default(obj: Any) -> Any:
+    dump = getattr(obj, "model_dump", None)  # pydantic v2 models nested in data
+    if callable(dump):
+        return dump(mode="json")
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _dump_json(value: Any) -> bytes:
+    dump_json = getattr(value, "model_dump_json", None)
+    if callable(dump_json):
+        return str(dump_json()).encode()
+    return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+
+
+def encode(value: Any, content_type: str | None = None) -> tuple[bytes, str]:
+    """Encode ``value`` and return ``(payload, content_type)``.
+
+    Without a content type: bytes pass through, str is UTF-8 text, anything
+    else (dicts, lists, numbers, pydantic models) is JSON. Raises
+    :class:`EncodeError` naming the type when the value cannot be encoded.
+    """
+    try:
+        if content_type is None:
+            if isinstance(value, bytes | bytearray | memoryview):
+                return bytes(value), BYTES
+            if isinstance(value, str):
+                return value.encode(), TEXT
+            return _dump_json(value), JSON
+        base = content_type.split(";", 1)[0].strip().lower()
+        if base == JSON:
+            return _dump_json(value), content_type
+        if base == MSGPACK:
+            return msgpack.packb(value, default=_json_default), content_type
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value), content_type
+        if isinstance(value, str):
+            return value.encode(), content_type
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(
+            f"cannot encode {type(value).__name__} as {content_type or JSON}: {exc}; "
+            "pass bytes, str, JSON-compatible data or a pydantic model"
+        ) from exc
+    raise EncodeError(
+        f"no codec for content type {content_type!r} and value of type {type(value).__name__}; "
+        f"use one of {BYTES}, {TEXT}, {JSON}, {MSGPACK} or pass bytes"
+    )
+
+
+def _decode_text(payload: bytes) -> str:
+    return payload.decode()
+
+
+def _decode_json(payload: bytes) -> Any:
+    return json.loads(payload)
+
+
+def _decode_msgpack(payload: bytes) -> Any:
+    return msgpack.unpackb(payload)
+
+
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
+_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    JSON: _decode_json,
+    MSGPACK: _decode_msgpack,
+    "text/plain": _decode_text,
+}
+
+
+def decoder_for(content_type: str | None) -> Callable[[bytes], Any]:
+    """Return a function decoding payloads of ``content_type``; unknown types stay bytes.
+
+    The returned function raises :class:`DecodeError` naming the content type
+    when a payload does not match it.
+    """
+    base = (content_type or BYTES).split(";", 1)[0].strip().lower()
+    if base.endswith("+json"):
+        base = JSON
+    inner = _DECODERS.get(base, _identity)
+    if inner is _identity:
+        return inner
+
+    def decode(payload: bytes) -> Any:
+        try:
+            return inner(payload)
+        except Exception as exc:  # each codec has its own error types
+            raise DecodeError(
+                f"payload of {len(payload)} bytes is not valid {base}: {exc}"
+            ) from exc
+
+    return decode

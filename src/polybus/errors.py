@@ -1,0 +1,83 @@
+"""The one exception tree. Every error polybus raises is a :class:`PolybusError`.
+
+Adapters catch their client library's exceptions at the boundary and re-raise
+one of these with ``raise ... from exc``, so callers never need to import a
+broker client to handle failures.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailable",
+    "CapabilityError",
+    "ClosedError",
+    "ConfigurationError",
+    "ConnectionLost",
+    "CorruptRecordError",
+    "DecodeError",
+    "EncodeError",
+    "FencedError",
+    "MessageTooLarge",
+    "PolybusError",
+    "TopicNotFound",
+]
+
+
+class PolybusError(Exception):
+    """Base class of every error raised by polybus."""
+
+
+class ConfigurationError(PolybusError, ValueError):
+    """A URL, option or argument is invalid; the message says which and how to fix it."""
+
+
+class BackendUnavailable(ConfigurationError):
+    """The URL names a backend whose client library is not installed, or no backend at all."""
+
+
+class CapabilityError(PolybusError):
+    """The backend cannot do what was asked (e.g. seek on a broker without replay)."""
+
+
+class ClosedError(PolybusError):
+    """The bus, subscription or log was used after ``close()``."""
+
+
+class ConnectionLost(PolybusError):
+    """The connection to the broker failed or dropped; the operation may be retried."""
+
+
+class TopicNotFound(PolybusError, LookupError):
+    """The topic does not exist and the call does not create topics."""
+
+
+class MessageTooLarge(PolybusError, ValueError):
+    """A message exceeds the backend's size limit; nothing was written."""
+
+
+class EncodeError(PolybusError, TypeError):
+    """A value could not be encoded by the chosen codec; nothing was written."""
+
+
+class DecodeError(PolybusError, ValueError):
+    """A payload could not be decoded with the codec its content type names."""
+
+
+class FencedError(PolybusError):
+    """This consumer no longer owns the partition (it was reassigned); its commit was refused.
+
+    The uncommitted messages will be delivered to the new owner (at-least-once).
+    """
+
+
+class CorruptRecordError(PolybusError):
+    """A record batch in a log segment failed its checksum or framing check.
+
+    ``path`` and ``position`` name the damaged bytes. Open the log with
+    ``skip_corrupt=True`` to skip past damaged batches instead.
+    """
+
+    def __init__(self, message: str, *, path: str, position: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.position = position

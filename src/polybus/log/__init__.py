@@ -1,0 +1,11 @@
+"""The native log engine: segments, CRC-checked batches, recovery, groups.
+
+It imports no broker client. See :class:`Log` for the entry point.
+"""
+
+from .engine import Log, Topic, TopicConfig
+from .format import Record
+from .group import Consumer
+from .partition import FsyncPolicy, Partition
+
+__all__ = ["Consumer", "FsyncPolicy", "Log", "Partition", "Record", "Topic", "TopicConfig"]

@@ -1,0 +1,263 @@
+"""The on-disk record batch: framing, CRC-32C and columnar record layout.
+
+A batch is what one append writes, in one ``pwrite``::
+
+    length   u32   bytes after this field
+    crc      u32   CRC-32C of every byte after this field
+    magic    u8    1
+    attrs    u8    which optional columns follow (HAS_*)
+    reserved u16
+    base     i64   offset of the first record
+    count    u32   records in the batch
+    base_ts  i64   timestamp (ms) of the first record
+
+followed by columns, each ``count`` long: value lengths (i32, -1 = None),
+then optionally timestamp deltas (u32), key lengths (i32), header lengths
+(u32), not-before times (i64); then the values, keys and headers, each
+concatenated. Lengths up front let one ``struct`` call size a whole batch, so
+decoding costs one slice per field rather than a parse per record.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from itertools import accumulate
+from typing import Final
+
+import google_crc32c
+import msgpack
+
+MAGIC: Final = 1
+HEADER = struct.Struct("<IIBBHqIq")
+HEADER_SIZE: Final = HEADER.size  # 34
+#: bytes covered by ``length``: everything after the length field
+LENGTH_SIZE: Final = 4
+
+HAS_TS: Final = 1
+HAS_KEYS: Final = 2
+HAS_HEADERS: Final = 4
+HAS_NOT_BEFORE: Final = 8
+
+MAX_BATCH_BYTES: Final = 64 << 20
+
+crc32c = google_crc32c.value
+
+Headers = tuple[tuple[str, str], ...]
+
+
+class Record:
+    """One stored message. ``headers`` is a tuple of ``(name, value)`` string pairs."""
+
+    __slots__ = (
+        "attempt",
+        "headers",
+        "key",
+        "not_before_ms",
+        "offset",
+        "partition",
+        "timestamp_ms",
+        "value",
+    )
+
+    def __init__(
+        self,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        not_before_ms: int,
+    ) -> None:
+        self.partition = partition
+        self.offset = offset
+        self.timestamp_ms = timestamp_ms
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.not_before_ms = not_before_ms
+        self.attempt = 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Record(partition={self.partition}, offset={self.offset}, key={self.key!r}, "
+            f"value={self.value!r:.60}, headers={self.headers!r})"
+        )
+
+
+def _encode_headers(headers: Headers | None) -> bytes:
+    if not headers:
+        return b""
+    flat: list[str] = []
+    for name, value in headers:
+        flat.append(name)
+        flat.append(value)
+    return msgpack.packb(flat)  # type: ignore[no-any-return]
+
+
+def _decode_headers(blob: bytes) -> Headers:
+    flat = msgpack.unpackb(blob)
+    return tuple(zip(flat[::2], flat[1::2], strict=True))
+
+
+def encode_batch(
+    base_offset: int,
+    values: Sequence[bytes | None],
+    keys: Sequence[bytes | None] | None,
+    headers: Sequence[Headers | None] | None,
+    timestamps_ms: Sequence[int] | int,
+    not_before_ms: Sequence[int] | None,
+) -> bytes:
+    """Encode one batch; ``timestamps_ms`` is one int for the whole batch or one per record."""
+    n = len(values)
+    attrs = 0
+    vlens = [-1 if v is None else len(v) for v in values]
+    cols = [struct.pack(f"<{n}i", *vlens)]
+    blobs: list[bytes] = [b"".join([v for v in values if v is not None])]
+    if isinstance(timestamps_ms, int):
+        base_ts = timestamps_ms
+    else:
+        base_ts = min(timestamps_ms)
+        deltas = [t - base_ts for t in timestamps_ms]
+        if any(deltas):
+            attrs |= HAS_TS
+            cols.append(struct.pack(f"<{n}I", *deltas))
+    if keys is not None and any(k is not None for k in keys):
+        attrs |= HAS_KEYS
+        cols.append(struct.pack(f"<{n}i", *[-1 if k is None else len(k) for k in keys]))
+        blobs.append(b"".join([k for k in keys if k is not None]))
+    if headers is not None and any(headers):
+        attrs |= HAS_HEADERS
+        encoded = [_encode_headers(h) for h in headers]
+        cols.append(struct.pack(f"<{n}I", *map(len, encoded)))
+        blobs.append(b"".join(encoded))
+    if not_before_ms is not None and any(not_before_ms):
+        attrs |= HAS_NOT_BEFORE
+        cols.append(struct.pack(f"<{n}q", *not_before_ms))
+    body = b"".join(cols) + b"".join(blobs)
+    tail = HEADER.pack(0, 0, MAGIC, attrs, 0, base_offset, n, base_ts)[8:] + body
+    return struct.pack("<II", len(tail) + 4, crc32c(tail)) + tail
+
+
+def encode_one(
+    offset: int,
+    value: bytes | None,
+    key: bytes | None,
+    headers: Headers | None,
+    timestamp_ms: int,
+    not_before_ms: int,
+) -> bytes:
+    """Encode a batch of one record; the single-append fast path."""
+    attrs = 0
+    parts = [b"", struct.pack("<i", -1 if value is None else len(value))]
+    if key is not None:
+        attrs |= HAS_KEYS
+        parts.append(struct.pack("<i", len(key)))
+    hblob = b""
+    if headers:
+        attrs |= HAS_HEADERS
+        hblob = _encode_headers(headers)
+        parts.append(struct.pack("<I", len(hblob)))
+    if not_before_ms:
+        attrs |= HAS_NOT_BEFORE
+        parts.append(struct.pack("<q", not_before_ms))
+    parts[0] = struct.pack("<BBHqIq", MAGIC, attrs, 0, offset, 1, timestamp_ms)
+    if value is not None:
+        parts.append(value)
+    if key is not None:
+        parts.append(key)
+    parts.append(hblob)
+    tail = b"".join(parts)
+    return struct.pack("<II", len(tail) + 4, crc32c(tail)) + tail
+
+
+class BadBatch(Exception):
+    """Internal: the bytes at a position are not a valid batch (reason in args)."""
+
+
+def check_batch(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int, int]:
+    """Validate framing and CRC of the batch at ``pos``; return ``(base, count, size)``.
+
+    Raises :class:`BadBatch` if it is torn, truncated or fails its CRC.
+    """
+    if end - pos < HEADER_SIZE:
+        raise BadBatch("truncated header")
+    length, crc, magic, _attrs, _r, base, count, _ts = HEADER.unpack_from(buf, pos)
+    size = length + LENGTH_SIZE
+    if magic != MAGIC or length < HEADER_SIZE - LENGTH_SIZE or count == 0:
+        raise BadBatch(f"bad framing (magic {magic}, length {length}, count {count})")
+    if pos + size > end:
+        raise BadBatch(f"truncated batch ({end - pos} of {size} bytes)")
+    if crc32c(buf[pos + 8 : pos + size]) != crc:
+        raise BadBatch("CRC-32C mismatch")
+    return base, count, size
+
+
+def decode_batch(
+    buf: bytes, pos: int, partition: int, first: int = 0, limit: int = 1 << 62
+) -> list[Record]:
+    """Decode the (already checked) batch at ``pos``.
+
+    Returns its records with offset ≥ ``first``, at most ``limit`` of them.
+    """
+    _len, _crc, _magic, attrs, _r, base, n, base_ts = HEADER.unpack_from(buf, pos)
+    p = pos + HEADER_SIZE
+    vlens = struct.unpack_from(f"<{n}i", buf, p)
+    p += 4 * n
+    ts: Sequence[int] | None = None
+    klens: Sequence[int] | None = None
+    hlens: Sequence[int] | None = None
+    nbs: Sequence[int] | None = None
+    if attrs & HAS_TS:
+        ts = struct.unpack_from(f"<{n}I", buf, p)
+        p += 4 * n
+    if attrs & HAS_KEYS:
+        klens = struct.unpack_from(f"<{n}i", buf, p)
+        p += 4 * n
+    if attrs & HAS_HEADERS:
+        hlens = struct.unpack_from(f"<{n}I", buf, p)
+        p += 4 * n
+    if attrs & HAS_NOT_BEFORE:
+        nbs = struct.unpack_from(f"<{n}q", buf, p)
+        p += 8 * n
+    skip = max(0, first - base)
+    stop = min(n, skip + limit)
+    if skip >= stop:
+        return []
+    vends = list(accumulate([0 if x < 0 else x for x in vlens], initial=p))
+    values: list[bytes | None] = [
+        None if vlens[i] < 0 else buf[vends[i] : vends[i + 1]] for i in range(skip, stop)
+    ]
+    p = vends[-1]
+    if klens is None:
+        keys: Sequence[bytes | None] = [None] * (stop - skip)
+    else:
+        kends = list(accumulate([0 if x < 0 else x for x in klens], initial=p))
+        keys = [None if klens[i] < 0 else buf[kends[i] : kends[i + 1]] for i in range(skip, stop)]
+        p = kends[-1]
+    if hlens is None:
+        hdrs: Sequence[Headers] = [()] * (stop - skip)
+    else:
+        hends = list(accumulate(hlens, initial=p))
+        hdrs = [
+            _decode_headers(buf[hends[i] : hends[i + 1]]) if hlens[i] else ()
+            for i in range(skip, stop)
+        ]
+    if ts is None:
+        times: Sequence[int] = [base_ts] * (stop - skip)
+    else:
+        times = [base_ts + ts[i] for i in range(skip, stop)]
+    nb: Sequence[int] = [0] * (stop - skip) if nbs is None else nbs[skip:stop]
+    return list(
+        map(
+            Record,
+            [partition] * (stop - skip),
+            range(base + skip, base + stop),
+            times,
+            keys,
+            values,
+            hdrs,
+            nb,
+        )
+    )

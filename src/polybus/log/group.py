@@ -1,0 +1,418 @@
+"""Consumers: durable groups coordinated through a file, and ephemeral readers.
+
+A durable group lives in ``groups/<topic>/<group>.json``, read and written
+under an exclusive ``flock``. It holds the live members with their lease
+deadlines, the owner and epoch of each partition, and the committed offsets.
+
+Every member heartbeats from a background thread. Partitions are assigned
+round-robin over the sorted live members; a partition moves only when its
+owner has released it (after its in-flight records are settled) or its lease
+has expired, so two live members never read the same partition. Commits are
+fenced: a member may commit a partition only while it is its recorded owner.
+The contiguous acked prefix is what gets committed, so a dead member's
+unacked records go to the next owner (at-least-once).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import heapq
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import ClosedError, ConfigurationError, FencedError
+from .format import Record
+from .notify import Waiter
+
+if TYPE_CHECKING:
+    from .engine import Topic
+
+Start = Literal["earliest", "latest"]
+_COMMIT_INTERVAL = 0.2  # seconds between automatic commits from poll()
+
+
+@dataclass
+class _Owned:
+    """This member's view of one partition it reads."""
+
+    position: int  #: next offset to read
+    committed: int
+    epoch: int
+    inflight: dict[int, Record] = field(default_factory=dict)
+    redeliver: deque[Record] = field(default_factory=deque)
+    delayed: list[tuple[int, int, Record]] = field(default_factory=list)  # heap (due, offset)
+    revoked_at: float | None = None
+
+    def low_water(self) -> int:
+        """Everything below this offset is settled and may be committed."""
+        low = self.position
+        if self.inflight:
+            low = min(low, min(self.inflight))
+        if self.redeliver:
+            low = min(low, min(r.offset for r in self.redeliver))
+        if self.delayed:
+            low = min(low, min(d[1] for d in self.delayed))
+        return low
+
+    def settled(self) -> bool:
+        return not (self.inflight or self.redeliver or self.delayed)
+
+
+class GroupFile:
+    """The shared state of one durable group; use :meth:`locked` to read-modify-write."""
+
+    def __init__(self, root: str, topic: str, group: str) -> None:
+        d = os.path.join(root, "groups", topic)
+        os.makedirs(d, exist_ok=True)
+        self.path = os.path.join(d, f"{group}.json")
+        self._lock_fd = os.open(os.path.join(d, f"{group}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextmanager
+    def locked(self, fsync: bool = False) -> Iterator[dict[str, Any]]:
+        """Yield the state dict under the lock; it is written back if changed."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            try:
+                with open(self.path, "rb") as f:
+                    raw = f.read()
+                state: dict[str, Any] = json.loads(raw)
+            except FileNotFoundError:
+                raw, state = b"", {}
+            state.setdefault("members", {})
+            state.setdefault("owners", {})
+            state.setdefault("commits", {})
+            state.setdefault("generation", 0)
+            yield state
+            new = json.dumps(state, sort_keys=True).encode()
+            if new != raw:
+                tmp = self.path + ".tmp"
+                with open(tmp, "wb") as f:
+                    f.write(new)
+                    if fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def initial_offset(topic: Topic, partition: int, start: Start) -> int:
+    p = topic.partitions[partition]
+    return p.start_offset if start == "earliest" else p.end_offset
+
+
+def ensure_group(root: str, topic: Topic, group: str, start: Start) -> None:
+    """Create a durable group with its starting offsets if it does not exist; idempotent."""
+    gf = GroupFile(root, topic.name, group)
+    try:
+        with gf.locked() as state:
+            for p in range(len(topic.partitions)):
+                state["commits"].setdefault(str(p), initial_offset(topic, p, start))
+    finally:
+        gf.close()
+
+
+class Consumer:
+    """Reads a topic as a member of a durable group, or alone (``group=None``).
+
+    ``poll`` hands out records; each must be settled with ``ack`` or ``nack``.
+    Records with a not-before time are held back until due, without blocking
+    the records behind them. Acks commit automatically every 0.2 s, on
+    ``commit()`` and on ``close()``. ``poll`` runs on one thread; ``ack`` and
+    ``nack`` may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        topic: Topic,
+        group: str | None,
+        *,
+        start: Start = "earliest",
+        session_timeout: float = 10.0,
+        fsync: bool = False,
+    ) -> None:
+        if start not in ("earliest", "latest"):
+            raise ConfigurationError(f"start must be 'earliest' or 'latest', not {start!r}")
+        if session_timeout <= 0:
+            raise ConfigurationError("session_timeout must be positive (seconds)")
+        self.topic = topic
+        self.group = group
+        self.start: Start = start
+        self.session_timeout = session_timeout
+        self.member_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._fsync = fsync
+        self._lock = threading.RLock()
+        self._owned: dict[int, _Owned] = {}
+        self._closed = False
+        self._rotate = 0
+        self._last_commit = 0.0
+        self._waiter = Waiter()
+        for part in topic.partitions:
+            self._waiter.watch(part.dir)
+        self._gf: GroupFile | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        if group is None:
+            for i in range(len(topic.partitions)):
+                pos = initial_offset(topic, i, start)
+                self._owned[i] = _Owned(position=pos, committed=pos, epoch=0)
+        else:
+            self._gf = GroupFile(root, topic.name, group)
+            self._sync()
+            self._thread = threading.Thread(
+                target=self._heartbeat, name=f"polybus-heartbeat-{group}", daemon=True
+            )
+            self._thread.start()
+
+    # -- group membership -------------------------------------------------------------
+
+    @property
+    def assignment(self) -> frozenset[int]:
+        """Partitions this member reads now."""
+        with self._lock:
+            return frozenset(p for p, o in self._owned.items() if o.revoked_at is None)
+
+    def _heartbeat(self) -> None:
+        interval = min(1.0, self.session_timeout / 4)
+        while not self._stop.is_set():
+            pending = self._sync()
+            self._stop.wait(0.05 if pending else interval)
+
+    def _sync(self, leaving: bool = False) -> bool:
+        """Renew the lease, release revoked partitions, claim free ones, commit.
+
+        Returns True while a rebalance is in progress for this member.
+        """
+        assert self._gf is not None
+        nparts = len(self.topic.partitions)
+        pending = False
+        with self._lock, self._gf.locked(self._fsync) as state:
+            now = time.time()
+            members: dict[str, float] = state["members"]
+            owners: dict[str, list[Any] | None] = state["owners"]
+            commits: dict[str, int] = state["commits"]
+            before = set(members)
+            if leaving:
+                members.pop(self.member_id, None)
+            else:
+                members[self.member_id] = now + self.session_timeout
+            for mid in [m for m, deadline in members.items() if deadline < now]:
+                del members[mid]
+            if set(members) != before:
+                state["generation"] += 1
+            live = sorted(members)
+            for p in range(nparts):
+                key = str(p)
+                owner = owners.get(key)
+                mine = self._owned.get(p)
+                if mine is not None and (owner is None or owner != [self.member_id, mine.epoch]):
+                    del self._owned[p]  # fenced: someone else took it over
+                    mine = None
+                target = live[p % len(live)] if live else None
+                if mine is not None:
+                    low = mine.low_water()
+                    if low != mine.committed:
+                        commits[key] = mine.committed = low
+                    if target != self.member_id:
+                        if mine.revoked_at is None:
+                            mine.revoked_at = now
+                        if (
+                            leaving
+                            or mine.settled()
+                            or now - mine.revoked_at > self.session_timeout
+                        ):
+                            owners[key] = None
+                            del self._owned[p]
+                        else:
+                            pending = True
+                elif target == self.member_id:
+                    if owner is None or owner[0] not in members:
+                        epoch = (owner[1] if owner else 0) + 1
+                        owners[key] = [self.member_id, epoch]
+                        pos = commits.get(key)
+                        if pos is None:
+                            pos = commits[key] = initial_offset(self.topic, p, self.start)
+                        pos = max(pos, self.topic.partitions[p].start_offset)
+                        self._owned[p] = _Owned(position=pos, committed=pos, epoch=epoch)
+                    else:
+                        pending = True
+            self._last_commit = now
+        return pending
+
+    # -- consuming -------------------------------------------------------------------
+
+    def poll(self, max_records: int = 1000, timeout: float = 1.0) -> list[Record]:
+        """Return up to ``max_records`` due records; wait up to ``timeout`` s for the first.
+
+        Returns [] on timeout. Raises ClosedError after close().
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self._waiter.drain()
+            out, next_due = self._take(max_records)
+            if out:
+                return out
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return out
+            wait = remaining if next_due is None else min(remaining, next_due)
+            self._waiter.wait(min(wait, 0.25))  # re-check assignment at least 4x a second
+
+    def _take(self, max_records: int) -> tuple[list[Record], float | None]:
+        with self._lock:
+            if self._closed:
+                raise ClosedError("consumer is closed; create a new one")
+            out: list[Record] = []
+            now_ms = time.time_ns() // 1_000_000
+            next_due: float | None = None
+            parts = [(p, o) for p, o in self._owned.items() if o.revoked_at is None]
+            if parts:
+                self._rotate = (self._rotate + 1) % len(parts)
+                parts = parts[self._rotate :] + parts[: self._rotate]
+            for p, o in parts:
+                while o.redeliver and len(out) < max_records:
+                    rec = o.redeliver.popleft()
+                    o.inflight[rec.offset] = rec
+                    out.append(rec)
+                while o.delayed and o.delayed[0][0] <= now_ms and len(out) < max_records:
+                    rec = heapq.heappop(o.delayed)[2]
+                    o.inflight[rec.offset] = rec
+                    out.append(rec)
+                while len(out) < max_records:
+                    recs = self.topic.partitions[p].read(o.position, max_records - len(out))
+                    if not recs:
+                        break
+                    o.position = recs[-1].offset + 1
+                    for rec in recs:
+                        if rec.not_before_ms > now_ms:
+                            heapq.heappush(o.delayed, (rec.not_before_ms, rec.offset, rec))
+                        else:
+                            o.inflight[rec.offset] = rec
+                            out.append(rec)
+                if o.delayed:
+                    due = (o.delayed[0][0] - now_ms) / 1000
+                    next_due = due if next_due is None else min(next_due, due)
+            if self._gf is not None and time.time() - self._last_commit > _COMMIT_INTERVAL:
+                self._commit()
+            return out, next_due
+
+    def ack(self, records: Sequence[Record]) -> None:
+        """Mark records processed. Records of partitions no longer owned are ignored."""
+        with self._lock:
+            owned = self._owned
+            for rec in records:
+                o = owned.get(rec.partition)
+                if o is not None:
+                    o.inflight.pop(rec.offset, None)
+
+    def nack(self, records: Sequence[Record], *, requeue: bool = True) -> None:
+        """Redeliver records (attempt + 1) or, with ``requeue=False``, drop them."""
+        with self._lock:
+            for rec in records:
+                o = self._owned.get(rec.partition)
+                if o is None or o.inflight.pop(rec.offset, None) is None:
+                    continue
+                if requeue:
+                    rec.attempt += 1
+                    o.redeliver.append(rec)
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Read ``partition`` from ``offset`` next; unsettled records there are forgotten."""
+        with self._lock:
+            o = self._owned.get(partition)
+            if o is None:
+                raise ConfigurationError(
+                    f"partition {partition} is not assigned to this consumer "
+                    f"(assigned: {sorted(self._owned)}); seek after it is assigned"
+                )
+            o.position = max(offset, self.topic.partitions[partition].start_offset)
+            o.inflight.clear()
+            o.redeliver.clear()
+            o.delayed.clear()
+
+    def commit(self) -> None:
+        """Commit the contiguous settled prefix of every owned partition now.
+
+        Raises FencedError if a partition was taken over by another member.
+        """
+        with self._lock:
+            if self._closed:
+                raise ClosedError("consumer is closed")
+            if self._gf is None:
+                for o in self._owned.values():
+                    o.committed = o.low_water()
+                return
+            lost = self._commit()
+        if lost:
+            raise FencedError(
+                f"partitions {sorted(lost)} of {self.topic.name!r} now belong to another member "
+                f"of group {self.group!r}; their unacked records will be redelivered there"
+            )
+
+    def _commit(self) -> set[int]:
+        """Under self._lock: write committed offsets; return partitions found fenced."""
+        assert self._gf is not None
+        lost: set[int] = set()
+        with self._gf.locked(self._fsync) as state:
+            owners = state["owners"]
+            for p, o in list(self._owned.items()):
+                if owners.get(str(p)) != [self.member_id, o.epoch]:
+                    lost.add(p)
+                    del self._owned[p]
+                    continue
+                low = o.low_water()
+                if low != o.committed:
+                    state["commits"][str(p)] = o.committed = low
+        self._last_commit = time.time()
+        return lost
+
+    def lag(self) -> dict[int, int]:
+        """Records not yet committed by this group (or read by this reader), per partition."""
+        if self._gf is None:
+            with self._lock:
+                return {
+                    p: self.topic.partitions[p].end_offset - o.position
+                    for p, o in self._owned.items()
+                }
+        with self._lock, self._gf.locked() as state:
+            commits = state["commits"]
+            return {
+                p: part.end_offset - max(commits.get(str(p), part.start_offset), part.start_offset)
+                for p, part in enumerate(self.topic.partitions)
+            }
+
+    def close(self) -> None:
+        """Commit what was acked, leave the group (its partitions move on); idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._gf is not None:
+            self._sync(leaving=True)
+            self._gf.close()
+        self._waiter.close()
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

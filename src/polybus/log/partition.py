@@ -1,0 +1,648 @@
+"""One partition: a directory of append-only segment files shared by processes.
+
+Layout of ``<topic>/<n>/``::
+
+    head                      shared state, mmap'd; its flock is the write lock
+    00000000000000000000.log  segment named by its first offset
+    00000000000000000000.idx  sparse index: (offset - base, position) every 4 KiB
+
+Writers append one batch per call under an exclusive ``flock`` on ``head``:
+``pwrite`` at the committed end, then publish the new end in ``head``.
+Readers never lock: they read up to the published end of the active segment
+and to the file end of sealed ones, so a reader can see less than is there but
+never a half-written batch. A writer killed between ``pwrite`` and publishing
+leaves bytes past the end that the next opener truncates.
+
+After a reboot (``head`` records the boot id) the page cache is gone, so the
+tail after the last fsync'd point (the recovery point) is re-scanned batch by
+batch and a torn write is truncated.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from ..errors import ConfigurationError, CorruptRecordError, MessageTooLarge
+from .format import (
+    MAX_BATCH_BYTES,
+    BadBatch,
+    Headers,
+    Record,
+    check_batch,
+    decode_batch,
+    encode_batch,
+    encode_one,
+)
+
+FsyncPolicy = Literal["always", "interval", "never"]
+
+INDEX_INTERVAL: Final = 4096
+_IDX = struct.Struct("<II")
+_HEAD_MAGIC: Final = 0x3130444145484250  # "PBHEAD01"
+# head: magic, next_offset, end_pos, active_base, check, start_offset,
+#       recovery_base, recovery_pos, recovery_offset, boot, last_index_pos
+_HEAD = struct.Struct("<11Q")
+_STATE = struct.Struct("<4Q")  # next_offset, end_pos, active_base, check  (at byte 8)
+_HEAD_SIZE: Final = 4096
+
+
+def _boot_id() -> int:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return int(f.read().strip().replace("-", "")[:16], 16)
+    except (OSError, ValueError):
+        return 0
+
+
+BOOT_ID: Final = _boot_id()
+
+
+def _check(next_offset: int, end_pos: int, active_base: int) -> int:
+    """A checksum of the published state, so a writer killed mid-publish is detected."""
+    return (next_offset ^ (end_pos << 1) ^ (active_base << 2) ^ _HEAD_MAGIC) & 0xFFFFFFFFFFFFFFFF
+
+
+def segment_name(base: int) -> str:
+    return f"{base:020d}.log"
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionConfig:
+    segment_bytes: int = 64 << 20
+    retention_ms: int | None = None
+    retention_bytes: int | None = None
+    compact: bool = False
+    fsync: FsyncPolicy = "interval"
+    skip_corrupt: bool = False
+
+
+class Partition:
+    """An append-only, CRC-checked, multi-process log of records.
+
+    ``append``/``append_batch`` return once the records are visible to every
+    process on the host (and fsync'd under ``fsync="always"``). Offsets are
+    dense and start at 0. Thread-safe.
+    """
+
+    def __init__(self, directory: str, index: int, config: PartitionConfig) -> None:
+        self.dir = directory
+        self.index = index
+        self.config = config
+        os.makedirs(directory, exist_ok=True)
+        self._tlock = threading.Lock()  # flock is per open file, not per thread
+        self._head_fd = os.open(os.path.join(directory, "head"), os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self._head_fd).st_size < _HEAD_SIZE:
+            os.ftruncate(self._head_fd, _HEAD_SIZE)  # idempotent between racing openers
+        self._mm = mmap.mmap(self._head_fd, _HEAD_SIZE)
+        self._wfd = -1  # write fd of the active segment
+        self._wbase = -1
+        self._rfds: dict[int, int] = {}  # segment base -> read fd
+        self._segments: list[int] = []
+        self._index_cache: dict[int, list[tuple[int, int]]] = {}
+        self._cursor = (-1, -1, -1)  # (segment base, next offset, position) of the last read
+        self.dirty = False  # written since the last flush (for fsync="interval")
+        self.closed = False
+        with self._locked():
+            self._open_or_recover()
+
+    # -- locking and shared state -------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._tlock:
+            fcntl.flock(self._head_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._head_fd, fcntl.LOCK_UN)
+
+    def _publish(self, next_offset: int, end_pos: int, active_base: int) -> None:
+        _STATE.pack_into(
+            self._mm,
+            8,
+            next_offset,
+            end_pos,
+            active_base,
+            _check(next_offset, end_pos, active_base),
+        )
+
+    def _set(self, field: int, value: int) -> None:
+        struct.pack_into("<Q", self._mm, 8 * field, value)
+
+    def _get(self, field: int) -> int:
+        return struct.unpack_from("<Q", self._mm, 8 * field)[0]  # type: ignore[no-any-return]
+
+    @property
+    def end_offset(self) -> int:
+        """The offset the next appended record will get."""
+        return self._get(1)
+
+    @property
+    def start_offset(self) -> int:
+        """The first offset still stored (retention deletes older segments)."""
+        return self._get(5)
+
+    def _path(self, base: int, suffix: str = ".log") -> str:
+        return os.path.join(self.dir, f"{base:020d}{suffix}")
+
+    # -- open and recovery -------------------------------------------------------
+
+    def _open_or_recover(self) -> None:
+        """Under the lock: initialise a new partition or validate the tail of an old one."""
+        head = _HEAD.unpack_from(self._mm, 0)
+        if head[0] != _HEAD_MAGIC:
+            self._list_segments()
+            if self._segments and os.path.getsize(self._path(self._segments[-1])) > 0:
+                # head lost but data present: rebuild from the first segment
+                self._recover(self._segments[0], 0, self._segments[0])
+            else:
+                open(self._path(0), "ab").close()
+                _HEAD.pack_into(
+                    self._mm, 0, _HEAD_MAGIC, 0, 0, 0, _check(0, 0, 0), 0, 0, 0, 0, BOOT_ID, 0
+                )
+            return
+        _, next_offset, end_pos, active, check, _s, rbase, rpos, roff, boot, _li = head
+        if boot != BOOT_ID or check != _check(next_offset, end_pos, active):
+            self._recover(rbase, rpos, roff)  # rebooted, or a writer died mid-publish
+            return
+        path = self._path(active)
+        if os.path.getsize(path) > end_pos:
+            os.truncate(path, end_pos)  # bytes of a writer that died before publishing
+
+    def _recover(self, base: int, pos: int, offset: int) -> None:
+        """Re-scan from a known-good point to the end; truncate at the first bad batch."""
+        self._list_segments()
+        if not self._segments:
+            open(self._path(0), "ab").close()
+            self._segments = [0]
+        if base not in self._segments:
+            base, pos, offset = self._segments[0], 0, self._segments[0]
+        last = self._segments[-1]
+        for seg in self._segments[self._segments.index(base) :]:
+            if seg != base:
+                pos, offset = 0, seg
+            path = self._path(seg)
+            with open(path, "rb") as f:
+                data = f.read()
+            end = len(data)
+            while pos < end:
+                try:
+                    b, count, size = check_batch(data, pos, end)
+                except BadBatch:
+                    break
+                if b != offset:
+                    break
+                offset, pos = b + count, pos + size
+            if pos < end:
+                os.truncate(path, pos)
+            if seg != last and pos == 0 and seg != self._segments[0]:
+                os.unlink(path)  # an empty sealed segment after a torn roll
+        self._segments = sorted(set(self._segments) & set(self._list_existing()))
+        last = self._segments[-1]
+        end_pos = os.path.getsize(self._path(last))
+        self._rebuild_index(last, end_pos)
+        _HEAD.pack_into(
+            self._mm,
+            0,
+            _HEAD_MAGIC,
+            offset,
+            end_pos,
+            last,
+            _check(offset, end_pos, last),
+            self._segments[0],
+            last,
+            end_pos,
+            offset,
+            BOOT_ID,
+            end_pos - end_pos % INDEX_INTERVAL,
+        )
+
+    def recover(self) -> int:
+        """Re-validate the whole partition as after a reboot; return the records kept.
+
+        Intended for tools and benchmarks; opening already recovers as needed.
+        """
+        with self._locked():
+            self._list_segments()
+            first = self._segments[0] if self._segments else 0
+            self._recover(first, 0, first)
+            return self.end_offset - self.start_offset
+
+    def _rebuild_index(self, base: int, end_pos: int) -> None:
+        path = self._path(base)
+        entries: list[bytes] = []
+        with open(path, "rb") as f:
+            data = f.read(end_pos)
+        pos = last = 0
+        while pos < end_pos:
+            b, _count, size = check_batch(data, pos, end_pos)
+            if pos == 0 or pos - last >= INDEX_INTERVAL:
+                entries.append(_IDX.pack(b - base, pos))
+                last = pos
+            pos += size
+        with open(self._path(base, ".idx"), "wb") as f:
+            f.write(b"".join(entries))
+        self._index_cache.pop(base, None)
+
+    def _list_existing(self) -> list[int]:
+        return sorted(int(n[:-4]) for n in os.listdir(self.dir) if n.endswith(".log"))
+
+    def _list_segments(self) -> list[int]:
+        self._segments = self._list_existing()
+        return self._segments
+
+    # -- append ---------------------------------------------------------------------
+
+    def append(
+        self,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+        timestamp_ms: int | None = None,
+        not_before_ms: int = 0,
+    ) -> int:
+        """Append one record; return its offset."""
+        ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+        with self._tlock:
+            fcntl.flock(self._head_fd, fcntl.LOCK_EX)
+            try:
+                next_offset, end_pos, active, check = _STATE.unpack_from(self._mm, 8)
+                if check != _check(next_offset, end_pos, active):
+                    self._recover(*struct.unpack_from("<3Q", self._mm, 48))
+                    next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
+                batch = encode_one(next_offset, value, key, headers, ts, not_before_ms)
+                self._write(batch, next_offset, 1, end_pos, active)
+            finally:
+                fcntl.flock(self._head_fd, fcntl.LOCK_UN)
+        return next_offset  # type: ignore[no-any-return]
+
+    def append_batch(
+        self,
+        values: Sequence[bytes | None],
+        *,
+        keys: Sequence[bytes | None] | None = None,
+        headers: Sequence[Headers | None] | None = None,
+        timestamp_ms: int | Sequence[int] | None = None,
+        not_before_ms: Sequence[int] | None = None,
+    ) -> int:
+        """Append records as one batch (one CRC, one write); return the first offset.
+
+        ``keys``, ``headers`` and ``not_before_ms`` are per-record sequences as
+        long as ``values``, or None. All or nothing: a batch is never half-stored.
+        """
+        n = len(values)
+        if n == 0:
+            return self.end_offset
+        for seq in (keys, headers, not_before_ms):
+            if seq is not None and len(seq) != n:
+                raise ConfigurationError(
+                    f"append_batch got {n} values but {len(seq)} keys/headers/not_before_ms"
+                )
+        if not isinstance(timestamp_ms, int):
+            if timestamp_ms is None:
+                timestamp_ms = time.time_ns() // 1_000_000
+            elif len(timestamp_ms) != n:
+                raise ConfigurationError(
+                    f"append_batch got {n} values but {len(timestamp_ms)} timestamps"
+                )
+        with self._tlock:
+            fcntl.flock(self._head_fd, fcntl.LOCK_EX)
+            try:
+                next_offset, end_pos, active, check = _STATE.unpack_from(self._mm, 8)
+                if check != _check(next_offset, end_pos, active):
+                    self._recover(*struct.unpack_from("<3Q", self._mm, 48))
+                    next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
+                batch = encode_batch(
+                    next_offset, values, keys, headers, timestamp_ms, not_before_ms
+                )
+                self._write(batch, next_offset, n, end_pos, active)
+            finally:
+                fcntl.flock(self._head_fd, fcntl.LOCK_UN)
+        return next_offset  # type: ignore[no-any-return]
+
+    def _write(self, batch: bytes, next_offset: int, n: int, end_pos: int, active: int) -> None:
+        """Under the lock: write a batch at the end, roll first if the segment is full."""
+        size = len(batch)
+        if size > MAX_BATCH_BYTES:
+            raise MessageTooLarge(
+                f"batch of {size} bytes exceeds the {MAX_BATCH_BYTES}-byte limit; "
+                "split it into smaller batches"
+            )
+        if end_pos and end_pos + size > self.config.segment_bytes:
+            active, end_pos = self._roll(next_offset, end_pos, active), 0
+        if self._wbase != active:
+            if self._wfd >= 0:
+                os.close(self._wfd)
+            self._wfd = os.open(self._path(active), os.O_WRONLY | os.O_CREAT, 0o644)
+            self._wbase = active
+        written = os.pwrite(self._wfd, batch, end_pos)
+        if written != size:
+            raise OSError(f"short write to {self._path(active)}: {written} of {size} bytes")
+        if self.config.fsync == "always":
+            os.fdatasync(self._wfd)
+        new_end = end_pos + size
+        self._publish(next_offset + n, new_end, active)
+        if self.config.fsync == "always":
+            struct.pack_into("<3Q", self._mm, 48, active, new_end, next_offset + n)
+        else:
+            self.dirty = True
+        last_index = self._get(10)
+        if end_pos - last_index >= INDEX_INTERVAL or end_pos == 0:
+            self._add_index(active, next_offset - active, end_pos)
+            self._set(10, end_pos)
+
+    def _add_index(self, base: int, relative: int, pos: int) -> None:
+        fd = os.open(self._path(base, ".idx"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, _IDX.pack(relative, pos))
+        finally:
+            os.close(fd)
+
+    def _roll(self, next_offset: int, end_pos: int, active: int) -> int:
+        """Under the lock: seal the active segment and start a new one at ``next_offset``."""
+        if self._wbase != active:
+            if self._wfd >= 0:
+                os.close(self._wfd)
+            self._wfd = os.open(self._path(active), os.O_WRONLY | os.O_CREAT, 0o644)
+            self._wbase = active
+        os.ftruncate(self._wfd, end_pos)
+        if self.config.fsync != "never":
+            os.fdatasync(self._wfd)
+        fd = os.open(self._path(next_offset), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(self._wfd)
+        self._wfd, self._wbase = fd, next_offset
+        self._publish(next_offset, 0, next_offset)
+        self._set(10, 0)
+        if self.config.fsync != "never":
+            struct.pack_into("<3Q", self._mm, 48, next_offset, 0, next_offset)
+        self._enforce_retention()
+        return next_offset
+
+    def flush(self) -> None:
+        """fsync what this process wrote and advance the recovery point."""
+        with self._tlock:
+            if self._wfd < 0 or self.closed:
+                return
+            next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
+            if active == self._wbase:
+                os.fdatasync(self._wfd)
+                if self._get(6) <= active and self._get(7) < end_pos:
+                    struct.pack_into("<3Q", self._mm, 48, active, end_pos, next_offset)
+            self.dirty = False
+
+    # -- retention and compaction -------------------------------------------------
+
+    def _enforce_retention(self) -> None:
+        """Under the lock: delete the oldest sealed segments past the age or size limit."""
+        cfg = self.config
+        if cfg.retention_ms is None and cfg.retention_bytes is None:
+            return
+        segs = self._list_segments()
+        sealed = segs[:-1]
+        sizes = {s: os.path.getsize(self._path(s)) for s in segs}
+        total = sum(sizes.values())
+        now = time.time()
+        doomed: list[int] = []
+        for s in sealed:
+            too_old = (
+                cfg.retention_ms is not None
+                and os.path.getmtime(self._path(s)) < now - cfg.retention_ms / 1000
+            )
+            too_big = cfg.retention_bytes is not None and total - sizes[s] >= cfg.retention_bytes
+            if not (too_old or too_big):
+                break
+            doomed.append(s)
+            total -= sizes[s]
+        if not doomed:
+            return
+        self._set(5, segs[len(doomed)])
+        for s in doomed:
+            for suffix in (".log", ".idx"):
+                try:
+                    os.unlink(self._path(s, suffix))
+                except FileNotFoundError:
+                    pass
+        self._list_segments()
+
+    def enforce_retention(self) -> None:
+        """Apply the age and size limits now (also done at every segment roll)."""
+        with self._locked():
+            self._enforce_retention()
+
+    def compact(self) -> int:
+        """Keep only the newest record per key in sealed segments; return records removed.
+
+        Offsets are kept, so compacted segments have gaps. Records without a
+        key and the active segment are left alone. Tombstones (value None) stay
+        so that readers see the deletion.
+        """
+        with self._locked():
+            segs = self._list_segments()
+            latest: dict[bytes, int] = {}
+            for rec in self._scan(segs):
+                if rec.key is not None:
+                    latest[rec.key] = rec.offset
+            removed = 0
+            for seg in segs[:-1]:
+                records = list(self._scan([seg]))
+                keep = [r for r in records if r.key is None or latest[r.key] == r.offset]
+                if len(keep) < len(records):
+                    removed += len(records) - len(keep)
+                    self._rewrite(seg, keep)
+            return removed
+
+    def _scan(self, segs: Sequence[int]) -> Iterator[Record]:
+        for seg in segs:
+            with open(self._path(seg), "rb") as f:
+                data = f.read()
+            limit = self._get(2) if seg == self._get(3) else len(data)
+            pos = 0
+            while pos < limit:
+                _, _, size = self._checked(data, pos, limit, seg)
+                if size:
+                    yield from decode_batch(data, pos, self.index)
+                pos += abs(size)
+
+    def _rewrite(self, seg: int, keep: list[Record]) -> None:
+        """Write ``keep`` as the new content of sealed segment ``seg``; atomic rename."""
+        runs: list[list[Record]] = []
+        for rec in keep:
+            if runs and runs[-1][-1].offset + 1 == rec.offset:
+                runs[-1].append(rec)
+            else:
+                runs.append([rec])
+        chunks: list[bytes] = []
+        index: list[bytes] = []
+        pos = last = 0
+        for run in runs:
+            batch = encode_batch(
+                run[0].offset,
+                [r.value for r in run],
+                [r.key for r in run],
+                [r.headers for r in run],
+                [r.timestamp_ms for r in run],
+                [r.not_before_ms for r in run],
+            )
+            if pos == 0 or pos - last >= INDEX_INTERVAL:
+                index.append(_IDX.pack(run[0].offset - seg, pos))
+                last = pos
+            chunks.append(batch)
+            pos += len(batch)
+        tmp = self._path(seg, ".log.tmp")
+        with open(tmp, "wb") as f:
+            f.write(b"".join(chunks))
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self._path(seg, ".idx.tmp"), "wb") as f:
+            f.write(b"".join(index))
+        os.replace(self._path(seg, ".idx.tmp"), self._path(seg, ".idx"))
+        os.replace(tmp, self._path(seg))
+        self._index_cache.pop(seg, None)
+
+    # -- read -------------------------------------------------------------------------
+
+    def _checked(self, data: bytes, pos: int, end: int, seg: int) -> tuple[int, int, int]:
+        """check_batch, mapping damage to CorruptRecordError or, with skip_corrupt, a skip.
+
+        A skip returns ``(0, 0, -distance)`` to the next valid batch.
+        """
+        try:
+            return check_batch(data, pos, end)
+        except BadBatch as exc:
+            path = self._path(seg)
+            if not self.config.skip_corrupt:
+                raise CorruptRecordError(
+                    f"damaged record batch in {path} at byte {pos}: {exc}; "
+                    "open the log with skip_corrupt=True to skip past it",
+                    path=path,
+                    position=pos,
+                ) from None
+            nxt = pos + 1
+            while nxt < end:
+                try:
+                    check_batch(data, nxt, end)
+                    break
+                except BadBatch:
+                    nxt += 1
+            return 0, 0, -(nxt - pos)
+
+    def _segment_for(self, offset: int) -> int:
+        segs = self._segments
+        if not segs or segs[-1] != self._get(3):
+            segs = self._list_segments()
+        i = bisect.bisect_right(segs, offset) - 1
+        return segs[max(i, 0)]
+
+    def _read_fd(self, base: int) -> int:
+        fd = self._rfds.get(base)
+        if fd is None:
+            fd = os.open(self._path(base), os.O_RDONLY)
+            self._rfds[base] = fd
+        return fd
+
+    def _position(self, base: int, offset: int) -> int:
+        """Byte position of the batch holding ``offset`` or the one before it, per the index."""
+        seg_base, next_offset, pos = self._cursor
+        if seg_base == base and next_offset == offset:
+            return pos
+        entries = self._index_cache.get(base)
+        if entries is None or base == self._get(3):
+            try:
+                with open(self._path(base, ".idx"), "rb") as f:
+                    raw = f.read()
+            except FileNotFoundError:
+                raw = b""
+            entries = list(_IDX.iter_unpack(raw[: len(raw) - len(raw) % 8]))
+            if base != self._get(3):
+                self._index_cache[base] = entries
+        i = bisect.bisect_right(entries, (offset - base, 1 << 40)) - 1
+        return entries[i][1] if i >= 0 else 0
+
+    def read(self, offset: int, max_records: int = 1000, max_bytes: int = 1 << 20) -> list[Record]:
+        """Return up to ``max_records`` records from ``offset`` on; [] at the end.
+
+        Offsets below ``start_offset`` (deleted by retention) read from the
+        start. Raises CorruptRecordError for a damaged batch unless the log was
+        opened with ``skip_corrupt=True``.
+        """
+        out: list[Record] = []
+        offset = max(offset, self.start_offset)
+        while len(out) < max_records:
+            base = self._segment_for(offset)
+            active = self._get(3)
+            try:
+                fd = self._read_fd(base)
+            except FileNotFoundError:  # deleted by retention in another process
+                self._list_segments()
+                offset = max(offset, self.start_offset)
+                continue
+            limit = self._get(2) if base == active else os.fstat(fd).st_size
+            pos = self._position(base, offset)
+            if pos >= limit:
+                if base == active or base == self._segments[-1]:
+                    break
+                nxt = self._segments[self._segments.index(base) + 1]
+                offset = max(offset, nxt)
+                continue
+            data = os.pread(fd, min(max_bytes, limit - pos), pos)
+            p = 0
+            while p < len(data) and len(out) < max_records:
+                if len(data) - p >= 4:
+                    need = struct.unpack_from("<I", data, p)[0] + 4
+                    if p + need > len(data) and pos + p + need <= limit:
+                        # a batch larger than the chunk: read it whole
+                        pos, p = pos + p, 0
+                        data = os.pread(fd, need, pos)
+                b, count, size = self._checked(data, p, len(data), base)
+                if size > 0 and b + count > offset:
+                    out.extend(decode_batch(data, p, self.index, offset, max_records - len(out)))
+                    offset = out[-1].offset + 1
+                    if offset < b + count:  # stopped inside this batch
+                        break
+                p += abs(size)
+            self._cursor = (base, offset, pos + p)
+            if base == active and pos + p >= limit:
+                break
+        return out
+
+    def offset_for_time(self, timestamp_ms: int) -> int:
+        """The first offset whose record timestamp is ≥ ``timestamp_ms`` (end if none)."""
+        for rec in self._scan_from(self.start_offset):
+            if rec.timestamp_ms >= timestamp_ms:
+                return rec.offset
+        return self.end_offset
+
+    def _scan_from(self, offset: int) -> Iterator[Record]:
+        while True:
+            batch = self.read(offset, 10_000, 8 << 20)
+            if not batch:
+                return
+            yield from batch
+            offset = batch[-1].offset + 1
+
+    def close(self) -> None:
+        """Flush (unless ``fsync="never"``) and release files; idempotent."""
+        if self.closed:
+            return
+        if self.dirty and self.config.fsync != "never":
+            self.flush()
+        self.closed = True
+        for fd in self._rfds.values():
+            os.close(fd)
+        self._rfds.clear()
+        if self._wfd >= 0:
+            os.close(self._wfd)
+            self._wfd = -1
+        self._mm.close()
+        os.close(self._head_fd)

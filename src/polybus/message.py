@@ -1,0 +1,216 @@
+"""Message, Delivery and the envelope header names every backend carries.
+
+The envelope travels as plain string headers so that any client of the
+underlying broker (kafka-console-consumer, redis-cli, the RabbitMQ UI) can read it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "CAUSATION_ID",
+    "CONTENT_TYPE",
+    "CORRELATION_ID",
+    "MESSAGE_ID",
+    "TIMESTAMP",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "Delivery",
+    "Message",
+    "uuid7",
+]
+
+MESSAGE_ID = "polybus-id"
+CORRELATION_ID = "polybus-correlation-id"
+CAUSATION_ID = "polybus-causation-id"
+TIMESTAMP = "polybus-timestamp"
+CONTENT_TYPE = "content-type"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+#: Envelope headers, kept out of ``Message.headers`` on receive.
+ENVELOPE = frozenset({MESSAGE_ID, CORRELATION_ID, CAUSATION_ID, TIMESTAMP, CONTENT_TYPE})
+
+_uuid_lock = threading.Lock()
+_uuid_last_ms = 0
+_uuid_seq = 0
+
+
+def uuid7() -> str:
+    """Return a new RFC 9562 UUIDv7 string, monotonic within this process.
+
+    The 12-bit ``rand_a`` field is a counter seeded randomly each millisecond
+    (RFC 9562 §6.2 method 1), so ids sort in creation order.
+    """
+    global _uuid_last_ms, _uuid_seq
+    rand = int.from_bytes(os.urandom(8))
+    with _uuid_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _uuid_last_ms:
+            _uuid_last_ms, _uuid_seq = ms, rand >> 53  # start low, leave room to count
+        else:
+            ms = _uuid_last_ms
+            _uuid_seq += 1
+            if _uuid_seq > 0xFFF:  # counter spent: borrow the next millisecond
+                _uuid_last_ms = ms = ms + 1
+                _uuid_seq = 0
+        seq = _uuid_seq
+    n = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class Message:
+    """A message as the application sees it.
+
+    ``value`` is any value the codecs can encode (bytes, str, JSON-able data,
+    pydantic models); on receive it is decoded lazily from ``payload`` by its
+    ``content_type``, raising :class:`~polybus.errors.DecodeError` on access if
+    the payload does not match. ``id`` is a UUIDv7 made at construction.
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_value",
+        "causation_id",
+        "content_type",
+        "correlation_id",
+        "headers",
+        "id",
+        "key",
+        "payload",
+        "timestamp",
+    )
+
+    _MISSING: Any = object()
+
+    def __init__(
+        self,
+        value: Any = None,
+        *,
+        key: str | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,
+        timestamp: float | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        self._value = value
+        self._decoder: Callable[[bytes], Any] | None = None
+        self.payload: bytes | None = None
+        self.key = key
+        self.headers: dict[str, str] = dict(headers) if headers else {}
+        self.id = id or uuid7()
+        self.timestamp = time.time() if timestamp is None else timestamp
+        self.correlation_id = correlation_id
+        self.causation_id = causation_id
+        self.content_type = content_type
+
+    @classmethod
+    def received(
+        cls,
+        payload: bytes,
+        decoder: Callable[[bytes], Any],
+        *,
+        key: str | bytes | None,
+        headers: dict[str, str],
+        id: str,
+        timestamp: float,
+        correlation_id: str | None,
+        causation_id: str | None,
+        content_type: str | None,
+    ) -> Message:
+        """Build a message read from a backend; ``value`` decodes on first access."""
+        msg = cls.__new__(cls)
+        msg._value = cls._MISSING
+        msg._decoder = decoder
+        msg.payload = payload
+        msg.key = key
+        msg.headers = headers
+        msg.id = id
+        msg.timestamp = timestamp
+        msg.correlation_id = correlation_id
+        msg.causation_id = causation_id
+        msg.content_type = content_type
+        return msg
+
+    @property
+    def value(self) -> Any:
+        if self._value is Message._MISSING:
+            assert self._decoder is not None
+            assert self.payload is not None
+            self._value = self._decoder(self.payload)
+        return self._value
+
+    def reply(self, value: Any = None, **kwargs: Any) -> Message:
+        """A message caused by this one: same correlation id, causation id = this id."""
+        kwargs.setdefault("correlation_id", self.correlation_id or self.id)
+        kwargs.setdefault("causation_id", self.id)
+        return Message(value, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id!r}, key={self.key!r}, content_type={self.content_type!r})"
+
+
+class Delivery:
+    """A message handed to a consumer, with where it came from and how to settle it.
+
+    Settle each delivery exactly once with :meth:`ack` or :meth:`nack`; a second
+    call is ignored. Unsettled deliveries are redelivered after the consumer
+    closes or dies (at-least-once).
+    """
+
+    __slots__ = (
+        "_settle",
+        "attempt",
+        "group",
+        "message",
+        "offset",
+        "partition",
+        "settled",
+        "topic",
+    )
+
+    def __init__(
+        self,
+        message: Message,
+        *,
+        topic: str,
+        partition: int,
+        offset: int | str,
+        group: str | None,
+        attempt: int,
+        settle: Callable[[Delivery, bool, bool], None],
+    ) -> None:
+        self.message = message
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.group = group
+        self.attempt = attempt
+        self.settled = False
+        self._settle = settle
+
+    def ack(self) -> None:
+        """Mark the message processed; it will not be delivered to this group again."""
+        if not self.settled:
+            self.settled = True
+            self._settle(self, True, False)
+
+    def nack(self, *, requeue: bool = True) -> None:
+        """Give the message back: redeliver it (``requeue=True``) or drop it for this group."""
+        if not self.settled:
+            self.settled = True
+            self._settle(self, False, requeue)
+
+    def __repr__(self) -> str:
+        return (
+            f"Delivery(topic={self.topic!r}, partition={self.partition}, offset={self.offset!r}, "
+            f"group={self.group!r}, attempt={self.attempt}, message={self.message!r})"
+        )

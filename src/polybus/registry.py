@@ -1,0 +1,67 @@
+"""URL scheme → backend, imported lazily so unused client libraries stay optional."""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+from .adapters.base import Backend
+from .errors import BackendUnavailable, ConfigurationError
+
+__all__ = ["SCHEMES", "open_backend"]
+
+
+class _Entry(NamedTuple):
+    module: str
+    client: str | None  #: the third-party module the adapter needs
+    extra: str | None  #: the pip extra that installs it
+
+
+SCHEMES: dict[str, _Entry] = {
+    "memory": _Entry("polybus.adapters.native", None, None),
+    "native": _Entry("polybus.adapters.native", None, None),
+    "kafka": _Entry("polybus.adapters.kafka", "confluent_kafka", "kafka"),
+    "amqp": _Entry("polybus.adapters.rabbitmq", "pika", "rabbitmq"),
+    "amqps": _Entry("polybus.adapters.rabbitmq", "pika", "rabbitmq"),
+    "redis": _Entry("polybus.adapters.redis", "redis", "redis"),
+    "rediss": _Entry("polybus.adapters.redis", "redis", "redis"),
+}
+
+
+def open_backend(url: str) -> Backend:
+    """Open the backend a URL names.
+
+    Raises ConfigurationError for a malformed URL and BackendUnavailable for
+    an unknown scheme or a missing client library, naming what to install.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(
+            f"bad bus URL {url!r}: expected scheme://..., e.g. 'native:///var/lib/app/bus', "
+            "'memory://', 'kafka://localhost:9092', 'amqp://localhost', 'redis://localhost'"
+        )
+    scheme = urlsplit(url).scheme.lower()
+    entry = SCHEMES.get(scheme)
+    if entry is None:
+        raise BackendUnavailable(
+            f"unknown URL scheme {scheme!r} in {url!r}; known schemes: {', '.join(sorted(SCHEMES))}"
+        )
+    if entry.client is not None:
+        try:
+            importlib.import_module(entry.client)
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"the {scheme}:// backend needs {entry.client!r}: "
+                f"pip install 'polybus[{entry.extra}]'"
+            ) from exc
+    try:
+        module = importlib.import_module(entry.module)
+    except ModuleNotFoundError as exc:
+        if exc.name != entry.module:
+            raise
+        raise BackendUnavailable(
+            f"the {scheme}:// adapter is not part of this polybus release yet; "
+            "use 'native://' or 'memory://'"
+        ) from exc
+    backend: Backend = module.from_url(url)
+    return backend
