@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -75,7 +76,7 @@ def _to_out(message: Message, delay: float | None) -> OutRecord:
         headers.append((name, value))
     ts_ms = int(message.timestamp * 1000)
     headers.append((TIMESTAMP, str(ts_ms)))
-    not_before = 0 if not delay else int((time.time() + delay) * 1000)
+    not_before = 0 if not delay else math.ceil((time.time() + delay) * 1000)
     return OutRecord(payload, key_bytes, tuple(headers), ts_ms, not_before)
 
 
@@ -248,12 +249,16 @@ class Bus:
     ) -> None:
         """Create ``topic`` and its durable ``groups`` if missing; idempotent.
 
-        Groups declared here get every message published from now on, even
-        before a member subscribes (fan-out). ``retention`` is in seconds.
+        ``partitions=None`` keeps an existing topic's count or uses the bus
+        default. Groups declared here get every message published from now
+        on, even before a member subscribes (fan-out). ``retention`` is in
+        seconds. Raises ConfigurationError if the topic exists with another
+        partition count.
         """
         self._check()
         spec = TopicSpec(
-            partitions=partitions or self.default_partitions,
+            partitions=partitions,
+            default_partitions=self.default_partitions,
             retention_ms=None if retention is None else int(retention * 1000),
             retention_bytes=retention_bytes,
             compact=compact,

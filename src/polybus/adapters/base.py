@@ -80,7 +80,8 @@ class Receipt:
 class TopicSpec:
     """Topic settings; a backend ignores none silently (unsupported → CapabilityError)."""
 
-    partitions: int = 1
+    partitions: int | None = None  #: None: as the topic exists, else ``default_partitions``
+    default_partitions: int = 1
     retention_ms: int | None = None
     retention_bytes: int | None = None
     compact: bool = False

@@ -149,6 +149,7 @@ class NativeBackend:
         self.log.create_topic(
             topic,
             spec.partitions,
+            default_partitions=spec.default_partitions,
             retention_ms=spec.retention_ms,
             retention_bytes=spec.retention_bytes,
             compact=spec.compact,

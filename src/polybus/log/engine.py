@@ -51,11 +51,15 @@ class Topic:
         self._round_robin = itertools.count()
 
     def partition_for(self, key: bytes | None) -> int:
-        """The partition for ``key``: CRC-32C of the key, or round-robin without one."""
+        """The partition for ``key`` (a stable hash), or round-robin without a key."""
         n = len(self.partitions)
         if key is None:
             return next(self._round_robin) % n
-        return int(google_crc32c.value(key)) % n
+        # CRC is linear: similar keys differ in few bits. The murmur3 finaliser spreads them.
+        h = int(google_crc32c.value(key))
+        h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+        h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+        return (h ^ (h >> 16)) % n
 
     def append(
         self,
@@ -142,8 +146,9 @@ class Log:
     def create_topic(
         self,
         name: str,
-        partitions: int = 1,
+        partitions: int | None = None,
         *,
+        default_partitions: int = 1,
         segment_bytes: int = 64 << 20,
         retention_ms: int | None = None,
         retention_bytes: int | None = None,
@@ -151,11 +156,18 @@ class Log:
     ) -> Topic:
         """Create a topic, or return it if it exists with the same partition count.
 
-        Safe against other processes creating it at the same time. Raises
-        ConfigurationError if it exists with a different partition count.
+        ``partitions=None`` accepts the existing count, or creates the topic
+        with ``default_partitions``. Safe against other processes creating it
+        at the same time. Raises ConfigurationError if it exists with a
+        different partition count.
         """
         self._check_open()
         check_name("topic", name)
+        if partitions is None:
+            try:
+                return self.topic(name)
+            except TopicNotFound:
+                partitions = default_partitions
         if not isinstance(partitions, int) or not 1 <= partitions <= 4096:
             raise ConfigurationError(
                 f"partitions must be an int from 1 to 4096, not {partitions!r}"

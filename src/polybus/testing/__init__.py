@@ -1,0 +1,14 @@
+"""The conformance suite and its fixtures, shipped so every adapter runs the same tests.
+
+Use it from a test package::
+
+    # conftest.py
+    pytest_plugins = ["polybus.testing.plugin"]
+
+    # test_conformance.py
+    from polybus.testing.conformance import *  # noqa: F403
+
+Each test runs once per backend in :data:`polybus.testing.plugin.BACKENDS`.
+A backend whose server is not reachable is skipped with a message saying how
+to start it, or fails when ``CI=true``.
+"""

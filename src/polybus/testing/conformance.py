@@ -1,0 +1,257 @@
+"""The conformance suite: what every backend must do the same way.
+
+Import these tests into a test module (``from polybus.testing.conformance
+import *``) with the fixtures of :mod:`polybus.testing.plugin` registered.
+A backend that lacks a capability skips the tests that need it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+
+import pytest
+
+import polybus
+from polybus import Capability, ClosedError, Delivery, Message, Subscriber
+
+__all__ = [
+    "test_closed_objects_raise",
+    "test_competing_consumers_share_without_loss_or_duplication",
+    "test_delay_holds_back_one_message_without_blocking_others",
+    "test_durable_group_resumes_where_it_left_off",
+    "test_empty_fetch_returns_within_timeout",
+    "test_ephemeral_subscriber_sees_only_new_messages_and_vanishes",
+    "test_every_group_gets_every_message",
+    "test_lag_counts_uncommitted_messages",
+    "test_nack_redelivers_and_drop_does_not",
+    "test_per_key_order",
+    "test_round_trip_keeps_value_key_headers_and_envelope",
+    "test_seek_replays",
+]
+
+Connect = Callable[[], polybus.Bus]
+DEADLINE = 20.0  # seconds any single wait may take before the test fails
+
+
+def drain(
+    sub: Subscriber, count: int, *, ack: bool = True, deadline: float = DEADLINE
+) -> list[Delivery]:
+    """Fetch until ``count`` deliveries arrived (acking them) or the deadline passes."""
+    out: list[Delivery] = []
+    end = time.monotonic() + deadline
+    while len(out) < count and time.monotonic() < end:
+        batch = sub.fetch(count - len(out), timeout=0.2)
+        if ack:
+            for d in batch:
+                d.ack()
+        out.extend(batch)
+    return out
+
+
+def require(bus: polybus.Bus, capability: Capability) -> None:
+    if capability not in bus.capabilities:
+        pytest.skip(f"backend lacks {capability.name}")
+
+
+def test_round_trip_keeps_value_key_headers_and_envelope(connect: Connect, topic: str) -> None:
+    bus = connect()
+    bus.declare(topic, groups=["g"])
+    sent = [
+        Message({"order": 1, "items": ["a", "b"]}, key="customer-1", headers={"source": "shop"}),
+        Message(b"\x00\xffraw", key=b"\x01bin"),
+        Message("text ünïcode", correlation_id="corr-1", causation_id="cause-1"),
+        Message([1, 2.5, None], content_type="application/msgpack"),
+    ]
+    receipts = bus.publish_many(topic, sent)
+    assert len(receipts) == len(sent)
+    assert all(r.topic == topic for r in receipts)
+    with bus.subscribe(topic, "g") as sub:
+        got = {d.message.id: d for d in drain(sub, len(sent))}
+    assert set(got) == {m.id for m in sent}
+    for m in sent:
+        d = got[m.id]
+        assert d.message.value == m.value
+        assert d.message.key == m.key
+        assert d.message.headers == m.headers
+        assert d.message.correlation_id == m.correlation_id
+        assert d.message.causation_id == m.causation_id
+        assert abs(d.message.timestamp - m.timestamp) < 0.002
+        assert d.topic == topic
+        assert d.group == "g"
+        assert d.attempt == 1
+
+
+def test_per_key_order(connect: Connect, topic: str) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=4, groups=["g"])
+    keys = [f"k{i}" for i in range(7)]
+    for n in range(30):
+        bus.publish_many(topic, [Message({"n": n}, key=k) for k in keys])
+    with bus.subscribe(topic, "g") as sub:
+        got = drain(sub, 30 * len(keys))
+    seen: dict[str, list[int]] = defaultdict(list)
+    for d in got:
+        assert isinstance(d.message.key, str)
+        seen[d.message.key].append(d.message.value["n"])
+    assert seen == {k: list(range(30)) for k in keys}
+
+
+def test_competing_consumers_share_without_loss_or_duplication(
+    connect: Connect, topic: str
+) -> None:
+    publisher = connect()
+    publisher.declare(topic, partitions=4, groups=["workers"])
+    subs = [connect().subscribe(topic, "workers", session_timeout=2.0) for _ in range(3)]
+    got: dict[int, list[int]] = {i: [] for i in range(len(subs))}
+    sent = 0
+    end = time.monotonic() + DEADLINE
+    # keep publishing until every member has had work: the group may still be rebalancing
+    while time.monotonic() < end and (sent < 300 or not all(got.values())):
+        publisher.publish_many(topic, [Message(sent + i, key=f"k{sent + i}") for i in range(10)])
+        sent += 10
+        for i, sub in enumerate(subs):
+            for d in sub.fetch(50, timeout=0.02):
+                got[i].append(d.message.value)
+                d.ack()
+    while sum(map(len, got.values())) < sent and time.monotonic() < end:
+        for i, sub in enumerate(subs):
+            for d in sub.fetch(100, timeout=0.05):
+                got[i].append(d.message.value)
+                d.ack()
+    everything = [v for values in got.values() for v in values]
+    duplicates = [v for v, c in Counter(everything).items() if c > 1]
+    assert not duplicates, f"delivered more than once: {duplicates[:10]}"
+    assert sorted(everything) == list(range(sent)), "messages were lost"
+    assert all(got.values()), f"a member got no work: { {i: len(v) for i, v in got.items()} }"
+
+
+def test_every_group_gets_every_message(connect: Connect, topic: str) -> None:
+    bus = connect()
+    groups = ["billing", "shipping", "email"]
+    bus.declare(topic, partitions=2, groups=groups)
+    bus.publish_many(topic, [Message(i, key=str(i)) for i in range(50)])
+    for group in groups:
+        with connect().subscribe(topic, group) as sub:
+            values = sorted(d.message.value for d in drain(sub, 50))
+        assert values == list(range(50)), group
+
+
+def test_durable_group_resumes_where_it_left_off(connect: Connect, topic: str) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=1, groups=["g"])
+    bus.publish_many(topic, list(range(10)))
+    with bus.subscribe(topic, "g") as sub:
+        first = drain(sub, 4)
+        sub.fetch(1, timeout=0.0)  # fetched but neither acked nor nacked: must come back
+    assert [d.message.value for d in first] == [0, 1, 2, 3]
+    bus.publish_many(topic, list(range(10, 15)))
+    with connect().subscribe(topic, "g") as sub:
+        rest = drain(sub, 11)
+        assert sub.fetch(10, timeout=0.3) == []
+    assert [d.message.value for d in rest] == list(range(4, 15))
+
+
+def test_ephemeral_subscriber_sees_only_new_messages_and_vanishes(
+    connect: Connect, topic: str
+) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=2)
+    bus.publish(topic, "before")
+    with bus.subscribe(topic) as sub:
+        assert sub.group is None
+        bus.publish_many(topic, ["after-1", "after-2"])
+        assert sorted(d.message.value for d in drain(sub, 2)) == ["after-1", "after-2"]
+    with connect().subscribe(topic) as again:
+        bus.publish(topic, "later")
+        got = drain(again, 1)
+        assert [d.message.value for d in got] == ["later"]
+        assert again.fetch(10, timeout=0.2) == []
+
+
+def test_nack_redelivers_and_drop_does_not(connect: Connect, topic: str) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=1, groups=["g"])
+    bus.publish_many(topic, ["retry-me", "drop-me", "fine"])
+    with bus.subscribe(topic, "g") as sub:
+        first = drain(sub, 3, ack=False)
+        by_value = {d.message.value: d for d in first}
+        by_value["retry-me"].nack()
+        by_value["drop-me"].nack(requeue=False)
+        by_value["fine"].ack()
+        again = drain(sub, 1)
+        assert [(d.message.value, d.attempt) for d in again] == [("retry-me", 2)]
+        assert again[0].message.id == by_value["retry-me"].message.id
+        assert sub.fetch(10, timeout=0.3) == []
+
+
+def test_seek_replays(connect: Connect, topic: str) -> None:
+    bus = connect()
+    require(bus, Capability.SEEK)
+    bus.declare(topic, partitions=1, groups=["g"])
+    bus.publish_many(topic, list(range(5)))
+    time.sleep(0.005)  # timestamps are in ms: make "after" strictly later than "before"
+    middle = time.time()
+    time.sleep(0.005)
+    bus.publish_many(topic, list(range(5, 10)))
+    with bus.subscribe(topic, "g") as sub:
+        assert [d.message.value for d in drain(sub, 10)] == list(range(10))
+        sub.seek(0, offset=3)
+        assert [d.message.value for d in drain(sub, 7)] == list(range(3, 10))
+        if Capability.SEEK_TIME in bus.capabilities:
+            sub.seek(0, timestamp=middle)
+            assert [d.message.value for d in drain(sub, 5)] == list(range(5, 10))
+
+
+def test_delay_holds_back_one_message_without_blocking_others(connect: Connect, topic: str) -> None:
+    bus = connect()
+    require(bus, Capability.DELAY)
+    bus.declare(topic, partitions=1, groups=["g"])
+    sent_at = time.time()
+    bus.publish(topic, "later", delay=0.5)
+    bus.publish(topic, "now")
+    with bus.subscribe(topic, "g") as sub:
+        first = drain(sub, 1)
+        assert [d.message.value for d in first] == ["now"]
+        second = drain(sub, 1)
+        assert [d.message.value for d in second] == ["later"]
+        assert time.time() - sent_at >= 0.5
+
+
+def test_lag_counts_uncommitted_messages(connect: Connect, topic: str) -> None:
+    bus = connect()
+    require(bus, Capability.LAG)
+    bus.declare(topic, partitions=1, groups=["g"])
+    bus.publish_many(topic, list(range(8)))
+    sub = bus.subscribe(topic, "g")
+    assert sub.lag() == {0: 8}
+    drain(sub, 5)
+    sub.close()
+    with bus.subscribe(topic, "g") as again:
+        assert again.lag() == {0: 3}
+
+
+def test_empty_fetch_returns_within_timeout(connect: Connect, topic: str) -> None:
+    bus = connect()
+    bus.declare(topic, groups=["g"])
+    with bus.subscribe(topic, "g") as sub:
+        started = time.monotonic()
+        assert sub.fetch(10, timeout=0.3) == []
+        elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 2.0
+
+
+def test_closed_objects_raise(connect: Connect, topic: str) -> None:
+    bus = connect()
+    sub = bus.subscribe(topic, "g")
+    sub.close()
+    sub.close()  # idempotent
+    with pytest.raises(ClosedError, match="closed"):
+        sub.fetch(1, timeout=0)
+    bus.close()
+    bus.close()
+    with pytest.raises(ClosedError, match="closed"):
+        bus.publish(topic, "x")
+    with pytest.raises(ClosedError, match="closed"):
+        bus.subscribe(topic, "g")

@@ -1,0 +1,3 @@
+"""The conformance suite, run on every backend in polybus.testing.plugin.BACKENDS."""
+
+from polybus.testing.conformance import *  # noqa: F403
