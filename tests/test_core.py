@@ -1,0 +1,122 @@
+"""The parts above the adapters: URLs, codecs, the envelope, errors for bad input."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+import polybus
+from polybus import BackendUnavailable, ConfigurationError, DecodeError, EncodeError, Message
+from polybus.codecs import JSON, MSGPACK, decoder_for, encode
+from polybus.message import uuid7
+
+
+def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
+    ids = [uuid7() for _ in range(5000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    parsed = uuid.UUID(ids[0])
+    assert parsed.version == 7
+    assert parsed.variant == uuid.RFC_4122
+    assert abs((parsed.int >> 80) / 1000 - time.time()) < 5
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("nats://localhost", "unknown URL scheme 'nats'"),
+        ("localhost:9092", "expected scheme://"),
+        ("native://", "names no directory"),
+        ("native:///tmp/x?fsync=sometimes", "fsync must be one of"),
+        ("native:///tmp/x?colour=blue", "unknown option"),
+    ],
+)
+def test_bad_urls_name_the_problem(url: str, needle: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(needle)):
+        polybus.connect(url)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "extra"), [("kafka", "kafka"), ("amqp", "rabbitmq"), ("redis", "redis")]
+)
+def test_backends_not_available_say_what_to_install_or_use(scheme: str, extra: str) -> None:
+    with pytest.raises(BackendUnavailable) as err:
+        polybus.connect(f"{scheme}://localhost")
+    text = str(err.value)
+    assert f"polybus[{extra}]" in text or "native://" in text
+
+
+def test_codecs_round_trip_and_refuse_what_they_cannot_encode() -> None:
+    for value, content_type in [
+        (b"\x00\x01", None),
+        ("héllo", None),
+        ({"a": [1, 2.5, None, True]}, None),
+        ({"a": 1}, MSGPACK),
+    ]:
+        payload, ct = encode(value, content_type)
+        assert decoder_for(ct)(payload) == value
+    with pytest.raises(EncodeError, match="set"):
+        encode({1, 2})
+    with pytest.raises(EncodeError, match="no codec"):
+        encode(object(), "application/x-custom")
+    with pytest.raises(DecodeError, match="not valid application/json"):
+        decoder_for(JSON)(b"{not json")
+
+
+class Order(BaseModel):
+    id: int
+    items: list[str]
+
+
+def test_pydantic_models_encode_as_json_and_decode_into_the_model(tmp_path: Path) -> None:
+    with polybus.connect(f"native://{tmp_path}") as bus:
+        bus.publish("orders", Order(id=7, items=["pen"]), key="c1")
+        bus.publish("orders", {"id": "not-an-int", "items": []}, key="c1")
+        with bus.subscribe("orders", "g", model=Order) as sub:
+            good, bad = sub.fetch(2, timeout=5)
+            assert good.message.value == Order(id=7, items=["pen"])
+            with pytest.raises(DecodeError, match="does not match Order"):
+                _ = bad.message.value
+
+
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    with polybus.connect(f"native://{tmp_path}") as bus:
+        bus.declare("t", partitions=1)
+        with pytest.raises(ConfigurationError, match="header 'n' must map str to str"):
+            bus.publish("t", "x", headers={"n": 1})  # type: ignore[dict-item]
+        with pytest.raises(ConfigurationError, match="key must be str, bytes or None"):
+            bus.publish("t", "x", key=42)  # type: ignore[arg-type]
+        with pytest.raises(EncodeError):
+            bus.publish_many("t", ["fine", {1, 2}])
+        with pytest.raises(ConfigurationError, match="invalid topic name"):
+            bus.publish("../etc", "x")
+        with pytest.raises(ConfigurationError, match="exists with 1 partitions"):
+            bus.declare("t", partitions=3)
+        with bus.subscribe("t", "g") as sub:
+            assert sub.fetch(10, timeout=0.2) == []
+
+
+def test_message_reply_links_correlation_and_causation() -> None:
+    request = Message({"q": 1})
+    reply = request.reply({"a": 2})
+    assert reply.correlation_id == request.id
+    assert reply.causation_id == request.id
+    assert reply.id != request.id
+
+
+def test_patterns_are_configurations_of_topics_and_groups(tmp_path: Path) -> None:
+    from polybus.patterns import fanout, pubsub, work_queue
+
+    with polybus.connect(f"native://{tmp_path}") as bus:
+        fanout(bus, "events", ["audit", "search"])
+        with pubsub(bus, "events") as live:
+            bus.publish("events", "e1")
+            assert [d.message.value for d in live.fetch(5, timeout=5)] == ["e1"]
+        for group in ("audit", "search"):
+            with work_queue(bus, "events", group) as worker:
+                assert [d.message.value for d in worker.fetch(5, timeout=5)] == ["e1"]

@@ -1,0 +1,166 @@
+"""The native engine's own features, below the Bus: segments, index, retention,
+compaction, time lookup, group fencing and cross-process wake-ups."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from polybus.errors import ClosedError, FencedError, MessageTooLarge, TopicNotFound
+from polybus.log import Log
+from polybus.log.notify import Waiter
+
+
+def values(n: int, start: int = 0) -> list[bytes]:
+    return [f"value-{i:06d}".encode() * 8 for i in range(start, start + n)]
+
+
+def read_all(log: Log, topic: str, partition: int = 0) -> list[bytes | None]:
+    part = log.topic(topic).partitions[partition]
+    out = []
+    offset = 0
+    while batch := part.read(offset, 333):
+        out.extend(r.value for r in batch)
+        offset = batch[-1].offset + 1
+    return out
+
+
+def test_segments_roll_and_reads_cross_them(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        part = log.create_topic("t", segment_bytes=8192).partitions[0]
+        for i in range(0, 3000, 100):
+            assert part.append_batch(values(100, i)) == i
+        for v in values(50, 3000):
+            part.append(v)
+        segments = sorted(p.name for p in (tmp_path / "topics/t/0").glob("*.log"))
+        assert len(segments) > 10
+        assert read_all(log, "t") == values(3050)
+    with Log(tmp_path) as again:
+        assert read_all(again, "t") == values(3050)
+        assert again.topic("t").partitions[0].end_offset == 3050
+
+
+def test_sparse_index_finds_any_offset(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        part = log.create_topic("t", segment_bytes=1 << 16).partitions[0]
+        for i in range(0, 5000, 7):
+            part.append_batch(values(7, i))
+        assert (tmp_path / "topics/t/0/00000000000000000000.idx").stat().st_size > 8
+        for offset in (0, 1, 6, 7, 1234, 4095, 4999, 5000, 5003):
+            got = part.read(offset, 2)
+            assert [r.offset for r in got] == [o for o in (offset, offset + 1) if o < 5005]
+
+
+def test_retention_by_size_and_age_deletes_oldest_segments(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        by_size = log.create_topic("size", segment_bytes=8192, retention_bytes=20_000)
+        part = by_size.partitions[0]
+        for i in range(0, 2000, 50):
+            part.append_batch(values(50, i))
+        assert part.start_offset > 0
+        total = sum(p.stat().st_size for p in (tmp_path / "topics/size/0").glob("*.log"))
+        assert total < 20_000 + 2 * 8192
+        first = part.read(0, 1)[0]
+        assert first.offset == part.start_offset
+        assert first.value == values(1, first.offset)[0]
+
+        by_age = log.create_topic("age", segment_bytes=8192, retention_ms=1)
+        part = by_age.partitions[0]
+        for i in range(0, 600, 50):
+            part.append_batch(values(50, i))
+        time.sleep(0.01)
+        part.enforce_retention()
+        assert part.start_offset == int(sorted((tmp_path / "topics/age/0").glob("*.log"))[0].stem)
+        assert part.start_offset > 0
+        assert read_all(log, "age") == values(600 - part.start_offset, part.start_offset)
+
+
+def test_compaction_keeps_the_newest_value_per_key(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        part = log.create_topic("sessions", segment_bytes=4096, compact=True).partitions[0]
+        for round_ in range(20):
+            for k in range(5):
+                part.append(f"{k}:{round_}".encode(), key=f"k{k}".encode())
+        part.append(None, key=b"k0")  # tombstone
+        removed = part.compact()
+        assert removed > 50
+        records = []
+        offset = 0
+        while batch := part.read(offset):
+            records.extend(batch)
+            offset = batch[-1].offset + 1
+        latest = {r.key: r.value for r in records}
+        assert latest == {
+            b"k0": None,
+            **{f"k{k}".encode(): f"{k}:19".encode() for k in range(1, 5)},
+        }
+        offsets = [r.offset for r in records]
+        assert offsets == sorted(set(offsets))
+        assert part.append(b"after", key=b"k9") == 101
+
+
+def test_offset_for_time_and_too_large_and_unknown_topic(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        part = log.create_topic("t").partitions[0]
+        part.append_batch(values(3), timestamp_ms=1000)
+        part.append_batch(values(3, 3), timestamp_ms=[2000, 3000, 4000])
+        assert part.offset_for_time(0) == 0
+        assert part.offset_for_time(2500) == 4
+        assert part.offset_for_time(9000) == 6
+        with pytest.raises(MessageTooLarge, match="split it"):
+            part.append(b"x" * (65 << 20))
+        assert part.end_offset == 6
+        with pytest.raises(TopicNotFound, match="create it first"):
+            log.topic("missing")
+    with pytest.raises(ClosedError):
+        log.topic("t")
+
+
+def test_a_member_whose_lease_expired_is_fenced(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        log.create_topic("t", 1).partitions[0].append_batch(values(10))
+        stale = log.consumer("t", "g", session_timeout=0.5)
+        got = stale.poll(5, timeout=1)
+        assert len(got) == 5
+        stale._stop.set()  # stop heartbeating, as a paused process would
+        stale._thread.join()  # type: ignore[union-attr]
+        time.sleep(0.6)  # let the lease lapse: the point of this test
+        fresh = log.consumer("t", "g", session_timeout=5)
+        assert fresh.assignment == frozenset({0})
+        stale.ack(got)
+        with pytest.raises(FencedError, match="another member"):
+            stale.commit()
+        redelivered = fresh.poll(10, timeout=1)
+        assert [r.offset for r in redelivered] == list(range(10))
+        fresh.close()
+
+
+def test_waiter_wakes_on_a_write_from_another_process(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        part = log.create_topic("t").partitions[0]
+        waiter = Waiter()
+        waiter.watch(part.dir)
+        waiter.drain()
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, time; from polybus.log import Log; time.sleep(0.3); "
+                "Log(sys.argv[1]).topic('t').partitions[0].append(b'wake')",
+                str(tmp_path),
+            ],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        started = time.monotonic()
+        while not part.read(0) and time.monotonic() - started < 20:
+            waiter.wait(20)
+        waited = time.monotonic() - started
+        child.wait(10)
+        waiter.close()
+        assert part.read(0)[0].value == b"wake"
+        assert waited < 10  # a missed wake-up would sleep the whole 20 s
