@@ -140,6 +140,10 @@ def encode_batch(
     return struct.pack("<II", len(tail) + 4, crc32c(tail)) + tail
 
 
+_PREFIX = struct.Struct("<II")
+_ONE_PLAIN = struct.Struct("<BBHqIqi")
+
+
 def encode_one(
     offset: int,
     value: bytes | None,
@@ -149,6 +153,9 @@ def encode_one(
     not_before_ms: int,
 ) -> bytes:
     """Encode a batch of one record; the single-append fast path."""
+    if key is None and not headers and not not_before_ms and value is not None:
+        tail = _ONE_PLAIN.pack(MAGIC, 0, 0, offset, 1, timestamp_ms, len(value)) + value
+        return _PREFIX.pack(len(tail) + 4, crc32c(tail)) + tail
     attrs = 0
     parts = [b"", struct.pack("<i", -1 if value is None else len(value))]
     if key is not None:

@@ -53,6 +53,11 @@ _HEAD_MAGIC: Final = 0x3130444145484250  # "PBHEAD01"
 #       recovery_base, recovery_pos, recovery_offset, boot, last_index_pos
 _HEAD = struct.Struct("<11Q")
 _STATE = struct.Struct("<4Q")  # next_offset, end_pos, active_base, check  (at byte 8)
+_U64 = struct.Struct("<Q")
+_MASK: Final = 0xFFFFFFFFFFFFFFFF
+_LOCK_EX: Final = fcntl.LOCK_EX
+_LOCK_UN: Final = fcntl.LOCK_UN
+_flock = fcntl.flock
 _HEAD_SIZE: Final = 4096
 
 
@@ -69,7 +74,7 @@ BOOT_ID: Final = _boot_id()
 
 def _check(next_offset: int, end_pos: int, active_base: int) -> int:
     """A checksum of the published state, so a writer killed mid-publish is detected."""
-    return (next_offset ^ (end_pos << 1) ^ (active_base << 2) ^ _HEAD_MAGIC) & 0xFFFFFFFFFFFFFFFF
+    return (next_offset ^ (end_pos << 1) ^ (active_base << 2) ^ _HEAD_MAGIC) & _MASK
 
 
 def segment_name(base: int) -> str:
@@ -275,17 +280,15 @@ class Partition:
         """Append one record; return its offset."""
         ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
         with self._tlock:
-            fcntl.flock(self._head_fd, fcntl.LOCK_EX)
+            fd = self._head_fd
+            _flock(fd, _LOCK_EX)
             try:
-                next_offset, end_pos, active, check = _STATE.unpack_from(self._mm, 8)
-                if check != _check(next_offset, end_pos, active):
-                    self._recover(*struct.unpack_from("<3Q", self._mm, 48))
-                    next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
+                next_offset, end_pos, active = self._state()
                 batch = encode_one(next_offset, value, key, headers, ts, not_before_ms)
                 self._write(batch, next_offset, 1, end_pos, active)
             finally:
-                fcntl.flock(self._head_fd, fcntl.LOCK_UN)
-        return next_offset  # type: ignore[no-any-return]
+                _flock(fd, _LOCK_UN)
+        return next_offset
 
     def append_batch(
         self,
@@ -309,27 +312,32 @@ class Partition:
                 raise ConfigurationError(
                     f"append_batch got {n} values but {len(seq)} keys/headers/not_before_ms"
                 )
-        if not isinstance(timestamp_ms, int):
-            if timestamp_ms is None:
-                timestamp_ms = time.time_ns() // 1_000_000
-            elif len(timestamp_ms) != n:
-                raise ConfigurationError(
-                    f"append_batch got {n} values but {len(timestamp_ms)} timestamps"
-                )
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
+        elif not isinstance(timestamp_ms, int) and len(timestamp_ms) != n:
+            raise ConfigurationError(
+                f"append_batch got {n} values but {len(timestamp_ms)} timestamps"
+            )
         with self._tlock:
-            fcntl.flock(self._head_fd, fcntl.LOCK_EX)
+            fd = self._head_fd
+            _flock(fd, _LOCK_EX)
             try:
-                next_offset, end_pos, active, check = _STATE.unpack_from(self._mm, 8)
-                if check != _check(next_offset, end_pos, active):
-                    self._recover(*struct.unpack_from("<3Q", self._mm, 48))
-                    next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
+                next_offset, end_pos, active = self._state()
                 batch = encode_batch(
                     next_offset, values, keys, headers, timestamp_ms, not_before_ms
                 )
                 self._write(batch, next_offset, n, end_pos, active)
             finally:
-                fcntl.flock(self._head_fd, fcntl.LOCK_UN)
-        return next_offset  # type: ignore[no-any-return]
+                _flock(fd, _LOCK_UN)
+        return next_offset
+
+    def _state(self) -> tuple[int, int, int]:
+        """Under the lock: the published (next_offset, end_pos, active_base), repaired if torn."""
+        next_offset, end_pos, active, check = _STATE.unpack_from(self._mm, 8)
+        if check != (next_offset ^ (end_pos << 1) ^ (active << 2) ^ _HEAD_MAGIC) & _MASK:
+            self._recover(*struct.unpack_from("<3Q", self._mm, 48))  # a writer died mid-publish
+            next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
+        return next_offset, end_pos, active
 
     def _write(self, batch: bytes, next_offset: int, n: int, end_pos: int, active: int) -> None:
         """Under the lock: write a batch at the end, roll first if the segment is full."""
@@ -346,21 +354,22 @@ class Partition:
                 os.close(self._wfd)
             self._wfd = os.open(self._path(active), os.O_WRONLY | os.O_CREAT, 0o644)
             self._wbase = active
-        written = os.pwrite(self._wfd, batch, end_pos)
-        if written != size:
-            raise OSError(f"short write to {self._path(active)}: {written} of {size} bytes")
-        if self.config.fsync == "always":
+        if os.pwrite(self._wfd, batch, end_pos) != size:
+            raise OSError(f"short write to {self._path(active)} at byte {end_pos}")
+        new_end, new_next = end_pos + size, next_offset + n
+        always = self.config.fsync == "always"
+        if always:
             os.fdatasync(self._wfd)
-        new_end = end_pos + size
-        self._publish(next_offset + n, new_end, active)
-        if self.config.fsync == "always":
-            struct.pack_into("<3Q", self._mm, 48, active, new_end, next_offset + n)
+        mm = self._mm
+        check = (new_next ^ (new_end << 1) ^ (active << 2) ^ _HEAD_MAGIC) & _MASK
+        _STATE.pack_into(mm, 8, new_next, new_end, active, check)
+        if always:
+            struct.pack_into("<3Q", mm, 48, active, new_end, new_next)
         else:
             self.dirty = True
-        last_index = self._get(10)
-        if end_pos - last_index >= INDEX_INTERVAL or end_pos == 0:
+        if end_pos - _U64.unpack_from(mm, 80)[0] >= INDEX_INTERVAL or end_pos == 0:
             self._add_index(active, next_offset - active, end_pos)
-            self._set(10, end_pos)
+            _U64.pack_into(mm, 80, end_pos)
 
     def _add_index(self, base: int, relative: int, pos: int) -> None:
         fd = os.open(self._path(base, ".idx"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
