@@ -120,3 +120,25 @@ def test_patterns_are_configurations_of_topics_and_groups(tmp_path: Path) -> Non
         for group in ("audit", "search"):
             with work_queue(bus, "events", group) as worker:
                 assert [d.message.value for d in worker.fetch(5, timeout=5)] == ["e1"]
+
+
+def test_cli_lists_topics_groups_and_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from polybus.cli import main
+
+    url = f"native://{tmp_path}"
+    with polybus.connect(url) as bus:
+        bus.declare("orders", partitions=2, groups=["pay"])
+        bus.publish_many("orders", [Message({"i": i}, key=f"k{i}") for i in range(5)])
+    assert main(["topics", url]) == 0
+    assert main(["groups", url, "orders"]) == 0
+    assert main(["tail", url, "orders", "--partition", "0", "-n", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    ends = [int(line.split()[3]) for line in out if line.startswith("orders")]
+    assert sum(ends) == 5
+    lags = [int(line.split()[2]) for line in out if line.startswith("pay")]
+    assert sum(lags) == 5
+    assert out[-1].startswith("0:0 ")
+    assert main(["topics", "nats://x"]) == 1
+    assert "unknown URL scheme" in capsys.readouterr().err

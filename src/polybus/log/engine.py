@@ -16,7 +16,7 @@ import google_crc32c
 
 from ..errors import ClosedError, ConfigurationError, TopicNotFound
 from .format import Headers
-from .group import Consumer, Start, ensure_group
+from .group import Consumer, Start, ensure_group, group_lag
 from .partition import FsyncPolicy, Partition, PartitionConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
@@ -233,6 +233,10 @@ class Log:
         """Create a durable group positioned at ``start`` if it does not exist; idempotent."""
         check_name("group", group)
         ensure_group(self.path, self.topic(topic), group, start)
+
+    def lag(self, topic: str, group: str) -> dict[int, int]:
+        """Records not yet committed by durable ``group``, per partition, without joining it."""
+        return group_lag(self.path, self.topic(topic), check_name("group", group))
 
     def groups(self, topic: str) -> list[str]:
         """Durable groups of ``topic``."""

@@ -110,6 +110,20 @@ class GroupFile:
             self._lock_fd = -1
 
 
+def group_lag(root: str, topic: Topic, group: str) -> dict[int, int]:
+    """Records not yet committed by ``group``, per partition; does not join the group."""
+    gf = GroupFile(root, topic.name, group)
+    try:
+        with gf.locked() as state:
+            commits = state["commits"]
+    finally:
+        gf.close()
+    return {
+        p: part.end_offset - max(commits.get(str(p), part.start_offset), part.start_offset)
+        for p, part in enumerate(topic.partitions)
+    }
+
+
 def initial_offset(topic: Topic, partition: int, start: Start) -> int:
     p = topic.partitions[partition]
     return p.start_offset if start == "earliest" else p.end_offset
@@ -152,6 +166,7 @@ class Consumer:
             raise ConfigurationError("session_timeout must be positive (seconds)")
         self.topic = topic
         self.group = group
+        self._root = root
         self.start: Start = start
         self.session_timeout = session_timeout
         self.member_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -390,12 +405,8 @@ class Consumer:
                     p: self.topic.partitions[p].end_offset - o.position
                     for p, o in self._owned.items()
                 }
-        with self._lock, self._gf.locked() as state:
-            commits = state["commits"]
-            return {
-                p: part.end_offset - max(commits.get(str(p), part.start_offset), part.start_offset)
-                for p, part in enumerate(self.topic.partitions)
-            }
+        assert self.group is not None
+        return group_lag(self._root, self.topic, self.group)
 
     def close(self) -> None:
         """Commit what was acked, leave the group (its partitions move on); idempotent."""

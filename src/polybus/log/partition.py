@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from ..errors import ConfigurationError, CorruptRecordError, MessageTooLarge
+from ..errors import ClosedError, ConfigurationError, CorruptRecordError, MessageTooLarge
 from .format import (
     MAX_BATCH_BYTES,
     BadBatch,
@@ -280,6 +280,8 @@ class Partition:
         """Append one record; return its offset."""
         ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
         with self._tlock:
+            if self.closed:
+                raise ClosedError(f"partition {self.dir} is closed; open the log again")
             fd = self._head_fd
             _flock(fd, _LOCK_EX)
             try:
@@ -319,6 +321,8 @@ class Partition:
                 f"append_batch got {n} values but {len(timestamp_ms)} timestamps"
             )
         with self._tlock:
+            if self.closed:
+                raise ClosedError(f"partition {self.dir} is closed; open the log again")
             fd = self._head_fd
             _flock(fd, _LOCK_EX)
             try:
@@ -396,6 +400,8 @@ class Partition:
         if self.config.fsync != "never":
             struct.pack_into("<3Q", self._mm, 48, next_offset, 0, next_offset)
         self._enforce_retention()
+        if self.config.compact:
+            self._compact()
         return next_offset
 
     def flush(self) -> None:
@@ -452,24 +458,28 @@ class Partition:
     def compact(self) -> int:
         """Keep only the newest record per key in sealed segments; return records removed.
 
-        Offsets are kept, so compacted segments have gaps. Records without a
-        key and the active segment are left alone. Tombstones (value None) stay
+        Runs at every segment roll of a ``compact=True`` topic. Offsets are
+        kept, so compacted segments have gaps. Records without a key and the
+        active segment are left alone. Tombstones (value None) stay
         so that readers see the deletion.
         """
         with self._locked():
-            segs = self._list_segments()
-            latest: dict[bytes, int] = {}
-            for rec in self._scan(segs):
-                if rec.key is not None:
-                    latest[rec.key] = rec.offset
-            removed = 0
-            for seg in segs[:-1]:
-                records = list(self._scan([seg]))
-                keep = [r for r in records if r.key is None or latest[r.key] == r.offset]
-                if len(keep) < len(records):
-                    removed += len(records) - len(keep)
-                    self._rewrite(seg, keep)
-            return removed
+            return self._compact()
+
+    def _compact(self) -> int:
+        segs = self._list_segments()
+        latest: dict[bytes, int] = {}
+        for rec in self._scan(segs):
+            if rec.key is not None:
+                latest[rec.key] = rec.offset
+        removed = 0
+        for seg in segs[:-1]:
+            records = list(self._scan([seg]))
+            keep = [r for r in records if r.key is None or latest[r.key] == r.offset]
+            if len(keep) < len(records):
+                removed += len(records) - len(keep)
+                self._rewrite(seg, keep)
+        return removed
 
     def _scan(self, segs: Sequence[int]) -> Iterator[Record]:
         for seg in segs:
@@ -585,6 +595,8 @@ class Partition:
         start. Raises CorruptRecordError for a damaged batch unless the log was
         opened with ``skip_corrupt=True``.
         """
+        if self.closed:
+            raise ClosedError(f"partition {self.dir} is closed; open the log again")
         out: list[Record] = []
         offset = max(offset, self.start_offset)
         while len(out) < max_records:
@@ -646,6 +658,10 @@ class Partition:
             return
         if self.dirty and self.config.fsync != "never":
             self.flush()
+        with self._tlock:
+            self._close_files()
+
+    def _close_files(self) -> None:
         self.closed = True
         for fd in self._rfds.values():
             os.close(fd)
