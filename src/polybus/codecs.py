@@ -6,6 +6,7 @@ producer wrote without both sides agreeing on a codec in advance.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -93,6 +94,7 @@ _DECODERS: dict[str, Callable[[bytes], Any]] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def decoder_for(content_type: str | None) -> Callable[[bytes], Any]:
     """Return a function decoding payloads of ``content_type``; unknown types stay bytes.
 

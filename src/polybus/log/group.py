@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import heapq
 import json
+import logging
 import os
 import socket
 import threading
@@ -29,13 +30,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import ClosedError, ConfigurationError, FencedError
+from ..errors import ClosedError, ConfigurationError, FencedError, PolybusError
 from .format import Record
 from .notify import Waiter
 
 if TYPE_CHECKING:
     from .engine import Topic
 
+log = logging.getLogger("polybus")
 Start = Literal["earliest", "latest"]
 _COMMIT_INTERVAL = 0.2  # seconds between automatic commits from poll()
 
@@ -87,6 +89,11 @@ class GroupFile:
                 state: dict[str, Any] = json.loads(raw)
             except FileNotFoundError:
                 raw, state = b"", {}
+            except ValueError as exc:
+                raise PolybusError(
+                    f"group state {self.path} is damaged ({exc}); restore it, or delete it "
+                    "to restart the group from its start position"
+                ) from exc
             state.setdefault("members", {})
             state.setdefault("owners", {})
             state.setdefault("commits", {})
@@ -206,7 +213,12 @@ class Consumer:
     def _heartbeat(self) -> None:
         interval = min(1.0, self.session_timeout / 4)
         while not self._stop.is_set():
-            pending = self._sync()
+            try:
+                pending = self._sync()
+            except (OSError, PolybusError):
+                # keep trying: if it lasts, the lease lapses and others take over
+                log.exception("heartbeat of %s in group %r failed", self.member_id, self.group)
+                pending = False
             self._stop.wait(0.05 if pending else interval)
 
     def _sync(self, leaving: bool = False) -> bool:
