@@ -56,6 +56,22 @@ def test_sparse_index_finds_any_offset(tmp_path: Path) -> None:
             assert [r.offset for r in got] == [o for o in (offset, offset + 1) if o < 5005]
 
 
+def test_reads_in_small_chunks_see_every_batch_whole(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        part = log.create_topic("t").partitions[0]
+        for i in range(0, 400, 40):
+            part.append_batch(values(40, i))
+            part.append(values(1, 1000 + i)[0])
+        expected = [v for i in range(0, 400, 40) for v in [*values(40, i), values(1, 1000 + i)[0]]]
+        for max_bytes in (16, 100, 3000, 1 << 20):
+            got: list[bytes | None] = []
+            offset = 0
+            while batch := part.read(offset, 7, max_bytes=max_bytes):
+                got.extend(r.value for r in batch)
+                offset = batch[-1].offset + 1
+            assert got == expected, max_bytes
+
+
 def test_retention_by_size_and_age_deletes_oldest_segments(tmp_path: Path) -> None:
     with Log(tmp_path) as log:
         by_size = log.create_topic("size", segment_bytes=8192, retention_bytes=20_000)

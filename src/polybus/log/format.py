@@ -268,3 +268,48 @@ def decode_batch(
             nb,
         )
     )
+
+
+_I32 = struct.Struct("<i")
+_VALUE_AT: Final = HEADER_SIZE + 4  # a plain one-record batch: header, value length, value
+
+
+def decode_batches(
+    buf: bytes, pos: int, end: int, partition: int, first: int, limit: int, out: list[Record]
+) -> int:
+    """Check and decode whole batches from ``pos`` until ``end`` or ``limit`` records.
+
+    Appends records with offset ≥ ``first`` to ``out`` and returns the position
+    reached: the start of the first batch not fully consumed. Raises
+    :class:`BadBatch` at a damaged batch (``args[1]`` is its position).
+    """
+    unpack = HEADER.unpack_from
+    while pos < end and limit > 0:
+        if end - pos < HEADER_SIZE:
+            raise BadBatch("truncated header", pos)
+        length, crc, magic, attrs, _r, base, n, ts = unpack(buf, pos)
+        size = length + LENGTH_SIZE
+        if magic != MAGIC or length < HEADER_SIZE - LENGTH_SIZE or n == 0:
+            raise BadBatch(f"bad framing (magic {magic}, length {length}, count {n})", pos)
+        if pos + size > end:
+            raise BadBatch(f"truncated batch ({end - pos} of {size} bytes)", pos)
+        if crc32c(buf[pos + 8 : pos + size]) != crc:
+            raise BadBatch("CRC-32C mismatch", pos)
+        if base + n <= first:
+            pos += size
+            continue
+        if n == 1 and attrs == 0:  # the common single-append batch, decoded inline
+            vlen = _I32.unpack_from(buf, pos + HEADER_SIZE)[0]
+            if _VALUE_AT + max(vlen, 0) != size:
+                raise BadBatch("bad framing (value length)", pos)
+            value = None if vlen < 0 else buf[pos + _VALUE_AT : pos + size]
+            out.append(Record(partition, base, ts, None, value, (), 0))
+            limit -= 1
+        else:
+            got = decode_batch(buf, pos, partition, first, limit)
+            out.extend(got)
+            limit -= len(got)
+            if got and got[-1].offset + 1 < base + n:
+                return pos  # stopped inside this batch
+        pos += size
+    return pos

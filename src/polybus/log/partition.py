@@ -39,7 +39,7 @@ from .format import (
     Headers,
     Record,
     check_batch,
-    decode_batch,
+    decode_batches,
     encode_batch,
     encode_one,
 )
@@ -54,6 +54,7 @@ _HEAD_MAGIC: Final = 0x3130444145484250  # "PBHEAD01"
 _HEAD = struct.Struct("<11Q")
 _STATE = struct.Struct("<4Q")  # next_offset, end_pos, active_base, check  (at byte 8)
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 _MASK: Final = 0xFFFFFFFFFFFFFFFF
 _LOCK_EX: Final = fcntl.LOCK_EX
 _LOCK_UN: Final = fcntl.LOCK_UN
@@ -488,10 +489,12 @@ class Partition:
             limit = self._get(2) if seg == self._get(3) else len(data)
             pos = 0
             while pos < limit:
-                _, _, size = self._checked(data, pos, limit, seg)
-                if size:
-                    yield from decode_batch(data, pos, self.index)
-                pos += abs(size)
+                out: list[Record] = []
+                try:
+                    pos = decode_batches(data, pos, limit, self.index, 0, 1 << 62, out)
+                except BadBatch as exc:
+                    pos = exc.args[1] + self._skip(data, exc.args[1], seg, str(exc.args[0]))
+                yield from out
 
     def _rewrite(self, seg: int, keep: list[Record]) -> None:
         """Write ``keep`` as the new content of sealed segment ``seg``; atomic rename."""
@@ -531,30 +534,33 @@ class Partition:
 
     # -- read -------------------------------------------------------------------------
 
-    def _checked(self, data: bytes, pos: int, end: int, seg: int) -> tuple[int, int, int]:
-        """check_batch, mapping damage to CorruptRecordError or, with skip_corrupt, a skip.
+    @staticmethod
+    def _cut(data: bytes, pos: int, available: int) -> bool:
+        """Whether the batch at ``pos`` runs past the end of ``data`` but not of the segment."""
+        if pos + 4 > len(data):
+            return True
+        end: int = pos + _U32.unpack_from(data, pos)[0] + 4
+        return len(data) < end <= available
 
-        A skip returns ``(0, 0, -distance)`` to the next valid batch.
-        """
-        try:
-            return check_batch(data, pos, end)
-        except BadBatch as exc:
-            path = self._path(seg)
-            if not self.config.skip_corrupt:
-                raise CorruptRecordError(
-                    f"damaged record batch in {path} at byte {pos}: {exc}; "
-                    "open the log with skip_corrupt=True to skip past it",
-                    path=path,
-                    position=pos,
-                ) from None
-            nxt = pos + 1
-            while nxt < end:
-                try:
-                    check_batch(data, nxt, end)
-                    break
-                except BadBatch:
-                    nxt += 1
-            return 0, 0, -(nxt - pos)
+    def _skip(self, data: bytes, pos: int, seg: int, reason: str) -> int:
+        """A damaged batch at ``pos``: raise CorruptRecordError, or with
+        ``skip_corrupt`` return the distance to the next valid batch."""
+        path = self._path(seg)
+        if not self.config.skip_corrupt:
+            raise CorruptRecordError(
+                f"damaged record batch in {path} at byte {pos}: {reason}; "
+                "open the log with skip_corrupt=True to skip past it",
+                path=path,
+                position=pos,
+            )
+        nxt = pos + 1
+        while nxt < len(data):
+            try:
+                check_batch(data, nxt, len(data))
+                break
+            except BadBatch:
+                nxt += 1
+        return nxt - pos
 
     def _segment_for(self, offset: int) -> int:
         segs = self._segments
@@ -617,21 +623,25 @@ class Partition:
                 offset = max(offset, nxt)
                 continue
             data = os.pread(fd, min(max_bytes, limit - pos), pos)
+            if len(data) >= 4:
+                need = _U32.unpack_from(data)[0] + 4
+                if need > len(data) and pos + need <= limit:
+                    data = os.pread(fd, need, pos)  # one batch larger than the chunk
             p = 0
-            while p < len(data) and len(out) < max_records:
-                if len(data) - p >= 4:
-                    need = struct.unpack_from("<I", data, p)[0] + 4
-                    if p + need > len(data) and pos + p + need <= limit:
-                        # a batch larger than the chunk: read it whole
-                        pos, p = pos + p, 0
-                        data = os.pread(fd, need, pos)
-                b, count, size = self._checked(data, p, len(data), base)
-                if size > 0 and b + count > offset:
-                    out.extend(decode_batch(data, p, self.index, offset, max_records - len(out)))
-                    offset = out[-1].offset + 1
-                    if offset < b + count:  # stopped inside this batch
+            while True:
+                try:
+                    p = decode_batches(
+                        data, p, len(data), self.index, offset, max_records - len(out), out
+                    )
+                    break
+                except BadBatch as exc:
+                    bad = exc.args[1]
+                    if len(data) < limit - pos and self._cut(data, bad, limit - pos):
+                        p = bad  # the chunk ended inside this batch: read on from it
                         break
-                p += abs(size)
+                    p = bad + self._skip(data, bad, base, str(exc.args[0]))
+            if out:
+                offset = out[-1].offset + 1
             self._cursor = (base, offset, pos + p)
             if base == active and pos + p >= limit:
                 break
