@@ -160,7 +160,7 @@ def test_waiter_wakes_on_a_write_from_another_process(tmp_path: Path) -> None:
     with Log(tmp_path) as log:
         part = log.create_topic("t").partitions[0]
         waiter = Waiter()
-        waiter.watch(part.dir)
+        waiter.watch(part.head_path)
         waiter.drain()
         child = subprocess.Popen(
             [

@@ -185,7 +185,7 @@ class Consumer:
         self._last_commit = 0.0
         self._waiter = Waiter()
         for part in topic.partitions:
-            self._waiter.watch(part.dir)
+            self._waiter.watch(part.head_path)
         self._gf: GroupFile | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()

@@ -1,8 +1,8 @@
 """Cross-process wake-ups: block on a file descriptor until a partition changes.
 
-On Linux an inotify descriptor watches partition directories; every append
-is a ``pwrite`` that the kernel reports as a modify event, so writers pay
-nothing extra and a waiting reader wakes within microseconds. Elsewhere the
+On Linux an inotify descriptor watches each partition's ``head`` file; every
+append ends with a ``pwrite`` there that the kernel reports as a modify event,
+so writers make no extra call and a waiting reader wakes within microseconds. Elsewhere the
 waiter falls back to short sleeps.
 """
 
@@ -15,8 +15,6 @@ import select
 import time
 
 _IN_MODIFY = 0x002
-_IN_CREATE = 0x100
-_IN_MOVED_TO = 0x080
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
 
@@ -30,7 +28,7 @@ except (OSError, AttributeError):
 
 
 class Waiter:
-    """Wait until any watched directory sees a write, or a timeout passes.
+    """Wait until any watched file is written, or a timeout passes.
 
     ``wait`` may return early (spurious wake-ups are allowed); callers re-check
     their condition. Not thread-safe; one per reader.
@@ -44,13 +42,12 @@ class Waiter:
             if fd >= 0:
                 self._fd = fd
 
-    def watch(self, directory: str) -> None:
-        if directory in self._watched:
+    def watch(self, path: str) -> None:
+        if path in self._watched:
             return
-        self._watched.add(directory)
+        self._watched.add(path)
         if self._fd >= 0 and _libc is not None:
-            mask = _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO
-            _libc.inotify_add_watch(self._fd, os.fsencode(directory), mask)
+            _libc.inotify_add_watch(self._fd, os.fsencode(path), _IN_MODIFY)
 
     def drain(self) -> None:
         """Forget events seen so far (call before re-checking the condition)."""

@@ -133,20 +133,21 @@ class Partition:
                 fcntl.flock(self._head_fd, fcntl.LOCK_UN)
 
     def _publish(self, next_offset: int, end_pos: int, active_base: int) -> None:
-        _STATE.pack_into(
-            self._mm,
-            8,
-            next_offset,
-            end_pos,
-            active_base,
-            _check(next_offset, end_pos, active_base),
-        )
+        """Make a new end visible. A ``pwrite`` rather than a store into the mmap, so
+        that waiting readers get their inotify event only once the end has moved."""
+        check = _check(next_offset, end_pos, active_base)
+        os.pwrite(self._head_fd, _STATE.pack(next_offset, end_pos, active_base, check), 8)
 
     def _set(self, field: int, value: int) -> None:
         struct.pack_into("<Q", self._mm, 8 * field, value)
 
     def _get(self, field: int) -> int:
         return struct.unpack_from("<Q", self._mm, 8 * field)[0]  # type: ignore[no-any-return]
+
+    @property
+    def head_path(self) -> str:
+        """The file every append modifies last: watch it to learn of new records."""
+        return os.path.join(self.dir, "head")
 
     @property
     def end_offset(self) -> int:
@@ -367,7 +368,7 @@ class Partition:
             os.fdatasync(self._wfd)
         mm = self._mm
         check = (new_next ^ (new_end << 1) ^ (active << 2) ^ _HEAD_MAGIC) & _MASK
-        _STATE.pack_into(mm, 8, new_next, new_end, active, check)
+        os.pwrite(self._head_fd, _STATE.pack(new_next, new_end, active, check), 8)  # see _publish
         if always:
             struct.pack_into("<3Q", mm, 48, active, new_end, new_next)
         else:
