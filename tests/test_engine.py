@@ -180,3 +180,21 @@ def test_waiter_wakes_on_a_write_from_another_process(tmp_path: Path) -> None:
         waiter.close()
         assert part.read(0)[0].value == b"wake"
         assert waited < 10  # a missed wake-up would sleep the whole 20 s
+
+
+def test_a_torn_roll_leftover_never_hides_later_records(tmp_path: Path) -> None:
+    """An empty segment file past the active one (a writer killed inside a roll) is
+    removed, so records appended into the old segment afterwards stay readable."""
+    part_dir = tmp_path / "topics/t/0"
+    with Log(tmp_path) as log:
+        part = log.create_topic("t", segment_bytes=8192).partitions[0]
+        part.append_batch(values(50))
+        leftover = part_dir / f"{part.end_offset + 2:020d}.log"
+    leftover.touch()
+    with Log(tmp_path) as log:
+        part = log.topic("t").partitions[0]
+        assert not leftover.exists()
+        for v in values(250, 50):
+            part.append(v)
+        assert len(list(part_dir.glob("*.log"))) > 2
+        assert read_all(log, "t") == values(300)

@@ -34,6 +34,9 @@ from typing import Final, Literal
 
 from ..errors import ClosedError, ConfigurationError, CorruptRecordError, MessageTooLarge
 from .format import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
     MAX_BATCH_BYTES,
     BadBatch,
     Headers,
@@ -185,6 +188,15 @@ class Partition:
         path = self._path(active)
         if os.path.getsize(path) > end_pos:
             os.truncate(path, end_pos)  # bytes of a writer that died before publishing
+        self._remove_torn_rolls(active)
+
+    def _remove_torn_rolls(self, active: int) -> None:
+        """Under the lock: delete segment files past the active one, left by a writer
+        that died inside a roll before publishing it (they hold no records)."""
+        for seg in self._list_segments():
+            if seg > active:
+                os.unlink(self._path(seg))
+                self._segments.remove(seg)
 
     def _recover(self, base: int, pos: int, offset: int) -> None:
         """Re-scan from a known-good point to the end; truncate at the first bad batch."""
@@ -252,7 +264,10 @@ class Partition:
             data = f.read(end_pos)
         pos = last = 0
         while pos < end_pos:
-            b, _count, size = check_batch(data, pos, end_pos)
+            try:
+                b, _count, size = check_batch(data, pos, end_pos)
+            except BadBatch:
+                break  # rotten below the recovery point: reads will report it
             if pos == 0 or pos - last >= INDEX_INTERVAL:
                 entries.append(_IDX.pack(b - base, pos))
                 last = pos
@@ -394,6 +409,7 @@ class Partition:
         os.ftruncate(self._wfd, end_pos)
         if self.config.fsync != "never":
             os.fdatasync(self._wfd)
+        self._remove_torn_rolls(active)
         fd = os.open(self._path(next_offset), os.O_WRONLY | os.O_CREAT, 0o644)
         os.close(self._wfd)
         self._wfd, self._wbase = fd, next_offset
@@ -494,7 +510,8 @@ class Partition:
                 try:
                     pos = decode_batches(data, pos, limit, self.index, 0, 1 << 62, out)
                 except BadBatch as exc:
-                    pos = exc.args[1] + self._skip(data, exc.args[1], seg, str(exc.args[0]))
+                    bad = exc.args[1]
+                    pos = bad + self._skip(data, bad, seg, str(exc.args[0]), bad)
                 yield from out
 
     def _rewrite(self, seg: int, keep: list[Record]) -> None:
@@ -543,16 +560,17 @@ class Partition:
         end: int = pos + _U32.unpack_from(data, pos)[0] + 4
         return len(data) < end <= available
 
-    def _skip(self, data: bytes, pos: int, seg: int, reason: str) -> int:
-        """A damaged batch at ``pos``: raise CorruptRecordError, or with
-        ``skip_corrupt`` return the distance to the next valid batch."""
+    def _skip(self, data: bytes, pos: int, seg: int, reason: str, file_pos: int) -> int:
+        """A damaged batch at ``data[pos]`` (byte ``file_pos`` of segment ``seg``): raise
+        CorruptRecordError, or with ``skip_corrupt`` return the distance to the next
+        valid batch."""
         path = self._path(seg)
         if not self.config.skip_corrupt:
             raise CorruptRecordError(
-                f"damaged record batch in {path} at byte {pos}: {reason}; "
+                f"damaged record batch in {path} at byte {file_pos}: {reason}; "
                 "open the log with skip_corrupt=True to skip past it",
                 path=path,
-                position=pos,
+                position=file_pos,
             )
         nxt = pos + 1
         while nxt < len(data):
@@ -564,10 +582,12 @@ class Partition:
         return nxt - pos
 
     def _segment_for(self, offset: int) -> int:
+        active = self._get(3)
         segs = self._segments
-        if not segs or segs[-1] != self._get(3):
+        if not segs or segs[-1] < active:
             segs = self._list_segments()
-        i = bisect.bisect_right(segs, offset) - 1
+        # min(): a file past the active segment is an empty leftover of a torn roll
+        i = bisect.bisect_right(segs, min(offset, active)) - 1
         return segs[max(i, 0)]
 
     def _read_fd(self, base: int) -> int:
@@ -577,8 +597,12 @@ class Partition:
             self._rfds[base] = fd
         return fd
 
-    def _position(self, base: int, offset: int) -> int:
-        """Byte position of the batch holding ``offset`` or the one before it, per the index."""
+    def _position(self, base: int, offset: int, fd: int) -> int:
+        """Byte position of the batch holding ``offset`` or one before it, per the index.
+
+        An entry is trusted only if the batch header it points at agrees with
+        it, so a damaged index costs a longer scan, never a wrong read.
+        """
         seg_base, next_offset, pos = self._cursor
         if seg_base == base and next_offset == offset:
             return pos
@@ -593,7 +617,17 @@ class Partition:
             if base != self._get(3):
                 self._index_cache[base] = entries
         i = bisect.bisect_right(entries, (offset - base, 1 << 40)) - 1
-        return entries[i][1] if i >= 0 else 0
+        while i >= 0:
+            relative, pos = entries[i]
+            head = os.pread(fd, HEADER_SIZE, pos)
+            if (
+                len(head) == HEADER_SIZE
+                and HEADER.unpack_from(head)[2] == MAGIC
+                and HEADER.unpack_from(head)[5] == base + relative <= offset
+            ):
+                return pos
+            i -= 1
+        return 0
 
     def read(self, offset: int, max_records: int = 1000, max_bytes: int = 1 << 20) -> list[Record]:
         """Return up to ``max_records`` records from ``offset`` on; [] at the end.
@@ -616,7 +650,7 @@ class Partition:
                 offset = max(offset, self.start_offset)
                 continue
             limit = self._get(2) if base == active else os.fstat(fd).st_size
-            pos = self._position(base, offset)
+            pos = self._position(base, offset, fd)
             if pos >= limit:
                 if base == active or base == self._segments[-1]:
                     break
@@ -637,10 +671,15 @@ class Partition:
                     break
                 except BadBatch as exc:
                     bad = exc.args[1]
-                    if len(data) < limit - pos and self._cut(data, bad, limit - pos):
-                        p = bad  # the chunk ended inside this batch: read on from it
-                        break
-                    p = bad + self._skip(data, bad, base, str(exc.args[0]))
+                    if len(data) < limit - pos:
+                        if self._cut(data, bad, limit - pos):
+                            p = bad  # the chunk ended inside this batch: read on from it
+                            break
+                        if self.config.skip_corrupt:  # look for the next batch in all that is left
+                            pos, p = pos + bad, 0
+                            data = os.pread(fd, limit - pos, pos)
+                            continue
+                    p = bad + self._skip(data, bad, base, str(exc.args[0]), pos + bad)
             if out:
                 offset = out[-1].offset + 1
             self._cursor = (base, offset, pos + p)
