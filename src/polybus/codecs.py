@@ -30,11 +30,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+_json_encoder = json.JSONEncoder(separators=(",", ":"), default=_json_default)
+_json_decoder = json.JSONDecoder()
+
+
 def _dump_json(value: Any) -> bytes:
     dump_json = getattr(value, "model_dump_json", None)
     if callable(dump_json):
         return str(dump_json()).encode()
-    return json.dumps(value, separators=(",", ":"), default=_json_default).encode()
+    return _json_encoder.encode(value).encode()
 
 
 def encode(value: Any, content_type: str | None = None) -> tuple[bytes, str]:
@@ -76,7 +80,7 @@ def _decode_text(payload: bytes) -> str:
 
 
 def _decode_json(payload: bytes) -> Any:
-    return json.loads(payload)
+    return _json_decoder.decode(payload.decode())
 
 
 def _decode_msgpack(payload: bytes) -> Any:

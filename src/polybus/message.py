@@ -7,6 +7,7 @@ underlying broker (kafka-console-consumer, redis-cli, the RabbitMQ UI) can read 
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +37,8 @@ TRACESTATE = "tracestate"
 #: Envelope headers, kept out of ``Message.headers`` on receive.
 ENVELOPE = frozenset({MESSAGE_ID, CORRELATION_ID, CAUSATION_ID, TIMESTAMP, CONTENT_TYPE})
 
+_random = random.Random()  # ids must be unique, not secret; reseeded in forked children
+os.register_at_fork(after_in_child=_random.seed)
 _uuid_lock = threading.Lock()
 _uuid_last_ms = 0
 _uuid_seq = 0
@@ -48,7 +51,7 @@ def uuid7() -> str:
     (RFC 9562 §6.2 method 1), so ids sort in creation order.
     """
     global _uuid_last_ms, _uuid_seq
-    rand = int.from_bytes(os.urandom(8))
+    rand = _random.getrandbits(64)
     with _uuid_lock:
         ms = time.time_ns() // 1_000_000
         if ms > _uuid_last_ms:
