@@ -198,3 +198,25 @@ def test_a_torn_roll_leftover_never_hides_later_records(tmp_path: Path) -> None:
             part.append(v)
         assert len(list(part_dir.glob("*.log"))) > 2
         assert read_all(log, "t") == values(300)
+
+
+def test_producer_batches_keep_key_order_and_linger_makes_them_visible(tmp_path: Path) -> None:
+    with Log(tmp_path) as log:
+        topic = log.create_topic("t", 3)
+        with topic.producer(max_batch=50, linger=0.01) as producer:
+            for i in range(400):
+                producer.append(b"%d" % i, key=b"k%d" % (i % 7), headers=(("i", str(i)),))
+            reader = log.consumer("t", start="earliest")
+            got: list[int] = []
+            deadline = time.monotonic() + 10
+            while len(got) < 400 and time.monotonic() < deadline:
+                records = reader.poll(1000, timeout=0.5)  # the tail arrives by linger alone
+                got.extend(int(r.value or b"") for r in records)
+                assert all(r.headers == (("i", (r.value or b"").decode()),) for r in records)
+            reader.close()
+        assert sorted(got) == list(range(400))
+        for k in range(7):
+            per_key = [i for i in got if i % 7 == k]
+            assert per_key == sorted(per_key)
+        with pytest.raises(ClosedError):
+            producer.append(b"late")

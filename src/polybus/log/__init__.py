@@ -7,5 +7,15 @@ from .engine import Log, Topic, TopicConfig
 from .format import Record
 from .group import Consumer
 from .partition import FsyncPolicy, Partition
+from .producer import Producer
 
-__all__ = ["Consumer", "FsyncPolicy", "Log", "Partition", "Record", "Topic", "TopicConfig"]
+__all__ = [
+    "Consumer",
+    "FsyncPolicy",
+    "Log",
+    "Partition",
+    "Producer",
+    "Record",
+    "Topic",
+    "TopicConfig",
+]

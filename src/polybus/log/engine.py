@@ -18,6 +18,7 @@ from ..errors import ClosedError, ConfigurationError, TopicNotFound
 from .format import Headers
 from .group import Consumer, Start, ensure_group, group_lag
 from .partition import FsyncPolicy, Partition, PartitionConfig
+from .producer import Producer
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 _FSYNC = ("always", "interval", "never")
@@ -53,6 +54,8 @@ class Topic:
     def partition_for(self, key: bytes | None) -> int:
         """The partition for ``key`` (a stable hash), or round-robin without a key."""
         n = len(self.partitions)
+        if n == 1:
+            return 0
         if key is None:
             return next(self._round_robin) % n
         # CRC is linear: similar keys differ in few bits. The murmur3 finaliser spreads them.
@@ -76,6 +79,10 @@ class Topic:
             value, key=key, headers=headers, timestamp_ms=timestamp_ms, not_before_ms=not_before_ms
         )
         return p, offset
+
+    def producer(self, *, max_batch: int = 1000, linger: float = 0.005) -> Producer:
+        """A buffering producer for this topic; see :class:`Producer`."""
+        return Producer(self, max_batch=max_batch, linger=linger)
 
 
 class Log:
