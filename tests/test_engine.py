@@ -220,3 +220,32 @@ def test_producer_batches_keep_key_order_and_linger_makes_them_visible(tmp_path:
             assert per_key == sorted(per_key)
         with pytest.raises(ClosedError):
             producer.append(b"late")
+
+
+def test_members_joining_one_by_one_while_work_is_in_flight_end_balanced(tmp_path: Path) -> None:
+    """A partition revoked from a busy member and then targeted back to it must be
+    read again, not left revoked forever."""
+    with Log(tmp_path) as log:
+        topic = log.create_topic("t", 6)
+        for p in topic.partitions:
+            p.append_batch(values(5))
+        first = log.consumer("t", "g", session_timeout=2)
+        held = first.poll(100, timeout=1)  # in flight: revoked partitions must wait
+        assert len(held) == 30
+        members = [first, log.consumer("t", "g", session_timeout=2)]
+        deadline = time.monotonic() + 10
+        while len(first.assignment) == 6 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the first member has seen the rebalance
+        assert len(first.assignment) == 3
+        members.append(log.consumer("t", "g", session_timeout=2))
+        first.ack(held)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            shares = [m.assignment for m in members]
+            if sorted(map(len, shares)) == [2, 2, 2]:
+                break
+            time.sleep(0.05)
+        assert sorted(map(len, shares)) == [2, 2, 2], shares
+        assert frozenset().union(*shares) == frozenset(range(6))
+        for m in members:
+            m.close()

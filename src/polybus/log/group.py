@@ -259,7 +259,9 @@ class Consumer:
                     low = mine.low_water()
                     if low != mine.committed:
                         commits[key] = mine.committed = low
-                    if target != self.member_id:
+                    if target == self.member_id:
+                        mine.revoked_at = None  # given back to us before we let it go
+                    else:
                         if mine.revoked_at is None:
                             mine.revoked_at = now
                         if (
