@@ -296,7 +296,6 @@ class Consumer:
         """
         deadline = time.monotonic() + timeout
         while True:
-            self._waiter.drain()
             out, next_due = self._take(max_records)
             if out:
                 return out

@@ -37,10 +37,12 @@ class Waiter:
     def __init__(self) -> None:
         self._fd = -1
         self._watched: set[str] = set()
+        self._poller = select.poll()
         if _libc is not None:
             fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
             if fd >= 0:
                 self._fd = fd
+                self._poller.register(fd, select.POLLIN)
 
     def watch(self, path: str) -> None:
         if path in self._watched:
@@ -49,22 +51,21 @@ class Waiter:
         if self._fd >= 0 and _libc is not None:
             _libc.inotify_add_watch(self._fd, os.fsencode(path), _IN_MODIFY)
 
-    def drain(self) -> None:
-        """Forget events seen so far (call before re-checking the condition)."""
-        if self._fd >= 0:
-            try:
-                while os.read(self._fd, 65536):
-                    pass
-            except BlockingIOError:
-                pass
-
     def wait(self, timeout: float) -> None:
+        """Block until a watched file is written or ``timeout`` seconds pass.
+
+        Events are consumed on wake-up; one that arrived since the caller last
+        checked its condition makes this return at once, so none is lost.
+        """
         if timeout <= 0:
             return
-        if self._fd >= 0:
-            select.select([self._fd], [], [], timeout)
-        else:
+        if self._fd < 0:
             time.sleep(min(timeout, 0.005))
+        elif self._poller.poll(max(1, int(timeout * 1000))):
+            try:
+                os.read(self._fd, 65536)
+            except BlockingIOError:
+                pass
 
     def close(self) -> None:
         if self._fd >= 0:
