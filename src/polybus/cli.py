@@ -13,48 +13,29 @@ from collections.abc import Sequence
 
 from .adapters.native import NativeBackend
 from .errors import PolybusError
+from .log import Log
 from .registry import open_backend
 
 
-def _log(url: str) -> NativeBackend:
-    backend = open_backend(url)
-    if not isinstance(backend, NativeBackend):
-        backend.close()
-        raise PolybusError(f"the CLI inspects native:// logs only, not {url!r}")
-    return backend
+def _topics(log: Log, args: argparse.Namespace) -> None:
+    print(f"{'topic':30} {'partition':>9} {'start':>12} {'end':>12}")
+    for name in log.topics():
+        for part in log.topic(name).partitions:
+            print(f"{name:30} {part.index:>9} {part.start_offset:>12} {part.end_offset:>12}")
 
 
-def _topics(args: argparse.Namespace) -> None:
-    backend = _log(args.url)
-    try:
-        print(f"{'topic':30} {'partition':>9} {'start':>12} {'end':>12}")
-        for name in backend.log.topics():
-            for part in backend.log.topic(name).partitions:
-                print(f"{name:30} {part.index:>9} {part.start_offset:>12} {part.end_offset:>12}")
-    finally:
-        backend.close()
+def _groups(log: Log, args: argparse.Namespace) -> None:
+    print(f"{'group':30} {'partition':>9} {'lag':>12}")
+    for group in log.groups(args.topic):
+        for p, n in sorted(log.lag(args.topic, group).items()):
+            print(f"{group:30} {p:>9} {n:>12}")
 
 
-def _groups(args: argparse.Namespace) -> None:
-    backend = _log(args.url)
-    try:
-        print(f"{'group':30} {'partition':>9} {'lag':>12}")
-        for group in backend.log.groups(args.topic):
-            for p, n in sorted(backend.log.lag(args.topic, group).items()):
-                print(f"{group:30} {p:>9} {n:>12}")
-    finally:
-        backend.close()
-
-
-def _tail(args: argparse.Namespace) -> None:
-    backend = _log(args.url)
-    try:
-        part = backend.log.topic(args.topic).partitions[args.partition]
-        for rec in part.read(args.offset, args.n):
-            value = rec.value if rec.value is None else rec.value[:120]
-            print(f"{rec.partition}:{rec.offset} ts={rec.timestamp_ms} key={rec.key!r} {value!r}")
-    finally:
-        backend.close()
+def _tail(log: Log, args: argparse.Namespace) -> None:
+    part = log.topic(args.topic).partitions[args.partition]
+    for rec in part.read(args.offset, args.n):
+        value = rec.value if rec.value is None else rec.value[:120]
+        print(f"{rec.partition}:{rec.offset} ts={rec.timestamp_ms} key={rec.key!r} {value!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,7 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tail.set_defaults(run=_tail)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        backend = open_backend(args.url)
+        try:
+            if not isinstance(backend, NativeBackend):
+                raise PolybusError(f"the CLI inspects native:// logs only, not {args.url!r}")
+            args.run(backend.log, args)
+        finally:
+            backend.close()
     except PolybusError as exc:
         print(f"polybus: {exc}", file=sys.stderr)
         return 1
