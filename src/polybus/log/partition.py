@@ -55,6 +55,8 @@ _HEAD_MAGIC: Final = 0x3130444145484250  # "PBHEAD01"
 # head: magic, next_offset, end_pos, active_base, check, start_offset,
 #       recovery_base, recovery_pos, recovery_offset, boot, last_index_pos
 _HEAD = struct.Struct("<11Q")
+# field numbers (u64 each) for _get/_set
+_NEXT, _END, _ACTIVE, _START, _RECOVERY_BASE, _RECOVERY_POS, _LAST_INDEX = 1, 2, 3, 5, 6, 7, 10
 _STATE = struct.Struct("<4Q")  # next_offset, end_pos, active_base, check  (at byte 8)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -155,12 +157,12 @@ class Partition:
     @property
     def end_offset(self) -> int:
         """The offset the next appended record will get."""
-        return self._get(1)
+        return self._get(_NEXT)
 
     @property
     def start_offset(self) -> int:
         """The first offset still stored (retention deletes older segments)."""
-        return self._get(5)
+        return self._get(_START)
 
     def _path(self, base: int, suffix: str = ".log") -> str:
         return os.path.join(self.dir, f"{base:020d}{suffix}")
@@ -388,9 +390,9 @@ class Partition:
             struct.pack_into("<3Q", mm, 48, active, new_end, new_next)
         else:
             self.dirty = True
-        if end_pos - _U64.unpack_from(mm, 80)[0] >= INDEX_INTERVAL or end_pos == 0:
+        if end_pos - _U64.unpack_from(mm, 8 * _LAST_INDEX)[0] >= INDEX_INTERVAL or end_pos == 0:
             self._add_index(active, next_offset - active, end_pos)
-            _U64.pack_into(mm, 80, end_pos)
+            _U64.pack_into(mm, 8 * _LAST_INDEX, end_pos)
 
     def _add_index(self, base: int, relative: int, pos: int) -> None:
         fd = os.open(self._path(base, ".idx"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -414,7 +416,7 @@ class Partition:
         os.close(self._wfd)
         self._wfd, self._wbase = fd, next_offset
         self._publish(next_offset, 0, next_offset)
-        self._set(10, 0)
+        self._set(_LAST_INDEX, 0)
         if self.config.fsync != "never":
             struct.pack_into("<3Q", self._mm, 48, next_offset, 0, next_offset)
         self._enforce_retention()
@@ -430,7 +432,7 @@ class Partition:
             next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
             if active == self._wbase:
                 os.fdatasync(self._wfd)
-                if self._get(6) <= active and self._get(7) < end_pos:
+                if self._get(_RECOVERY_BASE) <= active and self._get(_RECOVERY_POS) < end_pos:
                     struct.pack_into("<3Q", self._mm, 48, active, end_pos, next_offset)
             self.dirty = False
 
@@ -459,7 +461,7 @@ class Partition:
             total -= sizes[s]
         if not doomed:
             return
-        self._set(5, segs[len(doomed)])
+        self._set(_START, segs[len(doomed)])
         for s in doomed:
             for suffix in (".log", ".idx"):
                 try:
@@ -503,7 +505,7 @@ class Partition:
         for seg in segs:
             with open(self._path(seg), "rb") as f:
                 data = f.read()
-            limit = self._get(2) if seg == self._get(3) else len(data)
+            limit = self._get(_END) if seg == self._get(_ACTIVE) else len(data)
             pos = 0
             while pos < limit:
                 out: list[Record] = []
@@ -582,7 +584,7 @@ class Partition:
         return nxt - pos
 
     def _segment_for(self, offset: int) -> int:
-        active = self._get(3)
+        active = self._get(_ACTIVE)
         segs = self._segments
         if not segs or segs[-1] < active:
             segs = self._list_segments()
@@ -607,14 +609,14 @@ class Partition:
         if seg_base == base and next_offset == offset:
             return pos
         entries = self._index_cache.get(base)
-        if entries is None or base == self._get(3):
+        if entries is None or base == self._get(_ACTIVE):
             try:
                 with open(self._path(base, ".idx"), "rb") as f:
                     raw = f.read()
             except FileNotFoundError:
                 raw = b""
             entries = list(_IDX.iter_unpack(raw[: len(raw) - len(raw) % 8]))
-            if base != self._get(3):
+            if base != self._get(_ACTIVE):
                 self._index_cache[base] = entries
         i = bisect.bisect_right(entries, (offset - base, 1 << 40)) - 1
         while i >= 0:
@@ -642,14 +644,14 @@ class Partition:
         offset = max(offset, self.start_offset)
         while len(out) < max_records:
             base = self._segment_for(offset)
-            active = self._get(3)
+            active = self._get(_ACTIVE)
             try:
                 fd = self._read_fd(base)
             except FileNotFoundError:  # deleted by retention in another process
                 self._list_segments()
                 offset = max(offset, self.start_offset)
                 continue
-            limit = self._get(2) if base == active else os.fstat(fd).st_size
+            limit = self._get(_END) if base == active else os.fstat(fd).st_size
             pos = self._position(base, offset, fd)
             if pos >= limit:
                 if base == active or base == self._segments[-1]:
