@@ -201,6 +201,7 @@ class Subscriber:
         if not self._closed:
             self._closed = True
             self._sub.close()
+            self._bus._subscribers.discard(self)
 
     def __enter__(self) -> Subscriber:
         return self
@@ -226,7 +227,7 @@ class Bus:
         self.backend = backend
         self.default_partitions = default_partitions
         self._declared: set[str] = set()
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: set[Subscriber] = set()
         self._closed = False
 
     @property
@@ -339,7 +340,7 @@ class Bus:
         start = start or ("latest" if group is None else "earliest")
         sub = self.backend.subscribe(topic, group, start=start, session_timeout=session_timeout)
         subscriber = Subscriber(self, topic, sub, model)
-        self._subscribers.append(subscriber)
+        self._subscribers.add(subscriber)
         return subscriber
 
     def close(self) -> None:
@@ -347,7 +348,7 @@ class Bus:
         if self._closed:
             return
         self._closed = True
-        for sub in self._subscribers:
+        for sub in list(self._subscribers):
             sub.close()
         self.backend.close()
 

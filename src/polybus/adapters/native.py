@@ -9,7 +9,7 @@ private to its bus.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -70,9 +70,12 @@ def from_url(url: str) -> NativeBackend:
 class NativeSubscription:
     """A group member (or ephemeral reader) on the native log."""
 
-    def __init__(self, topic: str, consumer: Consumer) -> None:
+    def __init__(
+        self, topic: str, consumer: Consumer, forget: Callable[[NativeSubscription], None]
+    ) -> None:
         self._topic = topic
         self._consumer = consumer
+        self._forget = forget
 
     @property
     def group(self) -> str | None:
@@ -116,6 +119,7 @@ class NativeSubscription:
 
     def close(self) -> None:
         self._consumer.close()
+        self._forget(self)
 
 
 class NativeBackend:
@@ -138,7 +142,7 @@ class NativeBackend:
         self.log = log
         self._shared_name = shared_name
         self._closed = False
-        self._subscriptions: list[NativeSubscription] = []
+        self._subscriptions: set[NativeSubscription] = set()
 
     def _check(self) -> None:
         if self._closed:
@@ -191,17 +195,16 @@ class NativeBackend:
         self, topic: str, group: str | None, *, start: Start, session_timeout: float
     ) -> NativeSubscription:
         self._check()
-        sub = NativeSubscription(
-            topic, self.log.consumer(topic, group, start=start, session_timeout=session_timeout)
-        )
-        self._subscriptions.append(sub)
+        consumer = self.log.consumer(topic, group, start=start, session_timeout=session_timeout)
+        sub = NativeSubscription(topic, consumer, self._subscriptions.discard)
+        self._subscriptions.add(sub)
         return sub
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for sub in self._subscriptions:
+        for sub in list(self._subscriptions):
             sub.close()
         if self._shared_name is None:
             self.log.close()

@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import threading
+import weakref
 from dataclasses import asdict, dataclass
 
 import google_crc32c
@@ -122,7 +123,8 @@ class Log:
         self.fsync: FsyncPolicy = fsync
         self.skip_corrupt = skip_corrupt
         self._topics: dict[str, Topic] = {}
-        self._consumers: set[Consumer] = set()
+        # weak: a closed consumer is forgotten; a running one is held by its heartbeat thread
+        self._consumers: weakref.WeakSet[Consumer] = weakref.WeakSet()
         self._lock = threading.RLock()
         self._closed = False
         self._stop = threading.Event()

@@ -284,6 +284,7 @@ def decode_batches(
     :class:`BadBatch` at a damaged batch (``args[1]`` is its position).
     """
     unpack = HEADER.unpack_from
+    # check_batch's checks, inlined: this loop is the read path, one pass per batch
     while pos < end and limit > 0:
         if end - pos < HEADER_SIZE:
             raise BadBatch("truncated header", pos)

@@ -247,18 +247,13 @@ class Consumer:
             if set(members) != before:
                 state["generation"] += 1
             live = sorted(members)
+            self._commit_to(state)
             for p in range(nparts):
                 key = str(p)
                 owner = owners.get(key)
                 mine = self._owned.get(p)
-                if mine is not None and (owner is None or owner != [self.member_id, mine.epoch]):
-                    del self._owned[p]  # fenced: someone else took it over
-                    mine = None
                 target = live[p % len(live)] if live else None
                 if mine is not None:
-                    low = mine.low_water()
-                    if low != mine.committed:
-                        commits[key] = mine.committed = low
                     if target == self.member_id:
                         mine.revoked_at = None  # given back to us before we let it go
                     else:
@@ -284,7 +279,6 @@ class Consumer:
                         self._owned[p] = _Owned(position=pos, committed=pos, epoch=epoch)
                     else:
                         pending = True
-            self._last_commit = now
         return pending
 
     # -- consuming -------------------------------------------------------------------
@@ -407,17 +401,22 @@ class Consumer:
     def _commit(self) -> set[int]:
         """Under self._lock: write committed offsets; return partitions found fenced."""
         assert self._gf is not None
-        lost: set[int] = set()
         with self._gf.locked(self._fsync) as state:
-            owners = state["owners"]
-            for p, o in list(self._owned.items()):
-                if owners.get(str(p)) != [self.member_id, o.epoch]:
-                    lost.add(p)
-                    del self._owned[p]
-                    continue
-                low = o.low_water()
-                if low != o.committed:
-                    state["commits"][str(p)] = o.committed = low
+            return self._commit_to(state)
+
+    def _commit_to(self, state: dict[str, Any]) -> set[int]:
+        """Under both locks: drop partitions another member took over (returned),
+        record the settled prefix of the others."""
+        owners, commits = state["owners"], state["commits"]
+        lost: set[int] = set()
+        for p, o in list(self._owned.items()):
+            if owners.get(str(p)) != [self.member_id, o.epoch]:
+                lost.add(p)
+                del self._owned[p]
+                continue
+            low = o.low_water()
+            if low != o.committed:
+                commits[str(p)] = o.committed = low
         self._last_commit = time.time()
         return lost
 

@@ -57,6 +57,8 @@ _HEAD_MAGIC: Final = 0x3130444145484250  # "PBHEAD01"
 _HEAD = struct.Struct("<11Q")
 # field numbers (u64 each) for _get/_set
 _NEXT, _END, _ACTIVE, _START, _RECOVERY_BASE, _RECOVERY_POS, _LAST_INDEX = 1, 2, 3, 5, 6, 7, 10
+_RECOVERY = struct.Struct("<3Q")  # recovery point: segment base, position, next offset
+_RECOVERY_AT: Final = 8 * _RECOVERY_BASE
 _STATE = struct.Struct("<4Q")  # next_offset, end_pos, active_base, check  (at byte 8)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -358,7 +360,7 @@ class Partition:
         """Under the lock: the published (next_offset, end_pos, active_base), repaired if torn."""
         next_offset, end_pos, active, check = _STATE.unpack_from(self._mm, 8)
         if check != (next_offset ^ (end_pos << 1) ^ (active << 2) ^ _HEAD_MAGIC) & _MASK:
-            self._recover(*struct.unpack_from("<3Q", self._mm, 48))  # a writer died mid-publish
+            self._recover(*_RECOVERY.unpack_from(self._mm, _RECOVERY_AT))  # died mid-publish
             next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
         return next_offset, end_pos, active
 
@@ -387,7 +389,7 @@ class Partition:
         check = (new_next ^ (new_end << 1) ^ (active << 2) ^ _HEAD_MAGIC) & _MASK
         os.pwrite(self._head_fd, _STATE.pack(new_next, new_end, active, check), 8)  # see _publish
         if always:
-            struct.pack_into("<3Q", mm, 48, active, new_end, new_next)
+            _RECOVERY.pack_into(mm, _RECOVERY_AT, active, new_end, new_next)
         else:
             self.dirty = True
         if end_pos - _U64.unpack_from(mm, 8 * _LAST_INDEX)[0] >= INDEX_INTERVAL or end_pos == 0:
@@ -418,7 +420,7 @@ class Partition:
         self._publish(next_offset, 0, next_offset)
         self._set(_LAST_INDEX, 0)
         if self.config.fsync != "never":
-            struct.pack_into("<3Q", self._mm, 48, next_offset, 0, next_offset)
+            _RECOVERY.pack_into(self._mm, _RECOVERY_AT, next_offset, 0, next_offset)
         self._enforce_retention()
         if self.config.compact:
             self._compact()
@@ -429,12 +431,18 @@ class Partition:
         with self._tlock:
             if self._wfd < 0 or self.closed:
                 return
-            next_offset, end_pos, active, _ = _STATE.unpack_from(self._mm, 8)
-            if active == self._wbase:
-                os.fdatasync(self._wfd)
-                if self._get(_RECOVERY_BASE) <= active and self._get(_RECOVERY_POS) < end_pos:
-                    struct.pack_into("<3Q", self._mm, 48, active, end_pos, next_offset)
             self.dirty = False
+            next_offset, end_pos, active, check = _STATE.unpack_from(self._mm, 8)
+            os.fdatasync(self._wfd)
+            if active != self._wbase or check != _check(next_offset, end_pos, active):
+                return  # rolled (the roll fsynced) or torn: the next flush moves the point
+            _flock(self._head_fd, _LOCK_EX)
+            try:
+                rbase, rpos, _ = _RECOVERY.unpack_from(self._mm, _RECOVERY_AT)
+                if (rbase, rpos) < (active, end_pos):  # never move it backwards
+                    _RECOVERY.pack_into(self._mm, _RECOVERY_AT, active, end_pos, next_offset)
+            finally:
+                _flock(self._head_fd, _LOCK_UN)
 
     # -- retention and compaction -------------------------------------------------
 

@@ -16,11 +16,13 @@ from ..bus import Bus, Subscriber
 __all__ = ["fanout", "pubsub", "work_queue"]
 
 
-def work_queue(bus: Bus, topic: str, group: str = "workers", **options: float) -> Subscriber:
+def work_queue(
+    bus: Bus, topic: str, group: str = "workers", *, session_timeout: float = 10.0
+) -> Subscriber:
     """Join the shared durable ``group``: each message goes to one worker, none is lost
     while no worker runs."""
     bus.declare(topic, groups=[group])
-    return bus.subscribe(topic, group, **options)  # type: ignore[arg-type]
+    return bus.subscribe(topic, group, session_timeout=session_timeout)
 
 
 def pubsub(bus: Bus, topic: str) -> Subscriber:
