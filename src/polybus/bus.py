@@ -38,8 +38,12 @@ KEY_BINARY = "polybus-key-binary"
 _ENVELOPE = ENVELOPE | {KEY_BINARY}
 
 
-def connect(url: str, *, default_partitions: int = 4) -> Bus:
+def connect(url: str | Backend | object, *, default_partitions: int = 4) -> Bus:
     """Connect to the backend ``url`` names, e.g. ``native:///var/lib/app/bus``.
+
+    ``url`` may also be a client object (``redis.Redis(...)``,
+    ``pika.ConnectionParameters(...)``, ``confluent_kafka.Producer(...)``) or a
+    Backend built by an adapter, e.g. ``KafkaBackend(config)``.
 
     Topics used before being declared are created with ``default_partitions``.
     Raises ConfigurationError for a bad URL and BackendUnavailable for an
@@ -178,9 +182,10 @@ class Subscriber:
                 return
 
     def seek(
-        self, partition: int, *, offset: int | None = None, timestamp: float | None = None
+        self, partition: int, *, offset: int | str | None = None, timestamp: float | None = None
     ) -> None:
-        """Read ``partition`` from ``offset``, or from the first message at or after ``timestamp``.
+        """Read ``partition`` from ``offset`` (a delivery's ``offset``), or from the first
+        message at or after ``timestamp``.
 
         Raises CapabilityError on backends without replay.
         """

@@ -29,13 +29,39 @@ SCHEMES: dict[str, _Entry] = {
 }
 
 
-def open_backend(url: str) -> Backend:
-    """Open the backend a URL names.
+#: client library (top-level module) -> the adapter whose ``from_client`` wraps its objects
+CLIENTS = {
+    "confluent_kafka": "polybus.adapters.kafka",
+    "pika": "polybus.adapters.rabbitmq",
+    "redis": "polybus.adapters.redis",
+}
 
-    Raises ConfigurationError for a malformed URL and BackendUnavailable for
-    an unknown scheme or a missing client library, naming what to install.
+
+def open_backend(target: object) -> Backend:
+    """Open the backend a URL names, or wrap a client object or an adapter instance.
+
+    A client object is what its library's own constructor returned, e.g.
+    ``redis.Redis(...)``, ``pika.ConnectionParameters(...)`` or a
+    confluent-kafka config dict wrapped by the Kafka adapter's ``from_client``.
+    Raises ConfigurationError for a malformed URL or an object no adapter
+    knows, and BackendUnavailable for an unknown scheme or a missing client
+    library, naming what to install.
     """
-    if not isinstance(url, str) or "://" not in url:
+    if not isinstance(target, str):
+        if all(
+            hasattr(target, a) for a in ("capabilities", "declare_topic", "publish", "subscribe")
+        ):
+            return target  # type: ignore[return-value]  # already a Backend
+        adapter = CLIENTS.get(type(target).__module__.partition(".")[0])
+        if adapter is None:
+            raise ConfigurationError(
+                f"cannot connect to a {type(target).__name__}: pass a URL, a Backend, or a "
+                f"client object of {', '.join(sorted(CLIENTS))}"
+            )
+        wrapped: Backend = importlib.import_module(adapter).from_client(target)
+        return wrapped
+    url = target
+    if "://" not in url:
         raise ConfigurationError(
             f"bad bus URL {url!r}: expected scheme://..., e.g. 'native:///var/lib/app/bus', "
             "'memory://', 'kafka://localhost:9092', 'amqp://localhost', 'redis://localhost'"

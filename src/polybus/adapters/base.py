@@ -113,9 +113,11 @@ class Subscription(Protocol):
         ...
 
     def seek(
-        self, partition: int, *, offset: int | None = None, timestamp_ms: int | None = None
+        self, partition: int, *, offset: int | str | None = None, timestamp_ms: int | None = None
     ) -> None:
-        """Move this member's position in ``partition``. CapabilityError if unsupported."""
+        """Move this member's position in ``partition`` to ``offset`` (as in a received
+        record) or to the first record at or after ``timestamp_ms``. CapabilityError if
+        unsupported."""
         ...
 
     def lag(self) -> dict[int, int]:

@@ -105,10 +105,12 @@ class NativeSubscription:
         self._consumer.nack([cast(Record, r.handle) for r in records], requeue=requeue)
 
     def seek(
-        self, partition: int, *, offset: int | None = None, timestamp_ms: int | None = None
+        self, partition: int, *, offset: int | str | None = None, timestamp_ms: int | None = None
     ) -> None:
         if (offset is None) == (timestamp_ms is None):
             raise ConfigurationError("seek needs exactly one of offset= or timestamp_ms=")
+        if isinstance(offset, str):
+            raise ConfigurationError(f"native offsets are integers, got {offset!r}")
         if offset is None:
             assert timestamp_ms is not None
             offset = self._consumer.topic.partitions[partition].offset_for_time(timestamp_ms)

