@@ -52,27 +52,34 @@ def connect(url: str | Backend | object, *, default_partitions: int = 4) -> Bus:
     return Bus(open_backend(url), default_partitions=default_partitions)
 
 
-def _to_out(message: Message, delay: float | None) -> OutRecord:
-    payload, content_type = encode(message._value, message.content_type)
-    headers = [(MESSAGE_ID, message.id), (CONTENT_TYPE, content_type)]
+def _to_out(message: Message, not_before_ms: int) -> OutRecord:
+    value, content_type = message._value, message.content_type
+    if content_type is None and type(value) is bytes:
+        payload = value  # bytes need no content-type header: its absence means bytes
+        headers = [(MESSAGE_ID, message.id)]
+    else:
+        payload, content_type = encode(value, content_type)
+        headers = [(MESSAGE_ID, message.id), (CONTENT_TYPE, content_type)]
     if message.correlation_id:
         headers.append((CORRELATION_ID, message.correlation_id))
     if message.causation_id:
         headers.append((CAUSATION_ID, message.causation_id))
     key = message.key
-    if isinstance(key, str):
-        key_bytes: bytes | None = key.encode()
-    elif isinstance(key, bytes | bytearray):
+    if key is None or type(key) is bytes:
+        key_bytes = key
+        if key is not None:
+            headers.append((KEY_BINARY, "1"))
+    elif isinstance(key, str):
+        key_bytes = key.encode()
+    elif isinstance(key, bytearray):
         key_bytes = bytes(key)
         headers.append((KEY_BINARY, "1"))
-    elif key is None:
-        key_bytes = None
     else:
         raise ConfigurationError(
             f"message key must be str, bytes or None, not {type(key).__name__}"
         )
     for name, value in message.headers.items():
-        if not isinstance(name, str) or not isinstance(value, str):
+        if type(name) is not str or type(value) is not str:
             raise ConfigurationError(
                 f"header {name!r} must map str to str (got {type(value).__name__}); "
                 "encode other values yourself, e.g. with str() or json.dumps()"
@@ -80,8 +87,7 @@ def _to_out(message: Message, delay: float | None) -> OutRecord:
         headers.append((name, value))
     ts_ms = int(message.timestamp * 1000)
     headers.append((TIMESTAMP, str(ts_ms)))
-    not_before = 0 if not delay else math.ceil((time.time() + delay) * 1000)
-    return OutRecord(payload, key_bytes, tuple(headers), ts_ms, not_before)
+    return OutRecord(payload, key_bytes, tuple(headers), ts_ms, not_before_ms)
 
 
 def _to_message(record: InRecord) -> Message:
@@ -315,7 +321,10 @@ class Bus:
         self._check()
         if delay and Capability.DELAY not in self.capabilities:
             raise CapabilityError("this backend cannot delay delivery")
-        records = [_to_out(m if isinstance(m, Message) else Message(m), delay) for m in messages]
+        not_before = math.ceil((time.time() + delay) * 1000) if delay else 0
+        records = [
+            _to_out(m if isinstance(m, Message) else Message(m), not_before) for m in messages
+        ]
         if not records:
             return []
         self._ensure(topic)

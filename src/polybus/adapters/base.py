@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 __all__ = [
     "Backend",
@@ -41,9 +41,11 @@ class Capability(enum.Flag):
     MULTI_PROCESS = enum.auto()  #: several processes share one topic
 
 
-@dataclass(frozen=True, slots=True)
-class OutRecord:
-    """One message on its way to a backend. Headers carry the envelope."""
+class OutRecord(NamedTuple):
+    """One message on its way to a backend. Headers carry the envelope.
+
+    A tuple, not a dataclass: one is built per published message.
+    """
 
     value: bytes
     key: bytes | None = None
