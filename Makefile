@@ -17,8 +17,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/order_workflow.py
 
-test: $(STAMP) lint
+test: $(STAMP) lint services
 	$(BIN)/python -m pytest
+
+# Redis and RabbitMQ reachable (started if installed and stopped); the tests start Kafka.
+services:
+	scripts/ensure-services
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
@@ -29,8 +33,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks examples
 	$(BIN)/ruff format src tests benchmarks examples
 
-bench: $(STAMP)
+bench: $(STAMP) services
 	$(BIN)/python benchmarks/native_engine.py
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/compare.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
