@@ -43,6 +43,15 @@ class TopicConfig:
     compact: bool = False
 
 
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The partition of ``key`` among ``partitions``: the same on every backend that uses it."""
+    # CRC is linear: similar keys differ in few bits. The murmur3 finaliser spreads them.
+    h = int(google_crc32c.value(key))
+    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
+    return (h ^ (h >> 16)) % partitions
+
+
 class Topic:
     """A named set of partitions. A key always maps to the same partition."""
 
@@ -59,11 +68,7 @@ class Topic:
             return 0
         if key is None:
             return next(self._round_robin) % n
-        # CRC is linear: similar keys differ in few bits. The murmur3 finaliser spreads them.
-        h = int(google_crc32c.value(key))
-        h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
-        h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
-        return (h ^ (h >> 16)) % n
+        return partition_for_key(key, n)
 
     def append(
         self,

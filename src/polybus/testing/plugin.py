@@ -168,6 +168,11 @@ def proxied(backend: BackendCase) -> Iterator[Proxied]:
 
 
 @pytest.fixture
-def topic() -> str:
-    """A topic name no other test uses."""
-    return f"t-{uuid.uuid4().hex[:12]}"
+def topic(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A topic name no other test uses (its Redis keys are deleted afterwards)."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    yield name
+    callspec = getattr(request.node, "callspec", None)
+    case = callspec.params.get("backend") if callspec else None
+    if isinstance(case, BackendCase) and case.name == "redis":
+        servers.redis_delete_topic(name)

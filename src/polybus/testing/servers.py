@@ -37,6 +37,7 @@ __all__ = [
     "rabbitmq_unavailable",
     "rabbitmq_url",
     "reachable",
+    "redis_delete_topic",
     "redis_unavailable",
     "redis_url",
     "tansu",
@@ -82,6 +83,16 @@ def redis_unavailable() -> str | None:
         f"no Redis at {redis_url()}: start one with `redis-server --port 6379 --save ''`, "
         "or set POLYBUS_REDIS_URL"
     )
+
+
+def redis_delete_topic(topic: str) -> None:
+    """Delete every key the Redis adapter made for ``topic`` (shared servers stay tidy)."""
+    import redis
+
+    with redis.Redis.from_url(redis_url()) as client:
+        keys = list(client.scan_iter(match=f"polybus:{{{topic}}}:*", count=1000))
+        if keys:
+            client.delete(*keys)
 
 
 def rabbitmq_url() -> str:
