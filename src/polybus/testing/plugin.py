@@ -167,6 +167,10 @@ def proxied(backend: BackendCase) -> Iterator[Proxied]:
                 bus.close()
 
 
+#: the group names the conformance suite uses (so their RabbitMQ queues can be deleted)
+GROUPS = ("g", "h", "workers", "billing", "shipping", "email")
+
+
 @pytest.fixture
 def topic(request: pytest.FixtureRequest) -> Iterator[str]:
     """A topic name no other test uses (its Redis keys are deleted afterwards)."""
@@ -176,3 +180,5 @@ def topic(request: pytest.FixtureRequest) -> Iterator[str]:
     case = callspec.params.get("backend") if callspec else None
     if isinstance(case, BackendCase) and case.name == "redis":
         servers.redis_delete_topic(name)
+    elif isinstance(case, BackendCase) and case.name == "rabbitmq":
+        servers.rabbitmq_delete_topic(name, GROUPS)

@@ -34,6 +34,7 @@ __all__ = [
     "kafka_bootstrap",
     "kafka_is_tansu",
     "kafka_unavailable",
+    "rabbitmq_delete_topic",
     "rabbitmq_unavailable",
     "rabbitmq_url",
     "reachable",
@@ -101,6 +102,24 @@ def rabbitmq_url() -> str:
         or _started.get("rabbitmq")
         or "amqp://guest:guest@127.0.0.1:5672/%2F"
     )
+
+
+def rabbitmq_delete_topic(topic: str, groups: tuple[str, ...]) -> None:
+    """Delete the exchanges and queues the RabbitMQ adapter made for ``topic`` and ``groups``."""
+    import pika  # type: ignore[import-untyped]
+
+    from polybus.adapters import rabbitmq
+
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_url()))
+    try:
+        ch = conn.channel()
+        for group in groups:
+            ch.queue_delete(rabbitmq.queue_name(topic, group))
+        ch.queue_delete(rabbitmq.history_queue_name(topic))
+        ch.exchange_delete(topic)
+        ch.exchange_delete(rabbitmq.partitions_exchange_name(topic))
+    finally:
+        conn.close()
 
 
 def rabbitmq_unavailable() -> str | None:
