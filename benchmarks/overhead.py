@@ -1,0 +1,459 @@
+"""What polybus costs on top of each raw client: the same work both ways, in one run.
+
+For every backend: publish N 100-byte messages with the same durability, then
+consume and ack all of them, once through the raw client and once through
+``polybus.connect(url)``, side by side. The ratio is polybus time / raw time
+(target ≤ 1.15, publish and consume each).
+
+Same durability, per backend:
+
+* Kafka (confluent-kafka): idempotent producer, ``acks=all``; N produced in
+  chunks of ``--chunk``, each chunk waited for (raw: ``flush()``; polybus:
+  ``publish_many``). Consume: a consumer group, ``consume()`` in batches,
+  every message acked (raw: ``commit(asynchronous=True)`` after each batch).
+* RabbitMQ (pika): persistent messages to a durable exchange bound to the
+  group's queue and to the topic's history stream (the topology polybus
+  declares by default, so the broker does the same work), publisher confirms with a window
+  of 1000 outstanding (raw: ``SelectConnection``, the pika way to keep a
+  window). Consume: prefetch 1000, manual acks (raw: ``basic_ack`` with
+  ``multiple=True`` every 100 messages).
+* Redis (redis-py): ``XADD`` pipelined per chunk; consume ``XREADGROUP``
+  ``COUNT 1000`` and ``XACK`` per batch.
+* native: the engine's own API (``Topic.append_batch`` / ``Consumer.poll`` +
+  ``ack``) against the Bus on ``native://``.
+
+Consume time runs from the first message received to the last acked, so
+group joins (seconds on some brokers) are not counted on either side. Every
+case uses a fresh topic and group. Servers come from
+``polybus.testing.servers`` (POLYBUS_*_URL / POLYBUS_KAFKA_BOOTSTRAP, local
+ports, or a Tansu broker started for the run).
+
+    python benchmarks/overhead.py [--count 200000] [--backends kafka,rabbitmq,redis,native]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import polybus
+from polybus import Message
+from polybus.testing import servers
+
+PAYLOAD = os.urandom(100)
+DEADLINE = 300.0
+
+
+def _name(kind: str) -> str:
+    return f"bench-{kind}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Case:
+    """One backend: how to publish and consume N messages raw, and its polybus URL."""
+
+    name: str
+    url: Callable[[], str]
+    unavailable: Callable[[], str | None]
+    raw_publish: Callable[[str, int, int], float]  # (topic, count, chunk) -> seconds
+    raw_consume: Callable[[str, int], float]  # (topic, count) -> seconds
+    setup_raw: Callable[[str], None] = lambda topic: None
+
+
+# -- polybus (the same code for every backend) --------------------------------
+
+
+def bus_publish(url: str, topic: str, count: int, chunk: int) -> float:
+    with polybus.connect(url) as bus:
+        bus.declare(topic, partitions=1, groups=["g"])
+        started = time.perf_counter()
+        for start in range(0, count, chunk):
+            bus.publish_many(topic, [Message(PAYLOAD) for _ in range(min(chunk, count - start))])
+        return time.perf_counter() - started
+
+
+def bus_consume(url: str, topic: str, count: int) -> float:
+    with polybus.connect(url) as bus, bus.subscribe(topic, "g") as sub:
+        got = 0
+        started = 0.0
+        end = time.monotonic() + DEADLINE
+        while got < count:
+            if time.monotonic() > end:
+                raise RuntimeError(f"polybus consumed only {got} of {count}")
+            batch = sub.fetch(1000, timeout=1.0)
+            if batch and not started:
+                started = time.perf_counter()
+            for d in batch:
+                d.ack()
+            got += len(batch)
+        sub.close()  # commits what was acked: part of the work
+        return time.perf_counter() - started
+
+
+# -- Kafka ----------------------------------------------------------------------
+
+
+def kafka_config() -> dict[str, object]:
+    return {"bootstrap.servers": servers.kafka_bootstrap()}
+
+
+def kafka_setup(topic: str) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(kafka_config())
+    for future in admin.create_topics([NewTopic(topic, 1)]).values():
+        future.result()
+
+
+def kafka_raw_publish(topic: str, count: int, chunk: int) -> float:
+    from confluent_kafka import Producer
+
+    producer = Producer({**kafka_config(), "enable.idempotence": True, "acks": "all"})
+    failures: list[object] = []
+
+    def on_delivery(err: object, _msg: object) -> None:
+        if err is not None:
+            failures.append(err)
+
+    started = time.perf_counter()
+    for start in range(0, count, chunk):
+        for _ in range(min(chunk, count - start)):
+            while True:
+                try:
+                    producer.produce(topic, PAYLOAD, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+        producer.flush()
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"raw Kafka deliveries failed: {failures[:3]}")
+    return elapsed
+
+
+def kafka_raw_consume(topic: str, count: int) -> float:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            **kafka_config(),
+            "group.id": _name("raw"),
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
+    consumer.subscribe([topic])
+    got, started = 0, 0.0
+    end = time.monotonic() + DEADLINE
+    while got < count and time.monotonic() < end:
+        batch = [m for m in consumer.consume(1000, timeout=1.0) if m.error() is None]
+        if batch and not started:
+            started = time.perf_counter()
+        if batch:
+            got += len(batch)
+            consumer.commit(asynchronous=True)
+    consumer.commit(asynchronous=False)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    if got < count:
+        raise RuntimeError(f"raw Kafka consumed only {got} of {count}")
+    return elapsed
+
+
+# -- RabbitMQ -------------------------------------------------------------------
+
+
+def rabbit_queue(topic: str) -> str:
+    from polybus.adapters import rabbitmq
+
+    return rabbitmq.queue_name(topic, "g")
+
+
+def rabbit_setup(topic: str) -> None:
+    import pika
+
+    from polybus.adapters import rabbitmq
+
+    conn = pika.BlockingConnection(pika.URLParameters(servers.rabbitmq_url()))
+    ch = conn.channel()
+    ch.exchange_declare(topic, rabbitmq.EXCHANGE_TYPE, durable=True)
+    ch.queue_declare(rabbit_queue(topic), durable=True, arguments=rabbitmq.queue_arguments())
+    ch.queue_bind(rabbit_queue(topic), topic, routing_key=rabbitmq.BINDING_KEY)
+    # the same broker work as polybus's default topology: a history stream for replay
+    history = rabbitmq.history_queue_name(topic)
+    ch.queue_declare(
+        history,
+        durable=True,
+        arguments={"x-queue-type": "stream", "x-max-age": f"{rabbitmq.DEFAULT_HISTORY_AGE_S}s"},
+    )
+    ch.queue_bind(history, topic, routing_key=rabbitmq.BINDING_KEY)
+    conn.close()
+
+
+def rabbit_raw_publish(topic: str, count: int, chunk: int, window: int = 1000) -> float:
+    import pika
+
+    sent = confirmed = 0
+    nacked: list[int] = []
+    started = 0.0
+    elapsed = 0.0
+
+    def publish_more(ch: pika.channel.Channel) -> None:
+        nonlocal sent
+        props = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
+        while sent - confirmed < window and sent < count:
+            ch.basic_publish(topic, rabbitmq_routing_key(), PAYLOAD, props)
+            sent += 1
+
+    def on_channel(ch: pika.channel.Channel) -> None:
+        def on_confirm(frame: pika.frame.Method) -> None:
+            nonlocal confirmed, elapsed
+            method = frame.method
+            if isinstance(method, pika.spec.Basic.Nack):
+                nacked.append(method.delivery_tag)
+            confirmed = method.delivery_tag if method.multiple else confirmed + 1
+            if confirmed >= count:
+                elapsed = time.perf_counter() - started
+                conn.close()
+            else:
+                publish_more(ch)
+
+        def on_select(_frame: object) -> None:
+            nonlocal started
+            started = time.perf_counter()
+            publish_more(ch)
+
+        ch.confirm_delivery(ack_nack_callback=on_confirm, callback=on_select)
+
+    conn = pika.SelectConnection(
+        pika.URLParameters(servers.rabbitmq_url()),
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_close_callback=lambda c, reason: c.ioloop.stop(),
+    )
+    conn.ioloop.start()
+    if nacked or confirmed < count:
+        raise RuntimeError(f"raw RabbitMQ: {confirmed} of {count} confirmed, nacks {nacked[:3]}")
+    return elapsed
+
+
+def rabbitmq_routing_key() -> str:
+    from polybus.adapters import rabbitmq
+
+    return rabbitmq.BINDING_KEY
+
+
+def rabbit_raw_consume(topic: str, count: int) -> float:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(servers.rabbitmq_url()))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=1000)
+    got, started, last_tag = 0, 0.0, 0
+    for method, _props, _body in ch.consume(rabbit_queue(topic), inactivity_timeout=10):
+        if method is None:
+            break
+        if not started:
+            started = time.perf_counter()
+        got += 1
+        last_tag = method.delivery_tag
+        if got % 100 == 0 or got == count:
+            ch.basic_ack(last_tag, multiple=True)
+        if got == count:
+            break
+    elapsed = time.perf_counter() - started
+    ch.cancel()
+    conn.close()
+    if got < count:
+        raise RuntimeError(f"raw RabbitMQ consumed only {got} of {count}")
+    return elapsed
+
+
+# -- Redis ----------------------------------------------------------------------
+
+
+def redis_stream(topic: str) -> str:
+    from polybus.adapters import redis as adapter
+
+    return adapter.stream_key(topic, 0)
+
+
+def redis_setup(topic: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(servers.redis_url())
+    client.xgroup_create(redis_stream(topic), "g", id="0", mkstream=True)
+    client.close()
+
+
+def redis_raw_publish(topic: str, count: int, chunk: int) -> float:
+    import redis
+
+    client = redis.Redis.from_url(servers.redis_url())
+    stream = redis_stream(topic)
+    started = time.perf_counter()
+    for start in range(0, count, chunk):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(chunk, count - start)):
+            pipe.xadd(stream, {"value": PAYLOAD})
+        pipe.execute()
+    elapsed = time.perf_counter() - started
+    client.close()
+    return elapsed
+
+
+def redis_raw_consume(topic: str, count: int) -> float:
+    import redis
+
+    client = redis.Redis.from_url(servers.redis_url())
+    stream = redis_stream(topic)
+    got, started = 0, 0.0
+    while got < count:
+        reply = client.xreadgroup("g", "raw", {stream: ">"}, count=1000, block=1000)
+        if not reply:
+            raise RuntimeError(f"raw Redis consumed only {got} of {count}")
+        if not started:
+            started = time.perf_counter()
+        ids = [entry_id for entry_id, _fields in reply[0][1]]
+        client.xack(stream, "g", *ids)
+        got += len(ids)
+    elapsed = time.perf_counter() - started
+    client.close()
+    return elapsed
+
+
+# -- native ---------------------------------------------------------------------
+
+_native_dir = tempfile.mkdtemp(prefix="polybus-overhead-")
+
+
+def native_raw_publish(topic: str, count: int, chunk: int) -> float:
+    from polybus.log import Log
+
+    with Log(os.path.join(_native_dir, "raw")) as log:
+        append_batch = log.create_topic(topic, 1).partitions[0].append_batch
+        log.create_group(topic, "g")
+        started = time.perf_counter()
+        for start in range(0, count, chunk):
+            append_batch([PAYLOAD] * min(chunk, count - start))
+        return time.perf_counter() - started
+
+
+def native_raw_consume(topic: str, count: int) -> float:
+    from polybus.log import Log
+
+    with Log(os.path.join(_native_dir, "raw")) as log:
+        consumer = log.consumer(topic, "g")
+        got, started = 0, time.perf_counter()
+        while got < count:
+            records = consumer.poll(max_records=1000, timeout=1.0)
+            if not records:
+                raise RuntimeError(f"raw native consumed only {got} of {count}")
+            consumer.ack(records)
+            got += len(records)
+        consumer.close()
+        return time.perf_counter() - started
+
+
+CASES = [
+    Case(
+        "native",
+        lambda: f"native://{_native_dir}/bus",
+        lambda: None,
+        native_raw_publish,
+        native_raw_consume,
+    ),
+    Case(
+        "kafka",
+        lambda: f"kafka://{servers.kafka_bootstrap()}",
+        servers.kafka_unavailable,
+        kafka_raw_publish,
+        kafka_raw_consume,
+        kafka_setup,
+    ),
+    Case(
+        "rabbitmq",
+        servers.rabbitmq_url,
+        servers.rabbitmq_unavailable,
+        rabbit_raw_publish,
+        rabbit_raw_consume,
+        rabbit_setup,
+    ),
+    Case(
+        "redis",
+        servers.redis_url,
+        servers.redis_unavailable,
+        redis_raw_publish,
+        redis_raw_consume,
+        redis_setup,
+    ),
+]
+
+TARGET = 1.15
+
+
+def run(case: Case, count: int, chunk: int) -> tuple[float, float, float, float]:
+    raw_topic, bus_topic = _name("raw"), _name("bus")
+    case.setup_raw(raw_topic)
+    raw_pub = case.raw_publish(raw_topic, count, chunk)
+    bus_pub = bus_publish(case.url(), bus_topic, count, chunk)
+    raw_con = case.raw_consume(raw_topic, count)
+    bus_con = bus_consume(case.url(), bus_topic, count)
+    for topic in (raw_topic, bus_topic):
+        if case.name == "redis":
+            servers.redis_delete_topic(topic)
+        elif case.name == "rabbitmq":
+            servers.rabbitmq_delete_topic(topic, ("g",))
+    return raw_pub, bus_pub, raw_con, bus_con
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--chunk", type=int, default=10_000)
+    parser.add_argument("--backends", default=",".join(c.name for c in CASES))
+    args = parser.parse_args()
+    wanted = args.backends.split(",")
+    rows = []
+    failed = False
+    for case in CASES:
+        if case.name not in wanted:
+            continue
+        reason = case.unavailable()
+        if reason:
+            print(f"{case.name}: skipped ({reason})", file=sys.stderr)
+            continue
+        try:
+            rows.append((case.name, *run(case, args.count, args.chunk)))
+        except Exception as exc:  # report the case and go on with the others
+            failed = True
+            print(f"{case.name}: FAILED {exc!r}", file=sys.stderr)
+    n = args.count
+    print(f"\n{n} messages of {len(PAYLOAD)} bytes; msg/s; ratio = polybus time / raw time")
+    print(
+        f"{'backend':10} {'raw pub':>10} {'polybus':>10} {'ratio':>6}   "
+        f"{'raw cons':>10} {'polybus':>10} {'ratio':>6}"
+    )
+    for name, raw_pub, bus_pub, raw_con, bus_con in rows:
+        pub_ratio, con_ratio = bus_pub / raw_pub, bus_con / raw_con
+        pub_flag = "" if pub_ratio <= TARGET else " ✗"
+        con_flag = "" if con_ratio <= TARGET else " ✗"
+        print(
+            f"{name:10} {n / raw_pub:10,.0f} {n / bus_pub:10,.0f} {pub_ratio:6.2f}{pub_flag} "
+            f"{n / raw_con:10,.0f} {n / bus_con:10,.0f} {con_ratio:6.2f}{con_flag}"
+        )
+    print(f"target: ratio ≤ {TARGET} (✗ marks a miss)")
+    shutil.rmtree(_native_dir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
