@@ -52,7 +52,9 @@ def open_backend(target: object) -> Backend:
             hasattr(target, a) for a in ("capabilities", "declare_topic", "publish", "subscribe")
         ):
             return target  # type: ignore[return-value]  # already a Backend
-        adapter = CLIENTS.get(type(target).__module__.partition(".")[0])
+        library = type(target).__module__.partition(".")[0]
+        # confluent-kafka's C extension names its classes' module "cimpl"
+        adapter = CLIENTS.get("confluent_kafka" if library == "cimpl" else library)
         if adapter is None:
             raise ConfigurationError(
                 f"cannot connect to a {type(target).__name__}: pass a URL, a Backend, or a "

