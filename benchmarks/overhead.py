@@ -155,7 +155,10 @@ def kafka_raw_consume(topic: str, count: int) -> float:
     got, started = 0, 0.0
     end = time.monotonic() + DEADLINE
     while got < count and time.monotonic() < end:
-        batch = [m for m in consumer.consume(1000, timeout=1.0) if m.error() is None]
+        # read each record, as any consumer does (polybus decodes value and headers)
+        batch = [
+            (m.value(), m.headers()) for m in consumer.consume(1000, timeout=1.0) if not m.error()
+        ]
         if batch and not started:
             started = time.perf_counter()
         if batch:
