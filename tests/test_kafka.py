@@ -6,7 +6,6 @@ Runs against the broker ``polybus.testing.servers`` finds or starts (Tansu by de
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -30,6 +29,8 @@ from polybus import (  # noqa: E402
 )
 from polybus.adapters.kafka import KafkaBackend, from_client, from_url, map_error  # noqa: E402
 from polybus.testing import servers  # noqa: E402
+from polybus.testing.conformance import drain  # noqa: E402
+from polybus.testing.plugin import require_server  # noqa: E402
 from polybus.testing.proxy import TcpProxy  # noqa: E402
 
 DEADLINE = 20.0
@@ -38,11 +39,7 @@ SESSION = 2.0  # short group sessions: Tansu completes a join in about half a se
 
 @pytest.fixture(scope="module")
 def bootstrap() -> str:
-    reason = servers.kafka_unavailable()
-    if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"kafka backend unavailable in CI: {reason}")
-        pytest.skip(f"kafka backend unavailable: {reason}")
+    require_server("kafka", servers.kafka_unavailable())
     return servers.kafka_bootstrap()
 
 
@@ -63,18 +60,6 @@ def connect(bootstrap: str) -> Iterator[Callable[..., polybus.Bus]]:
 @pytest.fixture
 def topic() -> str:
     return f"k-{uuid.uuid4().hex[:12]}"
-
-
-def drain(sub: polybus.Subscriber, count: int, *, ack: bool = True) -> list[Delivery]:
-    out: list[Delivery] = []
-    end = time.monotonic() + DEADLINE
-    while len(out) < count and time.monotonic() < end:
-        batch = sub.fetch(count - len(out), timeout=0.2)
-        if ack:
-            for d in batch:
-                d.ack()
-        out.extend(batch)
-    return out
 
 
 def read_plain(bootstrap: str, topic: str, partitions: int, count: int) -> list[Any]:

@@ -4,7 +4,6 @@ confirm window, replay details. The shared behaviour is in the conformance suite
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -16,11 +15,12 @@ import pika
 import pytest
 
 import polybus
-from polybus import CapabilityError, ConfigurationError, Delivery, Message, Subscriber
+from polybus import CapabilityError, ConfigurationError, Delivery, Message
 from polybus.adapters import rabbitmq
 from polybus.adapters.base import OutRecord
 from polybus.testing import servers
-from polybus.testing.plugin import with_options
+from polybus.testing.conformance import drain
+from polybus.testing.plugin import require_server, with_options
 from polybus.testing.proxy import TcpProxy
 
 DEADLINE = 20.0
@@ -29,11 +29,7 @@ GROUPS = ("g", "h", "ünï/cøde")  # every group a test here may create; cleanu
 
 @pytest.fixture(scope="module")
 def url() -> str:
-    reason = servers.rabbitmq_unavailable()
-    if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"rabbitmq backend unavailable in CI: {reason}")
-        pytest.skip(f"rabbitmq backend unavailable: {reason}")
+    require_server("rabbitmq", servers.rabbitmq_unavailable())
     return servers.rabbitmq_url()
 
 
@@ -72,18 +68,6 @@ def connect(url: str) -> Iterator[Callable[..., polybus.Bus]]:
     yield factory
     for bus in reversed(buses):
         bus.close()
-
-
-def drain(sub: Subscriber, count: int, *, ack: bool = True) -> list[Delivery]:
-    out: list[Delivery] = []
-    end = time.monotonic() + DEADLINE
-    while len(out) < count and time.monotonic() < end:
-        batch = sub.fetch(count - len(out), timeout=0.2)
-        if ack:
-            for d in batch:
-                d.ack()
-        out.extend(batch)
-    return out
 
 
 def basic_get(admin: Callable[[], Any], queue: str) -> tuple[Any, Any, bytes]:

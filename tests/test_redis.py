@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -16,7 +15,7 @@ import pytest
 import polybus
 from polybus import CapabilityError, ConfigurationError, ConnectionLost, TopicNotFound
 from polybus.testing import servers
-from polybus.testing.plugin import with_options
+from polybus.testing.plugin import require_server, with_options
 
 redis = pytest.importorskip("redis")
 from redis.cluster import RedisCluster, key_slot  # noqa: E402
@@ -35,11 +34,7 @@ def wait_for(condition: Callable[[], object], what: str, deadline: float = DEADL
 
 @pytest.fixture
 def url() -> str:
-    reason = servers.redis_unavailable()
-    if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"redis backend unavailable in CI: {reason}")
-        pytest.skip(f"redis backend unavailable: {reason}")
+    require_server("redis", servers.redis_unavailable())
     return servers.redis_url()
 
 

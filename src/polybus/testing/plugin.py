@@ -105,14 +105,18 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def require_server(name: str, reason: str | None) -> None:
+    """Skip the test when ``reason`` says a server is missing, or fail it when ``CI=true``."""
+    if reason:
+        if _in_ci():
+            pytest.fail(f"{name} backend unavailable in CI: {reason}")
+        pytest.skip(f"{name} backend unavailable: {reason}")
+
+
 @pytest.fixture(params=BACKENDS, ids=lambda case: case.name)
 def backend(request: pytest.FixtureRequest) -> BackendCase:
     case: BackendCase = request.param
-    reason = case.unavailable()
-    if reason:
-        if _in_ci():
-            pytest.fail(f"{case.name} backend unavailable in CI: {reason}")
-        pytest.skip(f"{case.name} backend unavailable: {reason}")
+    require_server(case.name, case.unavailable())
     gap = case.gaps().get(getattr(request.node, "originalname", request.node.name))
     if gap:
         request.node.add_marker(pytest.mark.xfail(reason=gap, strict=False))
