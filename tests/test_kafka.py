@@ -336,10 +336,12 @@ def test_keys_land_where_the_java_partitioner_puts_them(
 def test_rebalance_hands_unacked_records_to_the_new_member(
     connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
 ) -> None:
+    # Kafka group ids are global: a name of its own keeps other tests' members out
+    group = f"workers-{topic}"
     bus = connect()
-    bus.declare(topic, partitions=2, groups=["workers"])
+    bus.declare(topic, partitions=2, groups=[group])
     bus.publish_many(topic, [Message(i, key=f"k{i}") for i in range(40)])
-    a = bus.subscribe(topic, "workers", session_timeout=SESSION)
+    a = bus.subscribe(topic, group, session_timeout=SESSION)
     held = drain(a, 40, ack=False)
     assert len(held) == 40
     by_partition: dict[int, list[Delivery]] = {0: [], 1: []}
@@ -349,7 +351,7 @@ def test_rebalance_hands_unacked_records_to_the_new_member(
         for d in deliveries[:3]:
             d.ack()  # acked before the rebalance: must never be delivered again
 
-    b = connect().subscribe(topic, "workers", session_timeout=SESSION)
+    b = connect().subscribe(topic, group, session_timeout=SESSION)
     to_b: list[Delivery] = []
     end = time.monotonic() + DEADLINE
     while time.monotonic() < end:
@@ -366,7 +368,7 @@ def test_rebalance_hands_unacked_records_to_the_new_member(
     for d in by_partition[p][3:]:
         d.ack()  # too late: the partition is B's now
     a.close()  # commits every acked prefix A still owns
-    plain = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": "workers"})
+    plain = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         (committed,) = plain.committed([TopicPartition(topic, p)], timeout=DEADLINE)
     finally:
