@@ -165,11 +165,12 @@ def main() -> int:
             failed = True
             print(f"{name}: FAILED {exc!r}", file=sys.stderr)
             continue
-        rows.append((name, pub, con, p50, p99))
+        label = "kafka (Tansu)" if name == "kafka" and servers.kafka_is_tansu() else name
+        rows.append((label, pub, con, p50, p99))
     print(f"\n{args.count} messages of {len(PAYLOAD)} bytes; latency at 1,000 msg/s")
-    print(f"{'backend':10} {'publish/s':>11} {'consume/s':>11} {'p50 µs':>9} {'p99 µs':>9}")
+    print(f"{'backend':13} {'publish/s':>11} {'consume/s':>11} {'p50 µs':>9} {'p99 µs':>9}")
     for name, pub, con, p50, p99 in rows:
-        print(f"{name:10} {pub:11,.0f} {con:11,.0f} {p50:9,.0f} {p99:9,.0f}")
+        print(f"{name:13} {pub:11,.0f} {con:11,.0f} {p50:9,.0f} {p99:9,.0f}")
     if rows:
         chart(rows, args.png)
         print(f"chart: {args.png}")
