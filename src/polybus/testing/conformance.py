@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -61,6 +62,17 @@ def drain(
                 d.ack()
         out.extend(batch)
     return out
+
+
+def publish_retrying(bus: polybus.Bus, topic: str, messages: list[Any]) -> None:
+    """Publish ``messages``, retrying after ConnectionLost (at-least-once) until DEADLINE."""
+    end = time.monotonic() + DEADLINE
+    while True:
+        try:
+            bus.publish_many(topic, messages)
+            return
+        except ConnectionLost:
+            assert time.monotonic() < end, "publishing never recovered"
 
 
 def require(bus: polybus.Bus, capability: Capability) -> None:
@@ -293,13 +305,7 @@ def _publish_through_cuts(
     acked: set[str] = set()
     for b in range(batches):
         batch = [Message({"batch": b, "i": i}, key=f"k{i}") for i in range(10)]
-        end = time.monotonic() + DEADLINE
-        while True:
-            try:
-                bus.publish_many(topic, batch)
-                break
-            except ConnectionLost:
-                assert time.monotonic() < end, "publishing never recovered after the cut"
+        publish_retrying(bus, topic, batch)
         acked.update(m.id for m in batch)
         if b in (3, 9, 10):
             cut()
@@ -352,13 +358,7 @@ def test_publish_fails_clearly_past_the_reconnect_deadline(proxied: Proxied, top
         bus.publish(topic, "while down")
     assert time.monotonic() - started < 2 + 10, "publish hung past its reconnect deadline"
     proxied.proxy.unblock()
-    end = time.monotonic() + DEADLINE
-    while True:
-        try:
-            bus.publish(topic, "after")
-            break
-        except ConnectionLost:
-            assert time.monotonic() < end, "publishing never recovered after unblock"
+    publish_retrying(bus, topic, ["after"])
     with bus.subscribe(topic, "g") as sub:
         values: list[str] = []
         while "after" not in values and len(values) < 3:
