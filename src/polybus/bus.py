@@ -23,11 +23,12 @@ from .message import (
     CAUSATION_ID,
     CONTENT_TYPE,
     CORRELATION_ID,
-    ENVELOPE,
     MESSAGE_ID,
+    RESERVED_PREFIX,
     TIMESTAMP,
     Delivery,
     Message,
+    uuid7,
 )
 from .registry import open_backend
 
@@ -35,7 +36,6 @@ __all__ = ["Bus", "Subscriber", "connect"]
 
 #: marks a key that was given as bytes, so it comes back as bytes
 KEY_BINARY = "polybus-key-binary"
-_ENVELOPE = ENVELOPE | {KEY_BINARY}
 
 
 def connect(url: str | Backend | object, *, default_partitions: int = 4) -> Bus:
@@ -52,6 +52,19 @@ def connect(url: str | Backend | object, *, default_partitions: int = 4) -> Bus:
     return Bus(open_backend(url), default_partitions=default_partitions)
 
 
+def _key_bytes(key: object, headers: list[tuple[str, str]]) -> bytes | None:
+    if key is None or type(key) is bytes:
+        if key is not None:
+            headers.append((KEY_BINARY, "1"))
+        return key
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, bytearray):
+        headers.append((KEY_BINARY, "1"))
+        return bytes(key)
+    raise ConfigurationError(f"message key must be str, bytes or None, not {type(key).__name__}")
+
+
 def _to_out(message: Message, not_before_ms: int) -> OutRecord:
     value, content_type = message._value, message.content_type
     if content_type is None and type(value) is bytes:
@@ -64,20 +77,7 @@ def _to_out(message: Message, not_before_ms: int) -> OutRecord:
         headers.append((CORRELATION_ID, message.correlation_id))
     if message.causation_id:
         headers.append((CAUSATION_ID, message.causation_id))
-    key = message.key
-    if key is None or type(key) is bytes:
-        key_bytes = key
-        if key is not None:
-            headers.append((KEY_BINARY, "1"))
-    elif isinstance(key, str):
-        key_bytes = key.encode()
-    elif isinstance(key, bytearray):
-        key_bytes = bytes(key)
-        headers.append((KEY_BINARY, "1"))
-    else:
-        raise ConfigurationError(
-            f"message key must be str, bytes or None, not {type(key).__name__}"
-        )
+    key = _key_bytes(message.key, headers)
     for name, value in message.headers.items():
         if type(name) is not str or type(value) is not str:
             raise ConfigurationError(
@@ -87,37 +87,63 @@ def _to_out(message: Message, not_before_ms: int) -> OutRecord:
         headers.append((name, value))
     ts_ms = int(message.timestamp * 1000)
     headers.append((TIMESTAMP, str(ts_ms)))
-    return OutRecord(payload, key_bytes, tuple(headers), ts_ms, not_before_ms)
+    return OutRecord(payload, key, tuple(headers), ts_ms, not_before_ms)
+
+
+def _value_out(value: Any, ts_ms: int, stamp: tuple[str, str], not_before_ms: int) -> OutRecord:
+    """The record of a plain value: what ``_to_out(Message(value))`` gives, without the
+    Message (one is built per published value, so this path is kept short)."""
+    if type(value) is bytes:
+        return OutRecord(value, None, ((MESSAGE_ID, uuid7()), stamp), ts_ms, not_before_ms)
+    payload, content_type = encode(value)
+    headers = ((MESSAGE_ID, uuid7()), (CONTENT_TYPE, content_type), stamp)
+    return OutRecord(payload, None, headers, ts_ms, not_before_ms)
+
+
+_new_message = Message.__new__
+_MISSING = Message._MISSING
 
 
 def _to_message(record: InRecord) -> Message:
-    env: dict[str, str] = {}
-    user: dict[str, str] = {}
-    for name, value in record.headers:
-        (env if name in _ENVELOPE else user)[name] = value
-    content_type = env.get(CONTENT_TYPE)
-    key: str | bytes | None = record.key
-    if record.key is not None and KEY_BINARY not in env:
-        key = record.key.decode(errors="surrogateescape")
-    ts = env.get(TIMESTAMP)
-    return Message.received(
-        record.value,
-        decoder_for(content_type),
-        key=key,
-        headers=user,
-        id=env.get(MESSAGE_ID) or f"{record.topic}/{record.partition}/{record.offset}",
-        timestamp=(int(ts) if ts and ts.isdigit() else record.timestamp_ms) / 1000,
-        correlation_id=env.get(CORRELATION_ID),
-        causation_id=env.get(CAUSATION_ID),
-        content_type=content_type,
-    )
+    fields = dict(record.headers)
+    pop = fields.pop
+    message_id = pop(MESSAGE_ID, None)
+    stamp = pop(TIMESTAMP, None)
+    content_type = pop(CONTENT_TYPE, None)
+    correlation_id = causation_id = None
+    raw_key = record.key
+    binary = False
+    if fields:  # more than the usual envelope: other envelope fields or the user's headers
+        correlation_id = pop(CORRELATION_ID, None)
+        causation_id = pop(CAUSATION_ID, None)
+        binary = pop(KEY_BINARY, None) is not None
+        if any(name.startswith(RESERVED_PREFIX) for name in fields):
+            fields = {k: v for k, v in fields.items() if not k.startswith(RESERVED_PREFIX)}
+    key: str | bytes | None = raw_key
+    if raw_key is not None and not binary:
+        key = raw_key.decode(errors="surrogateescape")
+    message = _new_message(Message)
+    message._value = _MISSING
+    message._decoder = decoder_for(content_type)
+    message.payload = record.value
+    message.key = key
+    message.headers = fields
+    message.id = message_id or f"{record.topic}/{record.partition}/{record.offset}"
+    message.timestamp = (
+        int(stamp) if stamp is not None and stamp.isdigit() else record.timestamp_ms
+    ) / 1000
+    message.correlation_id = correlation_id
+    message.causation_id = causation_id
+    message.content_type = content_type
+    return message
 
 
 class Subscriber:
     """A consumer of one topic, in a group or alone; iterate it or call :meth:`fetch`.
 
-    Every delivery must be settled with ``ack()`` or ``nack()``; unsettled ones
-    are redelivered after this subscriber closes or dies.
+    Every delivery must be settled with ``ack()`` or ``nack()`` (or many at once
+    with :meth:`ack` and :meth:`nack` here); unsettled ones are redelivered
+    after this subscriber closes or dies.
     """
 
     def __init__(self, bus: Bus, topic: str, subscription: Subscription, model: Any) -> None:
@@ -126,18 +152,20 @@ class Subscriber:
         self._sub = subscription
         self._model = model
         self._closed = False
+        self._ack = subscription.ack  # a Delivery calls it directly: one call per ack
 
     @property
     def group(self) -> str | None:
         return self._sub.group
 
-    def _settle(self, delivery: Delivery, ack: bool, requeue: bool) -> None:
-        assert isinstance(delivery, _Delivery)
-        record = delivery._record
-        if ack:
-            self._sub.ack([record])
-        else:
-            self._sub.nack([record], requeue=requeue)
+    def _message(self, record: InRecord) -> Message:
+        message = _to_message(record)
+        if self._model is not None:
+            message._decoder = self._model_decoder(message._decoder)
+        return message
+
+    def _nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
+        self._sub.nack(records, requeue=requeue)
 
     def fetch(self, max_messages: int = 100, timeout: float = 1.0) -> list[Delivery]:
         """Return up to ``max_messages`` deliveries, waiting at most ``timeout`` seconds.
@@ -148,24 +176,38 @@ class Subscriber:
             raise ClosedError(f"subscriber to {self.topic!r} is closed; subscribe again")
         if max_messages < 1:
             raise ConfigurationError("max_messages must be at least 1")
-        out: list[Delivery] = []
-        group = self._sub.group
-        for record in self._sub.fetch(max_messages, max(0.0, timeout)):
-            message = _to_message(record)
-            if self._model is not None:
-                message._decoder = self._model_decoder(message._decoder)
-            d = _Delivery(
-                message,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                group=group,
-                attempt=record.attempt,
-                settle=self._settle,
-            )
-            d._record = record
-            out.append(d)
-        return out
+        return [Delivery(r, self) for r in self._sub.fetch(max_messages, max(0.0, timeout))]
+
+    def ack(self, deliveries: Iterable[Delivery]) -> None:
+        """Ack many deliveries in one backend call; settled ones are skipped."""
+        records = []
+        for d in deliveries:
+            if not d.settled:
+                d.settled = True
+                records.append(d._record)
+        if records:
+            self._ack(records)
+
+    def nack(self, deliveries: Iterable[Delivery], *, requeue: bool = True) -> None:
+        """Nack many deliveries in one backend call; settled ones are skipped."""
+        records = []
+        for d in deliveries:
+            if not d.settled:
+                d.settled = True
+                records.append(d._record)
+        if records:
+            self._sub.nack(records, requeue=requeue)
+
+    def commit(self) -> None:
+        """Make every ack so far durable before returning (blocks).
+
+        Acks become durable by themselves within about 0.2 s and at close; call
+        this when a step must not run before they are (at-most-once).
+        Raises FencedError if a partition moved to another member meanwhile.
+        """
+        if self._closed:
+            raise ClosedError(f"subscriber to {self.topic!r} is closed; subscribe again")
+        self._sub.commit()
 
     def _model_decoder(self, inner: Any) -> Any:
         model = self._model
@@ -219,13 +261,6 @@ class Subscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Delivery(Delivery):
-    """A delivery that remembers the adapter record it settles."""
-
-    __slots__ = ("_record",)
-    _record: InRecord
 
 
 class Bus:
@@ -321,9 +356,15 @@ class Bus:
         self._check()
         if delay and Capability.DELAY not in self.capabilities:
             raise CapabilityError("this backend cannot delay delivery")
-        not_before = math.ceil((time.time() + delay) * 1000) if delay else 0
+        now = time.time()
+        not_before = math.ceil((now + delay) * 1000) if delay else 0
+        ts_ms = int(now * 1000)
+        stamp = (TIMESTAMP, str(ts_ms))
         records = [
-            _to_out(m if isinstance(m, Message) else Message(m), not_before) for m in messages
+            _to_out(m, not_before)
+            if isinstance(m, Message)
+            else _value_out(m, ts_ms, stamp, not_before)
+            for m in messages
         ]
         if not records:
             return []

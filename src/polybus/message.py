@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from .adapters.base import InRecord
 
 __all__ = [
+    "ATTEMPT",
     "CAUSATION_ID",
     "CONTENT_TYPE",
     "CORRELATION_ID",
@@ -32,9 +35,10 @@ TIMESTAMP = "polybus-timestamp"
 CONTENT_TYPE = "content-type"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-
-#: Envelope headers, kept out of ``Message.headers`` on receive.
-ENVELOPE = frozenset({MESSAGE_ID, CORRELATION_ID, CAUSATION_ID, TIMESTAMP, CONTENT_TYPE})
+#: the attempt number a retried copy starts at (2 on the first retry); absent means 1
+ATTEMPT = "polybus-attempt"
+#: headers that start with this are polybus's own; they are kept out of ``Message.headers``
+RESERVED_PREFIX = "polybus-"
 
 _uuid_lock = threading.Lock()
 _uuid_last_ms = 0
@@ -178,54 +182,85 @@ class Delivery:
 
     Settle each delivery exactly once with :meth:`ack` or :meth:`nack`; a second
     call is ignored. Unsettled deliveries are redelivered after the consumer
-    closes or dies (at-least-once).
+    closes or dies (at-least-once). ``message`` is decoded from the record on
+    first access, so a consumer that only routes or counts pays nothing for it.
+    ``attempt`` is 1 on first delivery and counts every earlier try this
+    message had, through redeliveries and retries alike.
     """
 
-    __slots__ = (
-        "_settle",
-        "attempt",
-        "group",
-        "message",
-        "offset",
-        "partition",
-        "settled",
-        "topic",
-    )
+    __slots__ = ("_message", "_owner", "_record", "settled")
 
-    def __init__(
-        self,
-        message: Message,
-        *,
-        topic: str,
-        partition: int,
-        offset: int | str,
-        group: str | None,
-        attempt: int,
-        settle: Callable[[Delivery, bool, bool], None],
-    ) -> None:
-        self.message = message
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.group = group
-        self.attempt = attempt
+    def __init__(self, record: InRecord, owner: DeliveryOwner) -> None:
+        self._record = record
+        self._owner = owner
+        self._message: Message | None = None
         self.settled = False
-        self._settle = settle
+
+    @property
+    def message(self) -> Message:
+        message = self._message
+        if message is None:
+            message = self._message = self._owner._message(self._record)
+        return message
+
+    @property
+    def topic(self) -> str:
+        return self._record.topic
+
+    @property
+    def partition(self) -> int:
+        return self._record.partition
+
+    @property
+    def offset(self) -> int | str:
+        return self._record.offset
+
+    @property
+    def group(self) -> str | None:
+        return self._owner.group
+
+    @property
+    def attempt(self) -> int:
+        record = self._record
+        for name, value in record.headers:
+            if name == ATTEMPT:
+                return (int(value) if value.isdigit() else 1) + record.attempt - 1
+        return record.attempt
+
+    def header(self, name: str) -> str | None:
+        """The raw header ``name`` as the backend carried it, envelope headers included."""
+        for key, value in self._record.headers:
+            if key == name:
+                return value
+        return None
 
     def ack(self) -> None:
         """Mark the message processed; it will not be delivered to this group again."""
         if not self.settled:
             self.settled = True
-            self._settle(self, True, False)
+            self._owner._ack((self._record,))
 
     def nack(self, *, requeue: bool = True) -> None:
         """Give the message back: redeliver it (``requeue=True``) or drop it for this group."""
         if not self.settled:
             self.settled = True
-            self._settle(self, False, requeue)
+            self._owner._nack((self._record,), requeue=requeue)
 
     def __repr__(self) -> str:
         return (
             f"Delivery(topic={self.topic!r}, partition={self.partition}, offset={self.offset!r}, "
             f"group={self.group!r}, attempt={self.attempt}, message={self.message!r})"
         )
+
+
+class DeliveryOwner(Protocol):
+    """What a :class:`Delivery` needs from the subscriber that fetched it."""
+
+    @property
+    def group(self) -> str | None: ...
+
+    def _message(self, record: InRecord) -> Message: ...
+
+    def _ack(self, records: Sequence[InRecord]) -> None: ...
+
+    def _nack(self, records: Sequence[InRecord], *, requeue: bool) -> None: ...

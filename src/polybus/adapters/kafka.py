@@ -1019,10 +1019,13 @@ class KafkaSubscription:
 
     # -- commits ----------------------------------------------------------------
 
-    def _commit(self, partitions: Sequence[int] | None, *, asynchronous: bool) -> None:
+    def _commit(
+        self, partitions: Sequence[int] | None, *, asynchronous: bool, strict: bool = False
+    ) -> None:
         """Commit the settled prefix of ``partitions`` (all owned ones for None) if it moved.
 
-        A group-less reader commits nothing but still trims its tracking here.
+        A group-less reader commits nothing but still trims its tracking here. A
+        failed commit is logged and retried later, or raised when ``strict``.
         """
         offsets = []
         with self._lock:
@@ -1046,6 +1049,8 @@ class KafkaSubscription:
             # Not committed: the records are delivered again (at-least-once).
             log.info("Kafka commit for group %r failed: %s", self._group, exc)
             self._forget_commits(offsets)
+            if strict:
+                raise map_error(exc) from exc
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         failed = partitions if err is not None else [tp for tp in partitions if tp.error]
@@ -1175,6 +1180,10 @@ class KafkaSubscription:
             self._error = map_error(KafkaException(err))  # raised by the next fetch
         else:
             log.debug("Kafka consumer of %r: %s", self._topic, err)  # librdkafka retries these
+
+    def commit(self) -> None:
+        self._check()
+        self._commit(None, asynchronous=False, strict=True)
 
     def ack(self, records: Sequence[InRecord]) -> None:
         with self._lock:

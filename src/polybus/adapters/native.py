@@ -119,6 +119,9 @@ class NativeSubscription:
     def lag(self) -> dict[int, int]:
         return self._consumer.lag()
 
+    def commit(self) -> None:
+        self._consumer.commit()
+
     def close(self) -> None:
         self._consumer.close()
         self._forget(self)

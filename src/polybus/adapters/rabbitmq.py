@@ -1480,6 +1480,18 @@ class RabbitMQSubscription:
     def ack(self, records: Sequence[InRecord]) -> None:
         self._settle(records, _ACK)
 
+    def commit(self) -> None:
+        """Send every queued ack now; AMQP acks are not confirmed, so sent is durable."""
+        self._check()
+        done: Future[None] = Future()
+
+        def flush() -> None:
+            self._flush()
+            done.set_result(None)
+
+        self._loop.submit(flush)
+        _wait(done, lambda: self._closed or self._backend.closed)
+
     def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
         self._settle(records, _REQUEUE if requeue else _DROP)
 

@@ -1067,6 +1067,10 @@ class RedisSubscription:
             self._restore_acks(acks)
             raise
 
+    def commit(self) -> None:
+        self._check()
+        self._flush_acks()
+
     def ack(self, records: Sequence[InRecord]) -> None:
         """Mark records processed; sent with the next fetch, at close, or once 1000 wait."""
         self._check()
