@@ -19,6 +19,8 @@ from .errors import (
     FencedError,
     MessageTooLarge,
     PolybusError,
+    RemoteError,
+    RequestTimeout,
     TopicNotFound,
 )
 from .message import Delivery, Message
@@ -40,6 +42,8 @@ __all__ = [
     "MessageTooLarge",
     "PolybusError",
     "Receipt",
+    "RemoteError",
+    "RequestTimeout",
     "Subscriber",
     "TopicNotFound",
     "connect",

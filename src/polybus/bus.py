@@ -16,6 +16,8 @@ from .adapters.base import (
     Start,
     Subscription,
     TopicSpec,
+    Transaction,
+    TransactionalBackend,
 )
 from .codecs import decoder_for, encode
 from .errors import CapabilityError, ClosedError, ConfigurationError, DecodeError
@@ -32,7 +34,7 @@ from .message import (
 )
 from .registry import open_backend
 
-__all__ = ["Bus", "Subscriber", "connect"]
+__all__ = ["Bus", "BusTransaction", "Subscriber", "connect"]
 
 #: marks a key that was given as bytes, so it comes back as bytes
 KEY_BINARY = "polybus-key-binary"
@@ -263,6 +265,84 @@ class Subscriber:
         self.close()
 
 
+class BusTransaction:
+    """Publishes and acks that take effect together, or not at all.
+
+    >>> with bus.transaction(sub) as tx:              # doctest: +SKIP
+    ...     for d in sub.fetch(100):
+    ...         tx.publish("totals", total(d.message.value), key=d.message.key)
+    ...         tx.ack(d)
+
+    Leaving the block commits; an exception in it aborts, and the deliveries
+    acked in it are delivered again. Use it from one thread.
+    """
+
+    def __init__(self, bus: Bus, subscriber: Subscriber, tx: Transaction) -> None:
+        self._bus = bus
+        self._subscriber = subscriber
+        self._tx = tx
+        self._done = False
+
+    def publish(
+        self,
+        topic: str,
+        value: Any,
+        *,
+        key: str | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> None:
+        """Stage one message (or a :class:`Message`); visible to consumers only after commit."""
+        if not isinstance(value, Message):
+            value = Message(
+                value,
+                key=key,
+                headers=headers,
+                content_type=content_type,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+            )
+        self._bus._ensure(topic)
+        self._tx.publish(topic, [_to_out(value, 0)])
+
+    def ack(self, delivery: Delivery) -> None:
+        """Stage the ack of ``delivery`` (fetched by this transaction's subscriber)."""
+        if delivery._owner is not self._subscriber:
+            raise ConfigurationError(
+                "a transaction can ack only deliveries of the subscriber it was begun on"
+            )
+        if not delivery.settled:
+            delivery.settled = True
+            self._tx.ack([delivery._record])
+
+    def commit(self) -> None:
+        """Make the staged messages visible and commit the acks, atomically.
+
+        Raises FencedError (nothing took effect: the input moved to another
+        member) or ConnectionLost (aborted if it still could be).
+        """
+        self._done = True
+        self._tx.commit()
+
+    def abort(self) -> None:
+        """Drop what was staged; the acked deliveries are delivered again. Idempotent."""
+        self._done = True
+        self._tx.abort()
+
+    def __enter__(self) -> BusTransaction:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 class Bus:
     """Publish to topics and subscribe groups, on whichever backend the URL named.
 
@@ -397,6 +477,21 @@ class Bus:
         subscriber = Subscriber(self, topic, sub, model)
         self._subscribers.add(subscriber)
         return subscriber
+
+    def transaction(self, subscriber: Subscriber) -> BusTransaction:
+        """Begin a transaction: publishes and acks of ``subscriber``'s deliveries that
+        take effect together (consume → produce exactly once).
+
+        Raises CapabilityError on backends without Capability.TRANSACTIONS.
+        """
+        self._check()
+        if Capability.TRANSACTIONS not in self.capabilities:
+            raise CapabilityError(
+                "this backend has no transactions (TRANSACTIONS is missing); use an inbox "
+                "for exactly-once processing instead"
+            )
+        backend: TransactionalBackend = self.backend  # type: ignore[assignment]
+        return BusTransaction(self, subscriber, backend.transaction(subscriber._sub))
 
     def close(self) -> None:
         """Close every subscriber and the backend connection; idempotent."""

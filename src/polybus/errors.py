@@ -19,6 +19,8 @@ __all__ = [
     "FencedError",
     "MessageTooLarge",
     "PolybusError",
+    "RemoteError",
+    "RequestTimeout",
     "TopicNotFound",
 ]
 
@@ -81,3 +83,16 @@ class CorruptRecordError(PolybusError):
         super().__init__(message)
         self.path = path
         self.position = position
+
+
+class RequestTimeout(PolybusError, TimeoutError):
+    """No reply to a request arrived within its timeout; a later reply is dropped."""
+
+
+class RemoteError(PolybusError):
+    """The responder's handler raised; ``type`` and ``message`` are what it raised."""
+
+    def __init__(self, type: str, message: str) -> None:
+        super().__init__(f"{type}: {message}" if message else type)
+        self.type = type
+        self.message = message

@@ -20,6 +20,8 @@ __all__ = [
     "Receipt",
     "Start",
     "Subscription",
+    "Transaction",
+    "TransactionalBackend",
 ]
 
 Start = Literal["earliest", "latest"]
@@ -39,6 +41,7 @@ class Capability(enum.Flag):
     COMPACTION = enum.auto()  #: keep the last value per key
     RETENTION = enum.auto()  #: drop by age and size
     MULTI_PROCESS = enum.auto()  #: several processes share one topic
+    TRANSACTIONS = enum.auto()  #: publish + ack committed atomically (TransactionalBackend)
 
 
 class OutRecord(NamedTuple):
@@ -159,4 +162,43 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release every connection and file; idempotent."""
+        ...
+
+
+class Transaction(Protocol):
+    """Records published and records acked that take effect together, or not at all.
+
+    Used from one thread. After ``commit`` or ``abort`` the object is spent.
+    """
+
+    def publish(self, topic: str, records: Sequence[OutRecord]) -> None:
+        """Stage ``records`` for ``topic``; no consumer sees them before ``commit``."""
+        ...
+
+    def ack(self, records: Sequence[InRecord]) -> None:
+        """Stage acks of records the transaction's subscription fetched."""
+        ...
+
+    def commit(self) -> None:
+        """Make the staged records visible and commit the staged acks, atomically.
+
+        Raises FencedError when the subscription lost a partition of an acked
+        record (nothing took effect; those records go to the partition's new
+        owner), ConnectionLost when the outcome could not be learnt within the
+        reconnect deadline (then aborted if it can still be), ClosedError once
+        spent.
+        """
+        ...
+
+    def abort(self) -> None:
+        """Drop the staged records and acks; the acked records are delivered again
+        (``attempt`` + 1). Idempotent."""
+        ...
+
+
+class TransactionalBackend(Backend, Protocol):
+    """A backend with ``Capability.TRANSACTIONS``."""
+
+    def transaction(self, subscription: Subscription) -> Transaction:
+        """Begin a transaction whose acks settle records ``subscription`` fetched."""
         ...
