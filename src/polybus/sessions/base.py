@@ -1,0 +1,341 @@
+"""The session store protocol, the records stores keep, and the session errors.
+
+A :class:`SessionStore` keeps :class:`SessionRecord` values by id, with a
+per-user index and expiry it enforces itself. Every write is a
+compare-and-set on the record's version, so two instances never silently
+overwrite each other; the :class:`~polybus.sessions.manager.SessionManager`
+merges on a conflict. Stores never pickle: records are JSON or msgpack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterator, MutableMapping
+from typing import Any, ClassVar, NamedTuple, Protocol
+
+import msgpack
+
+from ..errors import ConnectionLost, DecodeError, EncodeError, PolybusError
+
+__all__ = [
+    "CODECS",
+    "ClientInfo",
+    "RecordCodec",
+    "Session",
+    "SessionConflict",
+    "SessionError",
+    "SessionRecord",
+    "SessionStore",
+    "SessionStoreUnavailable",
+    "new_session_id",
+    "user_tag",
+]
+
+
+class SessionError(PolybusError):
+    """Base class of the session errors."""
+
+
+class SessionStoreUnavailable(SessionError, ConnectionLost):
+    """The session store cannot be reached; the message names the store and the cause.
+
+    Under the manager's default ``on_unavailable="fail_closed"`` policy a
+    request then fails with this error instead of running without its session.
+    """
+
+
+class SessionConflict(SessionError):
+    """A compare-and-set write found another version than the one it was based on.
+
+    Stores raise it from :meth:`SessionStore.save` (``current_version`` is what
+    they found, 0 when the session no longer exists); the manager merges and
+    retries, and raises it itself only for a real conflict (one key changed by
+    two requests) under ``on_conflict="raise"``.
+    """
+
+    def __init__(self, message: str, *, session_id: str, current_version: int) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+        self.current_version = current_version
+
+
+class ClientInfo(NamedTuple):
+    """What the server saw of the client: shown in session lists, optionally bound."""
+
+    user_agent: str = ""
+    ip: str = ""
+
+
+class SessionRecord(NamedTuple):
+    """One session as a store keeps it. Times are epoch seconds.
+
+    ``version`` counts the writes (the first save writes version 1).
+    ``expires_at`` is when the store must stop returning it (the earlier of
+    the idle and the absolute deadline); the manager computes it.
+    """
+
+    id: str
+    user_id: str | None
+    version: int
+    created_at: float
+    last_seen: float
+    expires_at: float
+    client: ClientInfo
+    fingerprint: str | None
+    data: dict[str, Any]
+
+
+class RecordCodec:
+    """Encodes a whole record as one JSON or msgpack array (never pickle)."""
+
+    name: str = "json"
+    content_type: str = "application/json"
+
+    def encode(self, record: SessionRecord) -> bytes:
+        """Raises EncodeError naming the value that is not JSON data."""
+        try:
+            return json.dumps(_fields(record), separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise EncodeError(
+                f"session data must be JSON data (str, int, float, bool, None, list, dict "
+                f"with str keys): {exc}"
+            ) from exc
+
+    def _load(self, payload: bytes) -> Any:
+        return json.loads(payload)
+
+    def decode(self, payload: bytes) -> SessionRecord:
+        """Raises DecodeError when ``payload`` is not a record of this codec."""
+        try:
+            f = self._load(payload)
+            if type(f) is not list or len(f) != 11 or f[0] != 1:
+                raise ValueError("not a session record (version 1 array of 11 fields)")
+            client = f[8]
+            return SessionRecord(
+                f[1],
+                f[2],
+                int(f[3]),
+                float(f[4]),
+                float(f[5]),
+                float(f[6]),
+                ClientInfo(str(client[0]), str(client[1])),
+                f[9],
+                _check_data(f[10]),
+            )
+        except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError) as exc:
+            raise DecodeError(
+                f"stored session of {len(payload)} bytes is not a {self.name} session record: {exc}"
+            ) from exc
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise DecodeError(
+                f"stored session of {len(payload)} bytes is not a msgpack session record: {exc}"
+            ) from exc
+
+
+class _MsgpackCodec(RecordCodec):
+    name = "msgpack"
+    content_type = "application/msgpack"
+
+    def encode(self, record: SessionRecord) -> bytes:
+        try:
+            out: bytes = msgpack.packb(_fields(record))
+            return out
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"session data must be msgpack data: {exc}") from exc
+
+    def _load(self, payload: bytes) -> Any:
+        return msgpack.unpackb(payload)
+
+
+def _fields(r: SessionRecord) -> list[Any]:
+    # field 7 is kept free (0) so a later layout can add one without a new array length
+    return [
+        1,
+        r.id,
+        r.user_id,
+        r.version,
+        r.created_at,
+        r.last_seen,
+        r.expires_at,
+        0,
+        list(r.client),
+        r.fingerprint,
+        r.data,
+    ]
+
+
+def _check_data(data: Any) -> dict[str, Any]:
+    if type(data) is not dict:
+        raise TypeError(f"session data is a {type(data).__name__}, not a dict")
+    return data
+
+
+CODECS: dict[str, RecordCodec] = {"json": RecordCodec(), "msgpack": _MsgpackCodec()}
+
+
+def user_tag(user_id: str) -> str:
+    """Four hex digits shared by every session id of ``user_id``.
+
+    Redis hashes a session and its user's index to one Cluster slot by it;
+    other stores ignore it. Sixteen bits tell nothing useful about the user.
+    """
+    return hashlib.blake2b(user_id.encode(), digest_size=2).hexdigest()
+
+
+def new_session_id(user_id: str | None = None) -> str:
+    """A fresh id: 256 random bits from :mod:`secrets`, after the user's tag if any."""
+    token = secrets.token_urlsafe(32)
+    return token if user_id is None else f"{user_tag(user_id)}.{token}"
+
+
+class SessionStore(Protocol):
+    """Where sessions live. Methods block; all are thread-safe.
+
+    Every method raises :class:`SessionStoreUnavailable` when the store
+    cannot be reached, never a client library's exception.
+    """
+
+    #: True when compare-and-set holds across every instance (a real conflict is
+    #: detected wherever it happens); False for replicated stores, which detect it
+    #: within one instance and resolve it between instances by last writer wins.
+    linearizable: ClassVar[bool]
+
+    def load(self, session_id: str) -> SessionRecord | None:
+        """The live record, or None when it is missing, deleted or expired.
+
+        Raises DecodeError when the stored bytes are not a record.
+        """
+        ...
+
+    def save(self, record: SessionRecord) -> None:
+        """Store ``record`` if the stored version is ``record.version - 1`` (a missing,
+        deleted or expired session counts as 0; the manager never reuses an id).
+
+        Raises SessionConflict (with the version found) otherwise, EncodeError
+        when the data cannot be encoded; nothing is written then.
+        """
+        ...
+
+    def delete(self, session_id: str) -> bool:
+        """Remove the session and its index entry; True if it existed. Idempotent."""
+        ...
+
+    def user_sessions(self, user_id: str) -> list[SessionRecord]:
+        """The live sessions of ``user_id``, oldest first (undecodable ones skipped)."""
+        ...
+
+    def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
+        """Delete every session of ``user_id`` except ``keep``; return how many."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files; idempotent."""
+        ...
+
+
+_MISSING: Any = object()
+
+
+class Session(MutableMapping[str, Any]):
+    """A session as the application uses it: a dict of its data plus its metadata.
+
+    Assigning or deleting a key marks it changed; the manager's save writes
+    only when something changed (or the idle deadline needs moving), and on a
+    conflict merges by the keys changed. A value mutated in place
+    (``session["cart"].append(x)``) is not seen: assign it again, or call
+    :meth:`mark_changed`. Not thread-safe: one request uses one Session.
+    """
+
+    __slots__ = (
+        "_data",
+        "_original",
+        "client",
+        "created_at",
+        "ended",
+        "expires_at",
+        "fingerprint",
+        "id",
+        "last_seen",
+        "transient",
+        "user_id",
+        "version",
+    )
+
+    def __init__(self, record: SessionRecord, *, transient: bool = False) -> None:
+        self.id = record.id
+        self.user_id = record.user_id
+        self.version = record.version  #: 0 until first stored
+        self.created_at = record.created_at
+        self.last_seen = record.last_seen
+        self.expires_at = record.expires_at
+        self.client = record.client
+        self.fingerprint = record.fingerprint
+        self._data = record.data
+        self._original: dict[str, Any] = {}  # changed key -> its value before the change
+        self.ended = False  #: logged out, rotated away or found gone: never saved again
+        self.transient = transient  #: made while the store was down (fail-open): not stored
+
+    @property
+    def is_new(self) -> bool:
+        """True until the session is first stored."""
+        return self.version == 0
+
+    @property
+    def modified(self) -> bool:
+        return bool(self._original)
+
+    def mark_changed(self, key: str) -> None:
+        """Declare that the value of ``key`` was mutated in place."""
+        self._original.setdefault(key, _MISSING)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self._original:
+            self._original[key] = self._data.get(key, _MISSING)
+        self._data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        value = self._data.pop(key)
+        self._original.setdefault(key, value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A shallow copy of the data."""
+        return dict(self._data)
+
+    def __repr__(self) -> str:
+        # never show the id: it is a credential
+        return (
+            f"Session(user_id={self.user_id!r}, version={self.version}, "
+            f"keys={sorted(self._data)!r})"
+        )
+
+    def record(self, **changes: Any) -> SessionRecord:
+        """This session as a store record, with ``changes`` applied."""
+        record = SessionRecord(
+            self.id,
+            self.user_id,
+            self.version,
+            self.created_at,
+            self.last_seen,
+            self.expires_at,
+            self.client,
+            self.fingerprint,
+            self._data,
+        )
+        return record._replace(**changes) if changes else record

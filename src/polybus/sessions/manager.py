@@ -1,0 +1,407 @@
+"""The session manager: ids, timeouts, rotation, versioned saves and the per-user index.
+
+API (stable; the middleware is built on it)::
+
+    manager = SessionManager("redis://localhost:6379/0")   # a URL or a SessionStore
+    session = manager.load(cookie_value, ClientInfo(user_agent, ip))
+    #   never raises for a bad, unknown, expired or mismatched id: returns a new
+    #   session (session.is_new) with a fresh id; the unknown id is never reused
+    session["cart"] = ["book"]                             # a MutableMapping
+    session = manager.login(session, "user-42")            # new id; the old one is dead
+    session = manager.rotate(session)                      # on a privilege change
+    if manager.save(session):                              # compare-and-set, merging
+        set_cookie(session.id)                             # True: it is stored
+    else:
+        clear_cookie()                                     # False: nothing to keep
+    manager.logout(session)                                # destroyed server-side
+    manager.sessions_of("user-42")     # [SessionInfo(handle, created_at, last_seen, ...)]
+    manager.end_session("user-42", handle)                 # one device, by its handle
+    manager.logout_everywhere("user-42")                   # also: a disabled user
+    manager.logout_others(session)                         # every session but this one
+
+Every method blocks on the store and is thread-safe; one :class:`Session` is
+used by one request (thread) at a time. Store failures follow
+``on_unavailable``: ``"fail_closed"`` (default) raises
+:class:`SessionStoreUnavailable`; ``"fail_open"`` serves a new, unsaved session
+and logs a warning. Logout, rotation and revocation always raise when the
+store is down: they cannot be confirmed otherwise.
+
+Concurrent requests on one session: a save is a compare-and-set on the
+session's version. When another request saved first, the manager reloads the
+session and merges by key: keys changed by only one side keep that change. A
+key changed by both to different values is a real conflict, settled by
+``on_conflict``: ``"raise"`` (default, :class:`SessionConflict`), ``"ours"``
+or ``"theirs"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+from ..errors import ConfigurationError, DecodeError
+from .base import (
+    _MISSING,
+    ClientInfo,
+    Session,
+    SessionConflict,
+    SessionRecord,
+    SessionStore,
+    SessionStoreUnavailable,
+    new_session_id,
+)
+from .stores import open_store
+
+__all__ = ["ConflictPolicy", "SessionInfo", "SessionManager", "UnavailablePolicy", "handle_of"]
+
+log = logging.getLogger("polybus.sessions")
+
+ConflictPolicy = Literal["raise", "ours", "theirs"]
+UnavailablePolicy = Literal["fail_closed", "fail_open"]
+
+#: what :func:`new_session_id` makes: an optional user tag, then 256 bits in base64url
+SESSION_ID = re.compile(r"(?:[0-9a-f]{4}\.)?[A-Za-z0-9_-]{43}")
+MAX_MERGE_ATTEMPTS = 32
+
+
+class SessionInfo(NamedTuple):
+    """One of a user's sessions, for a "where you're logged in" page.
+
+    ``handle`` names the session without being its id (the id is a credential
+    and is never shown); pass it to :meth:`SessionManager.end_session`.
+    """
+
+    handle: str
+    created_at: float
+    last_seen: float
+    expires_at: float
+    client: ClientInfo
+
+
+def handle_of(session_id: str) -> str:
+    """A short, non-secret name of a session, safe to show and to log."""
+    return hashlib.blake2b(session_id.encode(), digest_size=8).hexdigest()
+
+
+class SessionManager:
+    """Sessions on one store; see the module docstring for the whole API.
+
+    ``idle_timeout`` and ``absolute_timeout`` (seconds, OWASP's 30 minutes and
+    8 hours by default) both apply. A session read but not changed is written
+    again (to move its idle deadline) at most every ``touch_interval`` seconds.
+    ``bind_user_agent`` / ``bind_ip`` bind a session to the client's user agent
+    and to its IP prefix (/24 for IPv4, /64 for IPv6): a request that does not
+    match ends the session. ``clock`` is for tests.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore | str,
+        *,
+        idle_timeout: float = 30 * 60,
+        absolute_timeout: float = 8 * 3600,
+        touch_interval: float = 60.0,
+        on_conflict: ConflictPolicy = "raise",
+        on_unavailable: UnavailablePolicy = "fail_closed",
+        bind_user_agent: bool = False,
+        bind_ip: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 < idle_timeout <= absolute_timeout:
+            raise ConfigurationError(
+                f"need 0 < idle_timeout <= absolute_timeout, got {idle_timeout} and "
+                f"{absolute_timeout} seconds"
+            )
+        if not 0 <= touch_interval < idle_timeout:
+            raise ConfigurationError(
+                f"touch_interval must be at least 0 and below idle_timeout ({idle_timeout} s), "
+                f"not {touch_interval}"
+            )
+        if on_conflict not in ("raise", "ours", "theirs"):
+            raise ConfigurationError(
+                f"on_conflict must be 'raise', 'ours' or 'theirs', not {on_conflict!r}"
+            )
+        if on_unavailable not in ("fail_closed", "fail_open"):
+            raise ConfigurationError(
+                f"on_unavailable must be 'fail_closed' or 'fail_open', not {on_unavailable!r}"
+            )
+        self._owns_store = isinstance(store, str)
+        self.store: SessionStore = open_store(store)
+        self.idle_timeout = idle_timeout
+        self.absolute_timeout = absolute_timeout
+        self.touch_interval = touch_interval
+        self.on_conflict = on_conflict
+        self.on_unavailable = on_unavailable
+        self.bind_user_agent = bind_user_agent
+        self.bind_ip = bind_ip
+        self._clock = clock
+
+    # -- one request ------------------------------------------------------------------
+
+    def new(self, client: ClientInfo | None = None) -> Session:
+        """A new anonymous session with a fresh id, not stored until saved."""
+        client = client or ClientInfo()
+        now = self._clock()
+        return Session(
+            SessionRecord(
+                new_session_id(),
+                None,
+                0,
+                now,
+                now,
+                now + self.idle_timeout,
+                client,
+                self._fingerprint(client),
+                {},
+            )
+        )
+
+    def load(self, session_id: str | None, client: ClientInfo | None = None) -> Session:
+        """The session ``session_id`` names, or a new one.
+
+        A new session (``is_new``) with a fresh id comes back when the id is
+        missing, malformed, unknown (never issued, or destroyed), expired by
+        either timeout, bound to another client, or undecodable (logged); the
+        presented id is never adopted. Raises SessionStoreUnavailable when the
+        store is down and the policy is ``fail_closed``.
+        """
+        client = client or ClientInfo()
+        if not session_id or not SESSION_ID.fullmatch(session_id):
+            return self.new(client)
+        try:
+            record = self.store.load(session_id)
+        except DecodeError as exc:
+            log.warning(
+                "session %s could not be decoded (%s); starting a new session",
+                handle_of(session_id),
+                exc,
+            )
+            self._forget(session_id)
+            return self.new(client)
+        except SessionStoreUnavailable as exc:
+            return self._unavailable(exc, client)
+        if record is None:
+            return self.new(client)
+        now = self._clock()
+        if (
+            now >= record.expires_at
+            or now >= record.last_seen + self.idle_timeout
+            or now >= record.created_at + self.absolute_timeout
+        ):
+            self._forget(session_id)
+            return self.new(client)
+        if record.fingerprint is not None and record.fingerprint != self._fingerprint(client):
+            log.warning(
+                "session %s presented by another client; it is ended", handle_of(session_id)
+            )
+            self._forget(session_id)
+            return self.new(client)
+        return Session(record)
+
+    def save(self, session: Session) -> bool:
+        """Store the session's changes; True if it is stored afterwards (set the cookie).
+
+        Writes when something changed, when the session is new and holds data
+        or a user, or when its idle deadline is due to move (``touch_interval``).
+        Returns False for an ended session, for an empty anonymous one, and for
+        one that was destroyed meanwhile (logged out elsewhere: it is not brought
+        back). Raises SessionConflict for a real conflict under
+        ``on_conflict="raise"`` (nothing written), EncodeError for data that is
+        not JSON/msgpack data, SessionStoreUnavailable under ``fail_closed``.
+        """
+        if session.ended:
+            return False
+        now = self._clock()
+        if session.version == 0:
+            if not session._data and session.user_id is None:
+                return False
+        elif not session._original and now - session.last_seen < self.touch_interval:
+            return True
+        expires_at = min(now + self.idle_timeout, session.created_at + self.absolute_timeout)
+        record = session.record(version=session.version + 1, last_seen=now, expires_at=expires_at)
+        try:
+            for _ in range(MAX_MERGE_ATTEMPTS):
+                try:
+                    self.store.save(record)
+                except SessionConflict:
+                    current = self.store.load(session.id) if session.version else None
+                    if current is None:
+                        session.ended = True
+                        return False
+                    session._data = self._merge(session, current)
+                    session.version = current.version
+                    record = record._replace(version=current.version + 1, data=session._data)
+                    continue
+                session.version = record.version
+                session.last_seen = now
+                session.expires_at = expires_at
+                session._original.clear()
+                return True
+        except SessionStoreUnavailable as exc:
+            if self.on_unavailable == "fail_closed":
+                raise
+            log.warning("session store unavailable, session changes not saved: %s", exc)
+            return False
+        except DecodeError:
+            session.ended = True  # the stored copy is damaged: it is not ours to merge into
+            self._forget(session.id)
+            return False
+        raise SessionConflict(
+            f"session kept changing under {MAX_MERGE_ATTEMPTS} save attempts; try again",
+            session_id=session.id,
+            current_version=session.version,
+        )
+
+    def _merge(self, session: Session, current: SessionRecord) -> dict[str, Any]:
+        """``current``'s data with this session's changed keys applied; a key the other
+        side changed to another value is settled by ``on_conflict``."""
+        theirs = current.data
+        merged = dict(theirs)
+        for key, before in session._original.items():
+            mine = session._data.get(key, _MISSING)
+            other = theirs.get(key, _MISSING)
+            if other is not mine and other != before and other != mine:
+                if self.on_conflict == "raise":
+                    raise SessionConflict(
+                        f"session key {key!r} was changed by another request at the same time; "
+                        "reload the session and try again",
+                        session_id=session.id,
+                        current_version=current.version,
+                    )
+                if self.on_conflict == "theirs":
+                    session._original[key] = other
+                    continue
+            if mine is _MISSING:
+                merged.pop(key, None)
+            else:
+                merged[key] = mine
+            session._original[key] = other  # what the next attempt's base holds
+        return merged
+
+    # -- id rotation and termination ---------------------------------------------------
+
+    def login(self, session: Session, user_id: str, *, client: ClientInfo | None = None) -> Session:
+        """A stored, new session of ``user_id`` with ``session``'s data and a new id.
+
+        ``session`` (its id) stops working before this returns. Its absolute
+        timeout starts anew: this is a new authentication.
+        """
+        if not isinstance(user_id, str) or not user_id:
+            raise ConfigurationError(f"user_id must be a non-empty str, not {user_id!r}")
+        now = self._clock()
+        client = client or session.client
+        record = SessionRecord(
+            new_session_id(user_id),
+            user_id,
+            1,
+            now,
+            now,
+            min(now + self.idle_timeout, now + self.absolute_timeout),
+            client,
+            self._fingerprint(client),
+            dict(session._data),
+        )
+        return self._replace(session, record)
+
+    def rotate(self, session: Session) -> Session:
+        """The same session (user, data, absolute deadline) under a new id, stored.
+
+        Call it when the session's privileges change. The old id stops working
+        before this returns.
+        """
+        now = self._clock()
+        record = session.record(
+            id=new_session_id(session.user_id),
+            version=1,
+            last_seen=now,
+            expires_at=min(now + self.idle_timeout, session.created_at + self.absolute_timeout),
+            data=dict(session._data),
+        )
+        return self._replace(session, record)
+
+    def _replace(self, old: Session, record: SessionRecord) -> Session:
+        self.store.save(record)
+        if old.version:
+            self.store.delete(old.id)
+        old.ended = True
+        return Session(record)
+
+    def logout(self, session: Session) -> None:
+        """Destroy the session in the store; its id stops working at once. Idempotent."""
+        if session.version:
+            self.store.delete(session.id)
+        session.ended = True
+
+    def sessions_of(self, user_id: str) -> list[SessionInfo]:
+        """The user's live sessions, oldest first."""
+        now = self._clock()
+        return [
+            SessionInfo(handle_of(r.id), r.created_at, r.last_seen, r.expires_at, r.client)
+            for r in self.store.user_sessions(user_id)
+            if now < r.expires_at
+            and now < r.last_seen + self.idle_timeout
+            and now < r.created_at + self.absolute_timeout
+        ]
+
+    def end_session(self, user_id: str, handle: str) -> bool:
+        """End the session of ``user_id`` that :attr:`SessionInfo.handle` names."""
+        for record in self.store.user_sessions(user_id):
+            if handle_of(record.id) == handle:
+                return self.store.delete(record.id)
+        return False
+
+    def logout_everywhere(self, user_id: str) -> int:
+        """End every session of ``user_id`` (also what to do for a disabled user)."""
+        return self.store.delete_user(user_id)
+
+    def logout_others(self, session: Session) -> int:
+        """End every session of this session's user except this one."""
+        if session.user_id is None:
+            return 0
+        return self.store.delete_user(session.user_id, keep=session.id)
+
+    def close(self) -> None:
+        """Close the store if this manager opened it (from a URL); idempotent."""
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> SessionManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _fingerprint(self, client: ClientInfo) -> str | None:
+        if not (self.bind_user_agent or self.bind_ip):
+            return None
+        parts = [client.user_agent if self.bind_user_agent else ""]
+        if self.bind_ip:
+            try:
+                ip = ipaddress.ip_address(client.ip)
+                prefix = 24 if ip.version == 4 else 64
+                parts.append(str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False)))
+            except ValueError:
+                parts.append(client.ip)
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def _forget(self, session_id: str) -> None:
+        """Delete a session found dead; a store failure here changes nothing for the caller."""
+        try:
+            self.store.delete(session_id)
+        except SessionStoreUnavailable:
+            pass
+
+    def _unavailable(self, exc: SessionStoreUnavailable, client: ClientInfo) -> Session:
+        if self.on_unavailable == "fail_closed":
+            raise exc
+        log.warning("session store unavailable, serving a new unsaved session: %s", exc)
+        session = self.new(client)
+        session.transient = True
+        return session

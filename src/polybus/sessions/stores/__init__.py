@@ -1,0 +1,119 @@
+"""One session store per backend, opened by URL: :func:`open_store`.
+
+==========================================  ==============================================
+``memory://`` / ``memory://name``           this process only (``name`` shares one table)
+``native:///path``                          the native engine's compacted log; survives
+                                            restarts, shared by the processes of one host
+``redis://host:port/db``, ``rediss://``     one key per session and a per-user index in
+``redis+sentinel://h:p[,h:p]/service``      one Cluster slot; ``?cluster=true`` for Cluster
+``kafka://host:port[,host:port]``           a compacted topic and a local view per instance
+``amqp://`` / ``amqps://``                  every instance keeps all sessions in memory and
+                                            applies the changes RabbitMQ broadcasts
+==========================================  ==============================================
+
+Every URL takes ``codec=json|msgpack`` (default json); the store modules
+document their own options.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from ...errors import BackendUnavailable, ConfigurationError
+from ..base import CODECS, SessionStore
+
+__all__ = ["open_store"]
+
+_SCHEMES = {
+    "memory": ("polybus.sessions.stores.memory", None, None),
+    "native": ("polybus.sessions.stores.native", None, None),
+    "redis": ("polybus.sessions.stores.redis", "redis", "redis"),
+    "rediss": ("polybus.sessions.stores.redis", "redis", "redis"),
+    "redis+sentinel": ("polybus.sessions.stores.redis", "redis", "redis"),
+    "kafka": ("polybus.sessions.stores.kafka", "confluent_kafka", "kafka"),
+    "amqp": ("polybus.sessions.stores.rabbitmq", "pika", "rabbitmq"),
+    "amqps": ("polybus.sessions.stores.rabbitmq", "pika", "rabbitmq"),
+}
+
+
+def url_options(url: str, known: set[str]) -> dict[str, str]:
+    """The query options of ``url``; ConfigurationError naming any not in ``known``."""
+    options = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    unknown = set(options) - known
+    if unknown:
+        raise ConfigurationError(
+            f"unknown option(s) {sorted(unknown)} in {url!r}; known: {', '.join(sorted(known))}"
+        )
+    return options
+
+
+def check_codec(codec: str) -> str:
+    if codec not in CODECS:
+        raise ConfigurationError(
+            f"unknown session codec {codec!r}: use one of {', '.join(sorted(CODECS))}"
+        )
+    return codec
+
+
+def open_store(target: str | SessionStore | Any, **options: Any) -> SessionStore:
+    """Open the session store a URL names, or wrap a client object.
+
+    ``target`` may be a URL (see the module docstring), a store (returned as
+    is), a ``redis.Redis`` or ``redis.cluster.RedisCluster`` client, or a
+    :class:`polybus.Bus` on the native, Kafka or RabbitMQ backend. Keyword
+    options go to the store's constructor (``codec="msgpack"``, ...).
+
+    Raises ConfigurationError for a malformed URL or unknown option, and
+    BackendUnavailable for an unknown scheme or a missing client library.
+    """
+    if not isinstance(target, str):
+        if all(hasattr(target, m) for m in ("load", "save", "delete", "user_sessions")):
+            store: SessionStore = target
+            return store
+        return _from_object(target, options)
+    if "://" not in target:
+        raise ConfigurationError(
+            f"bad session store URL {target!r}: expected scheme://..., e.g. 'memory://', "
+            "'native:///var/lib/app/sessions', 'redis://localhost:6379/0', "
+            "'kafka://localhost:9092', 'amqp://guest:guest@localhost'"
+        )
+    scheme = urlsplit(target).scheme.lower()
+    entry = _SCHEMES.get(scheme)
+    if entry is None:
+        raise BackendUnavailable(
+            f"unknown session store scheme {scheme!r} in {target!r}; "
+            f"known: {', '.join(sorted(_SCHEMES))}"
+        )
+    module_name, client, extra = entry
+    if client is not None:
+        try:
+            importlib.import_module(client)
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"the {scheme}:// session store needs {client!r}: pip install 'polybus[{extra}]'"
+            ) from exc
+    module = importlib.import_module(module_name)
+    opened: SessionStore = module.from_url(target, **options)
+    return opened
+
+
+def _from_object(target: Any, options: dict[str, Any]) -> SessionStore:
+    library = type(target).__module__.partition(".")[0]
+    if library == "redis":
+        redis_store: SessionStore = importlib.import_module(
+            "polybus.sessions.stores.redis"
+        ).RedisStore(target, **options)
+        return redis_store
+    backend = getattr(target, "backend", None)  # a polybus.Bus
+    if backend is not None:
+        kind = type(backend).__module__.rpartition(".")[2]
+        if kind in ("native", "kafka", "rabbitmq"):
+            module = importlib.import_module(f"polybus.sessions.stores.{kind}")
+            store: SessionStore = module.from_bus(target, **options)
+            return store
+    raise ConfigurationError(
+        f"cannot open a session store on a {type(target).__name__}: pass a URL, a store, "
+        "a redis client or a polybus.Bus on the native, Kafka or RabbitMQ backend"
+    )
