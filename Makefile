@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/order_workflow.py
 
 test: $(STAMP) lint services
+	scripts/ensure-browser
 	$(BIN)/python -m pytest
 
 # Redis and RabbitMQ reachable (started if installed and stopped); the tests start Kafka.
