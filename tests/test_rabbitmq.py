@@ -3,6 +3,7 @@ confirm window, replay details. The shared behaviour is in the conformance suite
 
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 import time
@@ -136,6 +137,86 @@ def test_polybus_reads_what_plain_pika_publishes(
     assert bare.message.id  # a default, never empty
     assert abs(bare.message.timestamp - time.time()) < 60
     assert first.message.id != bare.message.id
+
+
+def test_deliveries_cut_from_the_stream_match_what_pika_decodes(
+    connect: Callable[..., polybus.Bus],
+    topic: str,
+    admin: Callable[[], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bus = connect()
+    bus.declare(topic, groups=["g", "h"])  # both groups get every message
+    bus.publish_many(
+        topic,
+        [
+            Message({"a": 1}, key="k1", headers={"h": "v"}, correlation_id="c"),
+            Message(b"", key=b"\xff"),
+            b"m" * 100_000,  # spans many reads: waited for whole
+            b"b" * 300_000,  # several body frames, in pieces: left to pika
+        ],
+    )
+    admin().basic_publish(
+        topic,
+        "plain",
+        b"p",
+        pika.BasicProperties(
+            message_id="plain-1",
+            timestamp=1_700_000_000,
+            content_encoding="gzip",
+            priority=3,
+            reply_to="r",
+            expiration="60000",
+            type="t",
+            app_id="a",
+            headers={
+                "n": 42,
+                "t": True,
+                "blob": b"\x00\xff",
+                "when": datetime.datetime(2024, 1, 2, 3, 4, 5),
+                "nested": {"a": [1, "x"]},
+                "polybus-key": "a2V5",
+            },
+        ),
+    )
+    through_pika = 0
+    via_pika = rabbitmq._via_pika
+
+    def counting(sink: Any) -> Callable[..., None]:
+        deliver = via_pika(sink)
+
+        def count(*args: Any) -> None:
+            nonlocal through_pika
+            through_pika += 1
+            deliver(*args)
+
+        return count
+
+    monkeypatch.setattr(rabbitmq, "_via_pika", counting)
+
+    def read(group: str) -> list[tuple[Any, ...]]:
+        with bus.subscribe(topic, group) as sub:
+            records = [d._record for d in drain(sub, 5)]
+        return [(r.offset, r.value, r.key, r.headers, r.timestamp_ms, r.attempt) for r in records]
+
+    cut = read("g")
+    assert through_pika == 1  # only the big one in pieces
+    monkeypatch.setattr(rabbitmq, "_cut_deliveries", lambda buf, sinks: 0)
+    assert read("h") == cut
+    assert through_pika == 6
+    assert [r[1] for r in cut] == [b'{"a":1}', b"", b"m" * 100_000, b"b" * 300_000, b"p"]
+    plain = cut[4]
+    assert plain[0] == "plain-1"
+    assert plain[2] == b"key"  # the key header wins over the routing key
+    assert plain[4] == 1_700_000_000_000
+    assert dict(plain[3]) == {
+        "polybus-id": "plain-1",
+        "n": "42",
+        "t": "true",
+        "blob": "\x00\udcff",
+        "when": "2024-01-02T03:04:05+00:00",
+        "nested": "{'a': [1, 'x']}",
+    }
 
 
 def test_keys_that_are_not_routing_keys_round_trip(

@@ -93,6 +93,7 @@ from pika.adapters.select_connection import (  # type: ignore[import-untyped]
     SelectConnection,
 )
 from pika.adapters.utils import connection_workflow  # type: ignore[import-untyped]
+from pika.data import decode_value  # type: ignore[import-untyped]
 
 from ..errors import (
     CapabilityError,
@@ -129,6 +130,7 @@ KEY_HEADER = "polybus-key"
 #: marks the end of a replay; polybus readers of a history stream skip these
 MARKER_HEADER = "polybus-replay-end"
 _BROKER_HEADERS = frozenset({"x-delivery-count", "x-stream-offset"})
+_LAX = "surrogateescape"  # text that is not UTF-8 keeps its bytes
 
 DEFAULT_HISTORY_AGE_S = 7 * 24 * 3600
 DEFAULT_MAX_MESSAGE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
@@ -432,6 +434,142 @@ class _Loop:
         self.ioloop.stop()
 
 
+#: (delivery tag, redelivered, routing key, buffer, offset of the content properties, body)
+_Sink = Callable[[int, bool, bytes, bytes, int, bytes], None]
+
+_METHOD_HEAD = struct.Struct(">BHIHH")  # frame type, channel, size, class id, method id
+_FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
+_DELIVER_ARGS = struct.Struct(">QB")  # delivery tag, redelivered
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_FRAME_END = 0xCE
+_WAIT = -1  # _cut_deliveries: the delivery at the front is incomplete; wait for more data
+#: a delivery larger than this is left to pika when it arrives in pieces: waiting for it
+#: whole would copy the growing read buffer once per read
+_WAIT_MAX = 1 << 17
+
+
+def _cut_deliveries(buf: bytes, sinks: dict[bytes, _Sink]) -> int:
+    """Hand the complete deliveries at the front of ``buf`` to their consumers' sinks.
+
+    Returns the bytes used (0: the next frame is not a delivery to a sink), or _WAIT
+    when the delivery at the front is not all there yet.
+    """
+    size = len(buf)
+    pos = 0
+    while size - pos > 11:
+        kind, channel, length, class_id, method_id = _METHOD_HEAD.unpack_from(buf, pos)
+        if kind != 1 or class_id != 60 or method_id != 60:  # not a Basic.Deliver
+            return pos
+        header = pos + length + 8  # where the content header frame starts
+        if header + 19 > size:
+            return pos or _WAIT
+        p = pos + 11
+        n = buf[p]
+        sink = sinks.get(buf[p + 1 : p + 1 + n])
+        kind, header_channel, length = _FRAME_HEAD.unpack_from(buf, header)
+        if sink is None or buf[header - 1] != _FRAME_END or kind != 2 or header_channel != channel:
+            return pos
+        at = header + length + 8  # the first body frame
+        if at > size:
+            return pos or _WAIT
+        if buf[at - 1] != _FRAME_END:
+            return pos
+        (body_size,) = _U64.unpack_from(buf, header + 11)
+        chunks = []
+        left = body_size
+        while left:
+            if size - at < 7:
+                break
+            kind, body_channel, length = _FRAME_HEAD.unpack_from(buf, at)
+            end = at + 7 + length
+            if kind != 3 or body_channel != channel or length > left:
+                return pos  # something else came between: pika sorts it out
+            if end >= size:
+                break
+            if buf[end] != _FRAME_END:
+                return pos
+            chunks.append(buf[at + 7 : end])
+            left -= length
+            at = end + 1
+        if left:  # the body is not all there yet
+            return pos if body_size > _WAIT_MAX else pos or _WAIT
+        p += n + 1
+        tag, redelivered = _DELIVER_ARGS.unpack_from(buf, p)
+        p += 9
+        p += buf[p] + 1  # the exchange
+        n = buf[p]
+        sink(tag, redelivered == 1, buf[p + 1 : p + 1 + n], buf, header + 19, b"".join(chunks))
+        pos = at
+    return pos
+
+
+class _Connection(SelectConnection):  # type: ignore[misc]
+    """A SelectConnection that cuts deliveries to the consumers in ``sinks`` straight out
+    of its read buffer; every other frame takes pika's path.
+
+    pika decodes each of a delivery's three frames into objects, and its properties
+    through a generic codec, which costs more than everything else done per message.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.sinks: dict[bytes, _Sink] = {}  # consumer tag -> sink
+        super().__init__(**kwargs)
+
+    def _on_data_available(self, data_in: bytes) -> None:
+        if not self.sinks:
+            super()._on_data_available(data_in)
+            return
+        self._frame_buffer += data_in
+        while self._frame_buffer:
+            used = _cut_deliveries(self._frame_buffer, self.sinks)
+            if used == _WAIT:
+                return
+            if used:
+                self._trim_frame_buffer(used)
+                continue
+            consumed, frame = self._read_frame()
+            if not frame:
+                return
+            self._trim_frame_buffer(consumed)
+            self._process_frame(frame)
+
+
+def _via_pika(sink: _Sink) -> Callable[[Any, Any, Any, bytes], None]:
+    """A pika consumer callback feeding ``sink``: for the deliveries pika decoded itself."""
+
+    def deliver(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        if properties.headers:  # as text what pika decodes but cannot encode (floats)
+            properties.headers = {
+                k: v if type(v) in (str, bytes, int, bool) else _text(v)
+                for k, v in properties.headers.items()
+            }
+        key = method.routing_key
+        key = key.encode("utf-8", _LAX) if isinstance(key, str) else bytes(key)
+        sink(method.delivery_tag, method.redelivered, key, b"".join(properties.encode()), 0, body)
+
+    return deliver
+
+
+def _consume(
+    channel: Any,
+    queue: str,
+    sink: _Sink,
+    callback: Callable[[Any], None],
+    arguments: dict[str, Any] | None = None,
+) -> str:
+    """basic.consume ``queue`` on ``channel`` (of a _Connection), every delivery to ``sink``.
+
+    Returns the consumer tag.
+    """
+    tag: str = channel.basic_consume(queue, _via_pika(sink), arguments=arguments, callback=callback)
+    sinks = channel.connection.sinks
+    key = tag.encode()
+    sinks[key] = sink
+    channel.add_on_close_callback(lambda _ch, _reason: sinks.pop(key, None))
+    return tag
+
+
 def _wait(fut: Future[T], closed: Callable[[], bool], deadline: float | None = None) -> T:
     """The future's result, polling ``closed`` so a closed bus never leaves a thread waiting.
 
@@ -600,7 +738,7 @@ class _Link:
         if self._closing:
             return
         try:
-            self._attempt = SelectConnection(
+            self._attempt = _Connection(
                 parameters=self._parameters,
                 on_open_callback=self._on_open,
                 on_open_error_callback=self._on_open_error,
@@ -851,10 +989,7 @@ def _properties(envelope: _Envelope) -> Any:
     )
 
 
-_FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
 _CONTENT_HEAD = struct.Struct(">HHQH")  # class id, weight, body size, property flags
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 
 
 def _shortstr(text: str) -> bytes:
@@ -1240,7 +1375,7 @@ class _Replay:
         self.found = from_id is None and from_ms is None
         self.reopen = False  #: the connection was lost: open again once the queue is back
         self.marker = uuid.uuid4().hex
-        self.buffer: deque[tuple[int, Any, Any, bytes]] = deque()
+        self.buffer: deque[tuple[int, int, InRecord]] = deque()  #: (gen, tag, record)
         self.gen = 0  #: which replay channel a buffered delivery came from
         self.channel: Any = None
         self.next_offset: int | None = None  #: first stream offset not yet taken
@@ -1277,12 +1412,11 @@ class RabbitMQSubscription:
         self._error: PolybusError | None = None
         self._ready = threading.Event()
         self._wake = threading.Event()
-        self._buffer: deque[tuple[int, Any, Any, bytes]] = deque()
+        self._buffer: deque[InRecord] = deque()
         self._gen = 0  # channel generation: deliveries and acks of an older channel are stale
         self._token = uuid.uuid4().hex[:8]  # offsets of messages that carry no id
         self._channel: Any = None
-        self._settle_queue: deque[tuple[int, int, int]] = deque()
-        self._settle_lock = threading.Lock()
+        self._settle_queue: deque[tuple[int, Any]] = deque()  # (action, handles)
         self._settle_pending = False
         self._floor = 0  # every delivery tag <= floor is settled
         self._above: set[int] = set()  # settled tags above the floor
@@ -1345,13 +1479,12 @@ class RabbitMQSubscription:
             out.extend(self._take_replayed(replay, max_records - len(out)))
             if not replay.finished:
                 return out
-        buffer = self._buffer
-        gen = self._gen
         first = len(out)
-        while buffer and len(out) < max_records:
-            g, method, properties, body = buffer.popleft()
-            if g == gen:
-                out.append(self._record(method, properties, body, (g, method.delivery_tag), None))
+        popleft = self._buffer.popleft
+        try:
+            out += [popleft() for _ in range(min(len(self._buffer), max_records - first))]
+        except IndexError:
+            pass  # the I/O thread dropped the buffer of a lost channel meanwhile
         if self._catches_up and len(out) > first:
             with self._unsettled_lock:
                 for record in out[first:]:
@@ -1365,24 +1498,22 @@ class RabbitMQSubscription:
         last_tag = 0
         gen = replay.gen
         while replay.buffer and len(out) < max_records:
-            g, method, properties, body = replay.buffer.popleft()
+            g, tag, record = replay.buffer.popleft()
             if g != gen:
                 continue
-            last_tag = method.delivery_tag
-            headers = properties.headers or {}
+            last_tag = tag
+            headers = dict(record.headers)
             marker = headers.get(MARKER_HEADER)
             if marker is not None:
                 if marker == replay.marker:
                     self._replay_reached_end(replay)
                     break
                 continue  # another seek's marker
-            offset = headers.get("x-stream-offset")
-            if isinstance(offset, int):
-                replay.next_offset = offset + 1
-            record = self._record(method, properties, body, replay, offset)
+            if isinstance(record.offset, int):
+                replay.next_offset = record.offset + 1
             if not replay.found:
                 if replay.from_id is not None:
-                    if (properties.message_id or headers.get(MESSAGE_ID)) != replay.from_id:
+                    if headers.get(MESSAGE_ID) != replay.from_id:
                         continue
                     replay.found = True
                     if replay.after:
@@ -1392,7 +1523,8 @@ class RabbitMQSubscription:
                 replay.found = True
             out.append(record)
         if last_tag:
-            self._enqueue(gen, last_tag, _CREDIT)
+            self._settle_queue.append((_CREDIT, (gen, last_tag)))
+            self._schedule_flush()
         return out
 
     def _replay_reached_end(self, replay: _Replay) -> None:
@@ -1421,60 +1553,90 @@ class RabbitMQSubscription:
             )
 
     def _record(
-        self, method: Any, properties: Any, body: bytes, handle: object, offset: object
+        self,
+        tag: int,
+        redelivered: bool,
+        routing_key: bytes,
+        data: bytes,
+        p: int,
+        body: bytes,
+        handle: object,
+        replay: bool = False,
     ) -> InRecord:
+        """The record of a delivery whose content properties start at ``data[p]``
+        (AMQP 0-9-1 section 4.2.6.1): they and the header table become text headers."""
+        flags = data[p] << 8 | data[p + 1]
+        p += 2
         headers: list[tuple[str, str]] = []
-        if properties.content_type is not None:
-            headers.append((CONTENT_TYPE, _text(properties.content_type)))
-        message_id = properties.message_id
-        if message_id is not None:
-            message_id = _text(message_id)
+        message_id: str | None = None
+        if flags & 0x8000:  # content-type
+            n = data[p]
+            headers.append((CONTENT_TYPE, data[p + 1 : p + 1 + n].decode("utf-8", _LAX)))
+            p += n + 1
+        if flags & 0x4000:  # content-encoding
+            p += data[p] + 1
+        table = table_end = 0
+        if flags & 0x2000:  # headers
+            table = p + 4
+            table_end = p = table + _U32.unpack_from(data, p)[0]
+        p += (flags & 0x1000 != 0) + (flags & 0x0800 != 0)  # delivery-mode, priority
+        if flags & 0x0400:  # correlation-id
+            n = data[p]
+            headers.append((CORRELATION_ID, data[p + 1 : p + 1 + n].decode("utf-8", _LAX)))
+            p += n + 1
+        if flags & 0x0200:  # reply-to
+            p += data[p] + 1
+        if flags & 0x0100:  # expiration
+            p += data[p] + 1
+        if flags & 0x0080:  # message-id
+            n = data[p]
+            message_id = data[p + 1 : p + 1 + n].decode("utf-8", _LAX)
             headers.append((MESSAGE_ID, message_id))
-        if properties.correlation_id is not None:
-            headers.append((CORRELATION_ID, _text(properties.correlation_id)))
-        attempt = 2 if method.redelivered else 1
-        key: bytes | None = None
+            p += n + 1
+        sent_s = _U64.unpack_from(data, p)[0] if flags & 0x0040 else None  # AMQP: seconds
         timestamp_ms = 0
-        table = properties.headers
-        if table:
-            for name, value in table.items():
+        attempt = 2 if redelivered else 1
+        key: bytes | None = routing_key or None
+        stream_offset: object = None
+        p = table
+        while p < table_end:
+            n = data[p]
+            name = data[p + 1 : p + 1 + n].decode("utf-8", _LAX)
+            p += n + 1
+            if data[p] == 83:  # "S", a long string: the usual kind, decoded here
+                n = _U32.unpack_from(data, p + 1)[0]
+                text = data[p + 5 : p + 5 + n].decode("utf-8", _LAX)
+                p += n + 5
+            else:
+                value, p = decode_value(data, p)
                 if name in _BROKER_HEADERS:
-                    if name == "x-delivery-count" and isinstance(value, int):
+                    if name == "x-stream-offset":
+                        stream_offset = value
+                    elif isinstance(value, int):  # x-delivery-count
                         attempt = value + 1
                     continue
-                if name == KEY_HEADER:
-                    try:
-                        key = base64.b64decode(value, validate=True)
-                        continue
-                    except (binascii.Error, TypeError, ValueError):
-                        pass
-                text = value if type(value) is str else _text(value)
-                if name == TIMESTAMP and text.isdigit():
+                text = _text(value)
+            if name == TIMESTAMP:
+                if text.isdigit():
                     timestamp_ms = int(text)
-                elif name == MESSAGE_ID and message_id is None:
-                    message_id = text
-                headers.append((name, text))
-        if key is None and method.routing_key:
-            rk = method.routing_key
-            key = rk.encode() if isinstance(rk, str) else bytes(rk)
+            elif name == KEY_HEADER:
+                try:
+                    key = base64.b64decode(text, validate=True)
+                    continue
+                except (binascii.Error, ValueError):
+                    pass
+            elif name == MESSAGE_ID and message_id is None:
+                message_id = text
+            headers.append((name, text))
         if not timestamp_ms:
-            ts = properties.timestamp
-            timestamp_ms = ts * 1000 if isinstance(ts, int) else int(time.time() * 1000)
+            timestamp_ms = sent_s * 1000 if sent_s is not None else int(time.time() * 1000)
         position: int | str
-        if offset is None:
-            position = message_id or f"{self._token}.{self._gen}.{method.delivery_tag}"
+        if replay and isinstance(stream_offset, int):
+            position = stream_offset
         else:
-            position = offset if isinstance(offset, int) else str(offset)
+            position = message_id or f"{self._token}.{self._gen}.{tag}"
         return InRecord(
-            self.topic,
-            0,
-            position,
-            body,
-            key,
-            tuple(headers),
-            timestamp_ms,
-            attempt,
-            handle,
+            self.topic, 0, position, body, key, tuple(headers), timestamp_ms, attempt, handle
         )
 
     def ack(self, records: Sequence[InRecord]) -> None:
@@ -1498,38 +1660,29 @@ class RabbitMQSubscription:
     def _settle(self, records: Sequence[InRecord], action: int) -> None:
         if self._closed or self._backend.closed:
             raise ClosedError("subscription is closed; subscribe again")
-        queued = False
-        for record in records:
-            handle = record.handle
-            if type(handle) is tuple:
-                self._settle_queue.append((handle[0], handle[1], action))
-                queued = True
-                if self._catches_up:
-                    with self._unsettled_lock:
-                        self._unsettled.pop(handle, None)
-            elif isinstance(handle, _Replay) and action == _REQUEUE:
-                # a replay is this member's own read of the history: redeliver it locally
-                record.attempt += 1
-                self._redeliver.append(record)
-                self._wake.set()
-        if queued:
-            self._schedule_flush()
-
-    def _enqueue(self, gen: int, tag: int, action: int) -> None:
-        self._settle_queue.append((gen, tag, action))
+        handles = [record.handle for record in records]
+        self._settle_queue.append((action, handles))
         self._schedule_flush()
+        if self._catches_up:
+            with self._unsettled_lock:
+                for handle in handles:
+                    self._unsettled.pop(handle, None)
+        if action == _REQUEUE:
+            for record in records:
+                if type(record.handle) is _Replay:
+                    # a replay is this member's own read of the history: redeliver it locally
+                    record.attempt += 1
+                    self._redeliver.append(record)
+                    self._wake.set()
 
     def _schedule_flush(self) -> None:
-        if self._settle_pending:
-            return  # _flush clears the flag before it drains, so it sees what was queued
-        with self._settle_lock:
-            if self._settle_pending:
-                return
+        # _flush clears the flag before it drains, so it sees what was queued before
+        if not self._settle_pending:
             self._settle_pending = True
-        try:
-            self._loop.submit(self._flush)
-        except ClosedError:
-            pass
+            try:
+                self._loop.submit(self._flush)
+            except ClosedError:
+                pass
 
     def seek(
         self, partition: int, *, offset: int | str | None = None, timestamp_ms: int | None = None
@@ -1684,13 +1837,8 @@ class RabbitMQSubscription:
             )
 
         def consume(channel: Any, queue: str) -> None:
-            self._consumer_tag = channel.basic_consume(
-                queue,
-                lambda _ch, method, properties, body: self._delivered(
-                    gen, method, properties, body
-                ),
-                callback=lambda _f: ready(),
-            )
+            sink = functools.partial(self._delivered, gen)
+            self._consumer_tag = _consume(channel, queue, sink, lambda _f: ready())
 
         def ready() -> None:
             if gen == self._gen:
@@ -1699,10 +1847,13 @@ class RabbitMQSubscription:
 
         connection.channel(on_open_callback=opened)
 
-    def _delivered(self, gen: int, method: Any, properties: Any, body: bytes) -> None:
-        self._buffer.append((gen, method, properties, body))
-        if not self._wake.is_set():
-            self._wake.set()
+    def _delivered(
+        self, gen: int, tag: int, redelivered: bool, key: bytes, data: bytes, p: int, body: bytes
+    ) -> None:
+        if gen == self._gen:  # else the channel is closing: the broker takes the delivery back
+            self._buffer.append(self._record(tag, redelivered, key, data, p, body, (gen, tag)))
+            if not self._wake.is_set():
+                self._wake.set()
 
     def _on_channel_closed(self, gen: int, reason: BaseException) -> None:
         if gen != self._gen or self._closed:
@@ -1748,54 +1899,63 @@ class RabbitMQSubscription:
 
     def _flush(self) -> None:
         """Send the acks and nacks user threads queued, as few frames as possible."""
-        with self._settle_lock:
-            self._settle_pending = False
+        self._settle_pending = False
         queue = self._settle_queue
         channel = self._channel
+        live = channel is not None and channel.is_open
         gen = self._gen
-        replay = self._replay
         acks: list[int] = []
         while queue:
-            g, tag, action = queue.popleft()
-            if action == _CREDIT:
+            action, handles = queue.popleft()
+            if action == _CREDIT:  # more credit for a replay's stream consumer
+                g, tag = handles
+                replay = self._replay
                 credit = replay.channel if replay is not None and g == replay.gen else None
                 if credit is not None and credit.is_open:
                     credit.basic_ack(tag, multiple=True)
                 continue
-            if g != gen or channel is None or not channel.is_open:
+            if not live:
                 continue  # that channel is gone: the broker redelivers its messages
+            # replayed records and those of an older channel are not this channel's
+            tags = [h[1] for h in handles if type(h) is tuple and h[0] == gen]
             if action == _ACK:
-                acks.append(tag)
-            else:
-                self._mark(tag)
-                if action == _REQUEUE:
-                    channel.basic_nack(tag, requeue=True)
-                else:
-                    channel.basic_reject(tag, requeue=False)
+                acks += tags
+                continue
+            for tag in tags:
+                if self._mark(tag):
+                    if action == _REQUEUE:
+                        channel.basic_nack(tag, requeue=True)
+                    else:
+                        channel.basic_reject(tag, requeue=False)
         if not acks:
             return
         acks.sort()
-        upto = 0
+        upto = 0  # a run from the floor up goes in one multiple ack
         for tag in acks:
             if tag == self._floor + 1:
                 self._mark(tag)
                 upto = tag
-            else:
-                self._mark(tag)
+            elif self._mark(tag):
                 channel.basic_ack(tag)
         if upto:
             channel.basic_ack(upto, multiple=True)
 
-    def _mark(self, tag: int) -> None:
-        """Record ``tag`` as settled and move the floor over every settled tag."""
-        if tag != self._floor + 1:
-            self._above.add(tag)
-            return
-        self._floor = tag
+    def _mark(self, tag: int) -> bool:
+        """Record ``tag`` as settled, moving the floor over every settled tag; False if
+        it was settled already (settling a tag twice would close the channel)."""
+        floor = self._floor
         above = self._above
-        while self._floor + 1 in above:
-            self._floor += 1
-            above.discard(self._floor)
+        if tag != floor + 1:
+            if tag <= floor or tag in above:
+                return False
+            above.add(tag)
+            return True
+        floor = tag
+        while above and floor + 1 in above:
+            floor += 1
+            above.remove(floor)
+        self._floor = floor
+        return True
 
     def _shutdown(self) -> None:
         """Send the acks, then close the channel: the broker returns what is unacked."""
@@ -1868,17 +2028,22 @@ class RabbitMQSubscription:
                 replay.ready.set_exception(PolybusError("RabbitMQ refused the replay marker"))
 
         def consume(channel: Any) -> None:
-            channel.basic_consume(
+            _consume(
+                channel,
                 stream,
-                lambda _ch, method, properties, body: delivered(method, properties, body),
-                arguments={"x-stream-offset": replay.start},
-                callback=lambda _f: None if replay.ready.done() else replay.ready.set_result(None),
+                delivered,
+                lambda _f: None if replay.ready.done() else replay.ready.set_result(None),
+                {"x-stream-offset": replay.start},
             )
 
-        def delivered(method: Any, properties: Any, body: bytes) -> None:
-            replay.buffer.append((gen, method, properties, body))
-            if not self._wake.is_set():
-                self._wake.set()
+        def delivered(
+            tag: int, redelivered: bool, key: bytes, data: bytes, p: int, body: bytes
+        ) -> None:
+            if gen == replay.gen:
+                record = self._record(tag, redelivered, key, data, p, body, replay, replay=True)
+                replay.buffer.append((gen, tag, record))
+                if not self._wake.is_set():
+                    self._wake.set()
 
         def closed(reason: BaseException) -> None:
             if gen == replay.gen:
