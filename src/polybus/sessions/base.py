@@ -87,31 +87,42 @@ class SessionRecord(NamedTuple):
     data: dict[str, Any]
 
 
+_json_encode = json.JSONEncoder(separators=(",", ":")).encode
+_json_decode = json.JSONDecoder().decode
+
+
 class RecordCodec:
-    """Encodes a whole record as one JSON or msgpack array (never pickle)."""
+    """Encodes a whole record as one JSON array (msgpack: :data:`CODECS`). Never pickle."""
 
     name: str = "json"
-    content_type: str = "application/json"
 
-    def encode(self, record: SessionRecord) -> bytes:
-        """Raises EncodeError naming the value that is not JSON data."""
+    def dump(self, value: Any) -> bytes:
+        """Encode plain data; raises EncodeError naming what is not JSON data."""
         try:
-            return json.dumps(_fields(record), separators=(",", ":")).encode()
+            return _json_encode(value).encode()
         except (TypeError, ValueError) as exc:
             raise EncodeError(
                 f"session data must be JSON data (str, int, float, bool, None, list, dict "
                 f"with str keys): {exc}"
             ) from exc
 
-    def _load(self, payload: bytes) -> Any:
-        return json.loads(payload)
+    def load(self, payload: bytes) -> Any:
+        """Decode plain data; raises DecodeError."""
+        try:
+            return _json_decode(payload.decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"{len(payload)} bytes are not JSON: {exc}") from exc
+
+    def encode(self, record: SessionRecord) -> bytes:
+        """Raises EncodeError naming the value that cannot be encoded."""
+        return self.dump(_fields(record))
 
     def decode(self, payload: bytes) -> SessionRecord:
         """Raises DecodeError when ``payload`` is not a record of this codec."""
+        f = self.load(payload)
         try:
-            f = self._load(payload)
             if type(f) is not list or len(f) != 11 or f[0] != 1:
-                raise ValueError("not a session record (version 1 array of 11 fields)")
+                raise ValueError("not a version 1 array of 11 fields")
             client = f[8]
             return SessionRecord(
                 f[1],
@@ -124,29 +135,27 @@ class RecordCodec:
                 f[9],
                 _check_data(f[10]),
             )
-        except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
             raise DecodeError(
                 f"stored session of {len(payload)} bytes is not a {self.name} session record: {exc}"
-            ) from exc
-        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            raise DecodeError(
-                f"stored session of {len(payload)} bytes is not a msgpack session record: {exc}"
             ) from exc
 
 
 class _MsgpackCodec(RecordCodec):
     name = "msgpack"
-    content_type = "application/msgpack"
 
-    def encode(self, record: SessionRecord) -> bytes:
+    def dump(self, value: Any) -> bytes:
         try:
-            out: bytes = msgpack.packb(_fields(record))
+            out: bytes = msgpack.packb(value)
             return out
         except (TypeError, ValueError, OverflowError) as exc:
             raise EncodeError(f"session data must be msgpack data: {exc}") from exc
 
-    def _load(self, payload: bytes) -> Any:
-        return msgpack.unpackb(payload)
+    def load(self, payload: bytes) -> Any:
+        try:
+            return msgpack.unpackb(payload)
+        except (ValueError, TypeError) as exc:  # msgpack.ExtraData, FormatError, StackError
+            raise DecodeError(f"{len(payload)} bytes are not msgpack: {exc}") from exc
 
 
 def _fields(r: SessionRecord) -> list[Any]:

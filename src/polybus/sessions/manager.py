@@ -223,7 +223,17 @@ class SessionManager:
         elif not session._original and now - session.last_seen < self.touch_interval:
             return True
         expires_at = min(now + self.idle_timeout, session.created_at + self.absolute_timeout)
-        record = session.record(version=session.version + 1, last_seen=now, expires_at=expires_at)
+        record = SessionRecord(
+            session.id,
+            session.user_id,
+            session.version + 1,
+            session.created_at,
+            now,
+            expires_at,
+            session.client,
+            session.fingerprint,
+            session._data,
+        )
         try:
             for _ in range(MAX_MERGE_ATTEMPTS):
                 try:

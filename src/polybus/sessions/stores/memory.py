@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from ...errors import DecodeError
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord
 from . import check_codec, url_options
+from ._view import Item, View
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "from_url"]
 
 _shared: dict[str, tuple[_Table, int]] = {}  # name -> (table, users)
 _shared_lock = threading.Lock()
@@ -28,9 +29,7 @@ class _Table:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        # id -> (version, expires_at, user_id, encoded record)
-        self.items: dict[str, tuple[int, float, str | None, bytes]] = {}
-        self.users: dict[str, set[str]] = {}
+        self.view = View()
         self.next_sweep = 0.0
 
 
@@ -44,15 +43,9 @@ class MemoryStore:
     linearizable: ClassVar[bool] = True
 
     def __init__(
-        self,
-        name: str | None = None,
-        *,
-        codec: str = "json",
-        sweep_interval: float = 10.0,
-        clock: Callable[[], float] = time.time,
+        self, name: str | None = None, *, codec: str = "json", sweep_interval: float = 10.0
     ) -> None:
         self.codec: RecordCodec = CODECS[check_codec(codec)]
-        self._clock = clock
         self._sweep_interval = sweep_interval
         self._name = name
         self._closed = False
@@ -65,72 +58,57 @@ class MemoryStore:
             self._table = table
 
     def load(self, session_id: str) -> SessionRecord | None:
-        item = self._table.items.get(session_id)
-        if item is None or item[1] <= self._clock():
-            return None
-        return self.codec.decode(item[3])
+        item = self._table.view.live(session_id, time.time())
+        return None if item is None else self.codec.decode(item.payload)
 
     def save(self, record: SessionRecord) -> None:
         payload = self.codec.encode(record)  # before the lock: it may raise EncodeError
         t = self._table
-        now = self._clock()
+        now = time.time()
         with t.lock:
-            item = t.items.get(record.id)
-            current = 0 if item is None or item[1] <= now else item[0]
+            item = t.view.live(record.id, now)
+            current = 0 if item is None else item.version
             if current != record.version - 1:
                 raise SessionConflict(
                     f"session is at version {current}, not {record.version - 1}",
                     session_id=record.id,
                     current_version=current,
                 )
-            t.items[record.id] = (record.version, record.expires_at, record.user_id, payload)
-            if record.user_id is not None and item is None:
-                t.users.setdefault(record.user_id, set()).add(record.id)
+            t.view.put(record.id, Item(record.version, record.expires_at, record.user_id, payload))
             if now >= t.next_sweep:
                 t.next_sweep = now + self._sweep_interval
-                self._sweep(now)
-
-    def _sweep(self, now: float) -> None:
-        t = self._table
-        for sid in [sid for sid, item in t.items.items() if item[1] <= now]:
-            self._drop(sid)
-
-    def _drop(self, session_id: str) -> bool:
-        t = self._table
-        item = t.items.pop(session_id, None)
-        if item is None:
-            return False
-        user = item[2]
-        if user is not None:
-            ids = t.users.get(user)
-            if ids is not None:
-                ids.discard(session_id)
-                if not ids:
-                    del t.users[user]
-        return item[1] > self._clock()
+                for sid in t.view.expired(now):
+                    t.view.drop(sid)
 
     def delete(self, session_id: str) -> bool:
         with self._table.lock:
-            return self._drop(session_id)
+            item = self._table.view.drop(session_id)
+        return item is not None and item.expires_at > time.time()
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
+        now = time.time()
+        view = self._table.view
         with self._table.lock:
-            ids = list(self._table.users.get(user_id, ()))
+            items = [view.live(sid, now) for sid in view.user_ids(user_id)]
         out = []
-        for sid in ids:
-            try:
-                record = self.load(sid)
-            except ValueError:  # DecodeError: listed by no one, swept by expiry
-                continue
-            if record is not None:
-                out.append(record)
+        for item in items:
+            if item is not None:
+                try:
+                    out.append(self.codec.decode(item.payload))
+                except DecodeError:
+                    continue
         out.sort(key=lambda r: r.created_at)
         return out
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
+        now = time.time()
+        view = self._table.view
         with self._table.lock:
-            ids = [sid for sid in self._table.users.get(user_id, ()) if sid != keep]
-            return sum(self._drop(sid) for sid in ids)
+            ids = [sid for sid in view.user_ids(user_id) if sid != keep]
+            live = sum(view.live(sid, now) is not None for sid in ids)
+            for sid in ids:
+                view.drop(sid)
+            return live
 
     def close(self) -> None:
         if self._closed:
@@ -148,8 +126,7 @@ class MemoryStore:
 def from_url(url: str, **options: Any) -> MemoryStore:
     """``memory://`` or ``memory://name``; options ``codec`` and ``sweep_interval``."""
     parts = urlsplit(url)
-    query = url_options(url, {"codec", "sweep_interval"})
+    query: dict[str, Any] = url_options(url, {"codec", "sweep_interval"})
     if "sweep_interval" in query:
-        options.setdefault("sweep_interval", float(query.pop("sweep_interval")))
-    options = {**query, **options}
-    return MemoryStore((parts.netloc + parts.path) or None, **options)
+        query["sweep_interval"] = float(query["sweep_interval"])
+    return MemoryStore((parts.netloc + parts.path) or None, **{**query, **options})

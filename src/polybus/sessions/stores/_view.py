@@ -1,0 +1,55 @@
+"""The in-memory index every store but Redis keeps: sessions by id, and ids by user."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Item(NamedTuple):
+    """One session in a view: what the store decides on without decoding the record."""
+
+    version: int
+    expires_at: float
+    user_id: str | None
+    payload: bytes  #: the encoded record; b"" for a deleted session
+    extra: Any = None  #: the store's own: a log offset, per-key stamps, ...
+
+
+class View:
+    """Items by session id with a per-user index. Not thread-safe: the store locks."""
+
+    __slots__ = ("items", "users")
+
+    def __init__(self) -> None:
+        self.items: dict[str, Item] = {}
+        self.users: dict[str, set[str]] = {}
+
+    def put(self, session_id: str, item: Item) -> None:
+        old = self.items.get(session_id)
+        self.items[session_id] = item
+        if item.user_id is not None and (old is None or old.user_id != item.user_id):
+            self.users.setdefault(item.user_id, set()).add(session_id)
+
+    def drop(self, session_id: str) -> Item | None:
+        item = self.items.pop(session_id, None)
+        if item is not None and item.user_id is not None:
+            ids = self.users.get(item.user_id)
+            if ids is not None:
+                ids.discard(session_id)
+                if not ids:
+                    del self.users[item.user_id]
+        return item
+
+    def live(self, session_id: str, now: float) -> Item | None:
+        """The item if the session exists, is not deleted and has not expired."""
+        item = self.items.get(session_id)
+        if item is None or item.expires_at <= now or not item.payload:
+            return None
+        return item
+
+    def user_ids(self, user_id: str) -> list[str]:
+        return list(self.users.get(user_id, ()))
+
+    def expired(self, now: float) -> list[str]:
+        """Ids of the sessions past their expiry (deleted ones included)."""
+        return [sid for sid, item in self.items.items() if item.expires_at <= now]

@@ -1,0 +1,283 @@
+"""Sessions on Kafka: a compacted topic, and a view of it that every instance keeps current.
+
+``kafka://host:port[,host:port]`` with options ``topic`` (default
+``polybus.sessions``), ``codec``, ``write_timeout`` (seconds a save waits to
+see its own record, default 10) and the Kafka adapter's own options.
+
+Each save appends the whole record, keyed by session id, to the topic's one
+partition (one partition keeps one order for everything); a delete appends an
+empty value. Every instance reads the topic from the start, without a
+consumer group, into a view in memory, and goes on reading it: a load is a
+lookup in that view, so an instance reads its own writes at once and other
+instances' writes as soon as they arrive (milliseconds).
+
+Compare-and-set is decided by the log's order, the same way on every
+instance: a record is applied only if it is version ``n + 1`` of a session
+the view holds at ``n`` (or the first record of an id never seen), so of two
+saves made from the same version only the first in the log counts. A save
+returns once its instance has read its own record and knows which it was;
+the loser gets SessionConflict and appends the winner's record again, so
+that compaction (which keeps the last record per key) keeps the winner.
+
+Expired sessions are never returned and are dropped from the view; their
+last record stays in the topic until compaction meets a later one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any, ClassVar
+
+from ...bus import Bus, Subscriber, connect
+from ...errors import ClosedError, ConnectionLost, DecodeError, PolybusError
+from ...message import Delivery
+from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
+from . import check_codec
+from ._view import Item, View
+
+__all__ = ["KafkaStore", "from_bus", "from_url"]
+
+log = logging.getLogger("polybus.sessions")
+
+MARKER = "polybus:marker"  #: key of the records an instance appends to learn it has caught up
+_DELETED = b""
+_TOMBSTONE_KEEP = 24 * 3600.0  # how long a deleted id is remembered, so late saves stay refused
+
+
+class KafkaStore:
+    """A :class:`~polybus.sessions.base.SessionStore` on a Kafka topic; see the module
+    docstring. Opening blocks until the view holds the whole topic."""
+
+    linearizable: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        topic: str = "polybus.sessions",
+        codec: str = "json",
+        write_timeout: float = 10.0,
+        sweep_interval: float = 60.0,
+        owns_bus: bool = False,
+    ) -> None:
+        self.codec: RecordCodec = CODECS[check_codec(codec)]
+        self.topic = topic
+        self._bus = bus
+        self._owns_bus = owns_bus
+        self._write_timeout = write_timeout
+        self._sweep_interval = sweep_interval
+        self._view = View()
+        self._applied = -1  # offset of the last record applied
+        self._cond = threading.Condition()
+        self._failure: PolybusError | None = None
+        self._closed = False
+        try:
+            bus.declare(topic, partitions=1, compact=True)
+            self._sub: Subscriber = bus.subscribe(topic, None, start="earliest")
+        except PolybusError as exc:
+            raise _unavailable(exc) from exc
+        self._thread = threading.Thread(target=self._pump, name="polybus-sessions", daemon=True)
+        self._thread.start()
+        self._wait_for(self._publish(MARKER, uuid.uuid4().bytes))
+
+    # -- the view ----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        sub = self._sub
+        next_sweep = time.time() + self._sweep_interval
+        while not self._closed:
+            try:
+                # fetch(1) returns as soon as a record is there; then take what is buffered
+                batch = sub.fetch(1, 0.2)
+                if batch:
+                    batch += sub.fetch(1000, 0.0)
+            except ClosedError:
+                return
+            except PolybusError as exc:
+                with self._cond:
+                    self._failure = exc
+                    self._cond.notify_all()
+                continue
+            now = time.time()
+            with self._cond:
+                self._failure = None
+                for d in batch:
+                    self._apply(d)
+                if batch:
+                    self._cond.notify_all()
+                if now >= next_sweep:
+                    next_sweep = now + self._sweep_interval
+                    for sid in self._view.expired(now):
+                        self._view.drop(sid)
+            sub.ack(batch)
+
+    def _apply(self, d: Delivery) -> None:
+        """Under the condition's lock: apply one record by the compare-and-set rule."""
+        offset = int(d.offset)
+        self._applied = offset
+        message = d.message
+        sid = message.key
+        if not isinstance(sid, str) or sid == MARKER:
+            return
+        view = self._view
+        current = view.items.get(sid)
+        payload = message.payload or _DELETED
+        if payload == _DELETED:
+            if current is not None and current.payload:
+                view.put(
+                    sid,
+                    current._replace(
+                        payload=_DELETED, extra=offset, expires_at=time.time() + _TOMBSTONE_KEEP
+                    ),
+                )
+            return
+        try:
+            rec = self.codec.decode(payload)
+        except DecodeError:
+            log.warning("undecodable session record at offset %d of %s skipped", offset, self.topic)
+            return
+        if current is None or (current.payload and current.version == rec.version - 1):
+            view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, payload, offset))
+
+    def _publish(self, key: str, payload: bytes) -> int:
+        try:
+            return int(self._bus.publish(self.topic, payload, key=key).offset)
+        except ConnectionLost as exc:
+            raise _unavailable(exc) from exc
+        except ClosedError:
+            raise
+        except PolybusError as exc:
+            raise _unavailable(exc) from exc
+
+    def _wait_for(self, offset: int) -> None:
+        """Block until the view has applied ``offset``; SessionStoreUnavailable past the
+        write timeout."""
+        deadline = time.monotonic() + self._write_timeout
+        with self._cond:
+            while self._applied < offset:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    cause = f": {self._failure}" if self._failure else ""
+                    raise SessionStoreUnavailable(
+                        f"Kafka session store: record {offset} of {self.topic!r} not read back "
+                        f"within {self._write_timeout} s{cause}"
+                    )
+                self._cond.wait(left)
+
+    # -- the protocol ------------------------------------------------------------------
+
+    def load(self, session_id: str) -> SessionRecord | None:
+        item = self._view.live(session_id, time.time())
+        return None if item is None else self.codec.decode(item.payload)
+
+    def save(self, record: SessionRecord) -> None:
+        payload = self.codec.encode(record)
+        with self._cond:
+            item = self._view.live(record.id, time.time())
+        current = 0 if item is None else item.version
+        if current != record.version - 1:  # refused before it costs a round trip
+            raise _conflict(record, current)
+        offset = self._publish(record.id, payload)
+        self._wait_for(offset)
+        with self._cond:
+            item = self._view.items.get(record.id)
+        if item is not None and item.extra == offset:
+            return
+        # another save of this version came first: put the winner last again for compaction
+        if item is not None:
+            self._publish(record.id, item.payload)
+        raise _conflict(record, item.version if item is not None and item.payload else 0)
+
+    def delete(self, session_id: str) -> bool:
+        return self._delete([session_id]) > 0
+
+    def _delete(self, ids: list[str]) -> int:
+        now = time.time()
+        with self._cond:
+            known = [sid for sid in ids if self._view.live(sid, now) is not None]
+        last = -1
+        for sid in known:
+            last = self._publish(sid, _DELETED)
+        if known:
+            self._wait_for(last)
+        return len(known)
+
+    def user_sessions(self, user_id: str) -> list[SessionRecord]:
+        now = time.time()
+        with self._cond:
+            items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
+        out = []
+        for item in items:
+            if item is not None:
+                try:
+                    out.append(self.codec.decode(item.payload))
+                except DecodeError:
+                    continue
+        out.sort(key=lambda r: r.created_at)
+        return out
+
+    def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
+        with self._cond:
+            ids = [sid for sid in self._view.user_ids(user_id) if sid != keep]
+        return self._delete(ids)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._sub.close()
+        if self._owns_bus:
+            self._bus.close()
+
+
+def _conflict(record: SessionRecord, current: int) -> SessionConflict:
+    return SessionConflict(
+        f"session is at version {current}, not {record.version - 1}",
+        session_id=record.id,
+        current_version=current,
+    )
+
+
+def _unavailable(exc: BaseException) -> SessionStoreUnavailable:
+    return SessionStoreUnavailable(f"Kafka session store unavailable: {exc}")
+
+
+_OPTIONS = {"topic", "codec", "write_timeout", "sweep_interval"}
+
+
+def from_url(url: str, **options: Any) -> KafkaStore:
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    parts = urlsplit(url)
+    ours: dict[str, Any] = {}
+    theirs: list[tuple[str, str]] = []
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k in _OPTIONS:
+            ours[k] = float(v) if k in ("write_timeout", "sweep_interval") else v
+        else:
+            theirs.append((k, v))
+    theirs_keys = {k for k, _ in theirs}
+    if "reconnect_timeout" not in theirs_keys:
+        theirs.append(("reconnect_timeout", "5"))  # a session request cannot wait 30 s
+    try:
+        bus = connect(parts._replace(query=urlencode(theirs)).geturl())
+    except PolybusError as exc:
+        if isinstance(exc, ValueError):
+            raise
+        raise _unavailable(exc) from exc
+    try:
+        return KafkaStore(bus, owns_bus=True, **{**ours, **options})
+    except BaseException:
+        bus.close()
+        raise
+
+
+def from_bus(bus: Bus, **options: Any) -> KafkaStore:
+    """A store on a :class:`polybus.Bus` opened on ``kafka://`` (left open by close)."""
+    return KafkaStore(bus, **options)

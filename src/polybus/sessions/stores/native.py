@@ -1,0 +1,252 @@
+"""Sessions on the native engine: ``native:///path`` (a log directory), ``memory://`` is not it.
+
+Every save appends the whole record to one partition of a compacted topic
+(``sessions`` unless ``topic=`` says otherwise), keyed by session id; a
+delete appends a tombstone. Each store object keeps a view of the live
+sessions in memory, built from the log when it opens (so sessions survive a
+restart, a crash included: what a save returned for is kept under the log's
+fsync policy) and brought up to date from the log before each operation, so
+the processes of one host sharing the directory read each other's writes at
+once.
+
+Compare-and-set across processes: a save takes an exclusive ``flock`` on
+``<topic dir>/sessions.lock``, catches its view up, compares the version and
+appends, all under that lock. Expired sessions are never returned; every
+``sweep_interval`` seconds a save also writes their tombstones, so that
+compaction (at each segment roll) reclaims them.
+
+URL options: the engine's ``fsync`` and ``fsync_interval``, plus ``codec``,
+``topic`` and ``sweep_interval``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from typing import Any, ClassVar, cast
+from urllib.parse import unquote, urlsplit
+
+from ...errors import ClosedError, ConfigurationError, DecodeError, PolybusError
+from ...log import FsyncPolicy, Log, Record
+from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
+from . import check_codec, url_options
+from ._view import Item, View
+
+__all__ = ["NativeStore", "from_bus", "from_url"]
+
+_SEGMENT_BYTES = 16 << 20  # small enough that rolls (and so compaction) happen
+
+
+class NativeStore:
+    """A :class:`~polybus.sessions.base.SessionStore` on a native log; see the module
+    docstring. ``log`` stays open after :meth:`close` unless ``owns_log``."""
+
+    linearizable: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        log: Log,
+        *,
+        topic: str = "sessions",
+        codec: str = "json",
+        sweep_interval: float = 60.0,
+        owns_log: bool = False,
+    ) -> None:
+        self.codec: RecordCodec = CODECS[check_codec(codec)]
+        self._log = log
+        self._owns_log = owns_log
+        self._partition = log.create_topic(
+            topic, 1, segment_bytes=_SEGMENT_BYTES, compact=True
+        ).partitions[0]
+        self._lock = threading.Lock()
+        self._lock_fd = os.open(
+            os.path.join(self._partition.dir, "sessions.lock"), os.O_RDWR | os.O_CREAT, 0o644
+        )
+        self._view = View()
+        self._next = 0  # the next offset to apply
+        self._sweep_interval = sweep_interval
+        self._next_sweep = time.time() + sweep_interval
+        self._closed = False
+        with self._lock:
+            self._catch_up()
+
+    # -- the view ----------------------------------------------------------------------
+
+    def _catch_up(self) -> None:
+        """Under the thread lock: apply every record appended since the last call."""
+        p = self._partition
+        while self._next < p.end_offset:
+            records = p.read(self._next, 10_000, 8 << 20)
+            if not records:
+                break
+            for r in records:
+                self._apply(r)
+            self._next = records[-1].offset + 1
+
+    def _apply(self, r: Record) -> None:
+        sid = cast(bytes, r.key).decode()
+        if r.value is None:
+            self._view.drop(sid)
+            return
+        try:
+            rec = self.codec.decode(r.value)
+        except DecodeError:
+            self._view.drop(sid)  # a damaged record reads as absent
+            return
+        self._view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, r.value))
+
+    # -- writing under the cross-process lock -------------------------------------------
+
+    def _locked(self) -> _Locked:
+        if self._closed:
+            raise ClosedError("session store is closed; open it again")
+        return _Locked(self)
+
+    def _tombstones(self, ids: list[str]) -> None:
+        """Under both locks: append tombstones for ``ids`` and drop them from the view."""
+        if not ids:
+            return
+        self._partition.append_batch([None] * len(ids), keys=[i.encode() for i in ids])
+        self._next += len(ids)
+        for sid in ids:
+            self._view.drop(sid)
+
+    # -- the protocol ------------------------------------------------------------------
+
+    def load(self, session_id: str) -> SessionRecord | None:
+        if self._next != self._partition.end_offset:
+            try:
+                with self._lock:
+                    self._catch_up()
+            except (OSError, ValueError, PolybusError) as exc:
+                raise _unavailable(self, exc) from exc
+        item = self._view.live(session_id, time.time())
+        return None if item is None else self.codec.decode(item.payload)
+
+    def save(self, record: SessionRecord) -> None:
+        payload = self.codec.encode(record)
+        now = time.time()
+        with self._locked():
+            item = self._view.live(record.id, now)
+            current = 0 if item is None else item.version
+            if current != record.version - 1:
+                raise SessionConflict(
+                    f"session is at version {current}, not {record.version - 1}",
+                    session_id=record.id,
+                    current_version=current,
+                )
+            offset = self._partition.append(payload, key=record.id.encode())
+            self._next = offset + 1
+            self._view.put(
+                record.id, Item(record.version, record.expires_at, record.user_id, payload)
+            )
+            if now >= self._next_sweep:
+                self._next_sweep = now + self._sweep_interval
+                self._tombstones(self._view.expired(now))
+
+    def delete(self, session_id: str) -> bool:
+        with self._locked():
+            if session_id not in self._view.items:
+                return False
+            live = self._view.live(session_id, time.time()) is not None
+            self._tombstones([session_id])
+            return live
+
+    def user_sessions(self, user_id: str) -> list[SessionRecord]:
+        now = time.time()
+        with self._locked():
+            items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
+        out = []
+        for item in items:
+            if item is not None:
+                try:
+                    out.append(self.codec.decode(item.payload))
+                except DecodeError:
+                    continue
+        out.sort(key=lambda r: r.created_at)
+        return out
+
+    def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
+        now = time.time()
+        with self._locked():
+            ids = [sid for sid in self._view.user_ids(user_id) if sid != keep]
+            live = sum(self._view.live(sid, now) is not None for sid in ids)
+            self._tombstones(ids)
+            return live
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._lock_fd)
+        if self._owns_log:
+            self._log.close()
+
+
+class _Locked:
+    """The thread lock and the directory's flock, with the view caught up inside."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: NativeStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        s = self._store
+        s._lock.acquire()
+        try:
+            fcntl.flock(s._lock_fd, fcntl.LOCK_EX)
+            s._catch_up()
+        except BaseException as exc:
+            self.__exit__(None, None, None)
+            if isinstance(exc, OSError | ValueError | PolybusError) and not isinstance(
+                exc, ClosedError
+            ):
+                raise _unavailable(s, exc) from exc
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        s = self._store
+        try:
+            fcntl.flock(s._lock_fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        s._lock.release()
+
+
+def _unavailable(store: NativeStore, exc: BaseException) -> SessionStoreUnavailable:
+    return SessionStoreUnavailable(
+        f"native session store at {store._partition.dir} failed: {type(exc).__name__}: {exc}"
+    )
+
+
+def from_url(url: str, **options: Any) -> NativeStore:
+    """``native:///path[?fsync=always|interval|never&codec=...&topic=...]``."""
+    parts = urlsplit(url)
+    query = url_options(url, {"codec", "topic", "sweep_interval", "fsync", "fsync_interval"})
+    path = unquote(parts.netloc + parts.path)
+    if not path:
+        raise ConfigurationError(f"{url!r} names no directory: use native:///absolute/path")
+    try:
+        log = Log(
+            path,
+            fsync=cast(FsyncPolicy, query.pop("fsync", "interval")),
+            fsync_interval=float(query.pop("fsync_interval", "1.0")),
+        )
+        if "sweep_interval" in query:
+            options.setdefault("sweep_interval", float(query.pop("sweep_interval")))
+    except ValueError as exc:
+        raise ConfigurationError(f"bad option in {url!r}: {exc}") from exc
+    try:
+        return NativeStore(log, owns_log=True, **{**query, **options})
+    except BaseException:
+        log.close()
+        raise
+
+
+def from_bus(bus: Any, **options: Any) -> NativeStore:
+    """A store on the log of a :class:`polybus.Bus` opened on ``native://``."""
+    return NativeStore(bus.backend.log, **options)
