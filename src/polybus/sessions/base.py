@@ -244,7 +244,8 @@ class SessionStore(Protocol):
         ...
 
 
-_MISSING: Any = object()
+_MISSING: Any = object()  # a key that was not there
+_UNKNOWN: Any = object()  # a key mutated in place: its value before is not known
 
 
 class Session(MutableMapping[str, Any]):
@@ -297,7 +298,7 @@ class Session(MutableMapping[str, Any]):
 
     def mark_changed(self, key: str) -> None:
         """Declare that the value of ``key`` was mutated in place."""
-        self._original.setdefault(key, _MISSING)
+        self._original.setdefault(key, _UNKNOWN)
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]

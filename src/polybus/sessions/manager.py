@@ -29,7 +29,7 @@ store is down: they cannot be confirmed otherwise.
 Concurrent requests on one session: a save is a compare-and-set on the
 session's version. When another request saved first, the manager reloads the
 session and merges by key: keys changed by only one side keep that change. A
-key changed by both to different values is a real conflict, settled by
+key changed by both (even to equal values) is a real conflict, settled by
 ``on_conflict``: ``"raise"`` (default, :class:`SessionConflict`), ``"ours"``
 or ``"theirs"``.
 """
@@ -47,6 +47,7 @@ from typing import Any, Literal, NamedTuple
 from ..errors import ConfigurationError, DecodeError
 from .base import (
     _MISSING,
+    _UNKNOWN,
     ClientInfo,
     Session,
     SessionConflict,
@@ -275,7 +276,13 @@ class SessionManager:
         for key, before in session._original.items():
             mine = session._data.get(key, _MISSING)
             other = theirs.get(key, _MISSING)
-            if other is not mine and other != before and other != mine:
+            # changed by both sides is a conflict even when both wrote the same value
+            # (two increments of a counter from 5 both write 6)
+            if before is _UNKNOWN:
+                both = other is not mine and other != mine
+            else:
+                both = other is not before and other != before
+            if both:
                 if self.on_conflict == "raise":
                     raise SessionConflict(
                         f"session key {key!r} was changed by another request at the same time; "

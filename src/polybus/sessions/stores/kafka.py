@@ -2,7 +2,9 @@
 
 ``kafka://host:port[,host:port]`` with options ``topic`` (default
 ``polybus.sessions``), ``codec``, ``write_timeout`` (seconds a save waits to
-see its own record, default 10) and the Kafka adapter's own options.
+see its own record, default 10) and the Kafka adapter's own options; unless
+the URL sets them, ``reconnect_timeout=5``, ``fetch.wait.max.ms=10`` and
+``linger.ms=0`` keep a save to milliseconds.
 
 Each save appends the whole record, keyed by session id, to the topic's one
 partition (one partition keeps one order for everything); a delete appends an
@@ -73,6 +75,8 @@ class KafkaStore:
         self._applied = -1  # offset of the last record applied
         self._cond = threading.Condition()
         self._failure: PolybusError | None = None
+        # session id -> (saves waiting, {offset of one of their records: accepted?})
+        self._watch: dict[str, tuple[int, dict[int, bool]]] = {}
         self._closed = False
         try:
             bus.declare(topic, partitions=1, compact=True)
@@ -139,8 +143,12 @@ class KafkaStore:
         except DecodeError:
             log.warning("undecodable session record at offset %d of %s skipped", offset, self.topic)
             return
-        if current is None or (current.payload and current.version == rec.version - 1):
+        accepted = current is None or (bool(current.payload) and current.version == rec.version - 1)
+        if accepted:
             view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, payload, offset))
+        watch = self._watch.get(sid)
+        if watch is not None:
+            watch[1][offset] = accepted
 
     def _publish(self, key: str, payload: bytes) -> int:
         try:
@@ -180,11 +188,21 @@ class KafkaStore:
         current = 0 if item is None else item.version
         if current != record.version - 1:  # refused before it costs a round trip
             raise _conflict(record, current)
-        offset = self._publish(record.id, payload)
-        self._wait_for(offset)
-        with self._cond:
-            item = self._view.items.get(record.id)
-        if item is not None and item.extra == offset:
+        with self._cond:  # outcomes are noted from before the publish: the record may be
+            count, outcomes = self._watch.get(record.id, (0, {}))  # read back before it returns
+            self._watch[record.id] = (count + 1, outcomes)
+        try:
+            offset = self._publish(record.id, payload)
+            self._wait_for(offset)
+        finally:
+            with self._cond:
+                count, outcomes = self._watch[record.id]
+                if count == 1:
+                    del self._watch[record.id]
+                else:
+                    self._watch[record.id] = (count - 1, outcomes)
+                item = self._view.items.get(record.id)
+        if outcomes.pop(offset):
             return
         # another save of this version came first: put the winner last again for compaction
         if item is not None:
@@ -249,6 +267,7 @@ def _unavailable(exc: BaseException) -> SessionStoreUnavailable:
 
 
 _OPTIONS = {"topic", "codec", "write_timeout", "sweep_interval"}
+_DEFAULTS = {"reconnect_timeout": "5", "fetch.wait.max.ms": "10", "linger.ms": "0"}
 
 
 def from_url(url: str, **options: Any) -> KafkaStore:
@@ -262,9 +281,12 @@ def from_url(url: str, **options: Any) -> KafkaStore:
             ours[k] = float(v) if k in ("write_timeout", "sweep_interval") else v
         else:
             theirs.append((k, v))
-    theirs_keys = {k for k, _ in theirs}
-    if "reconnect_timeout" not in theirs_keys:
-        theirs.append(("reconnect_timeout", "5"))  # a session request cannot wait 30 s
+    given = {k for k, _ in theirs}
+    # A session request cannot wait 30 s for a broker, nor a save half a second to read its
+    # own record back (brokers may hold a fetch for fetch.wait.max.ms even when data arrives).
+    for option, value in _DEFAULTS.items():
+        if option not in given:
+            theirs.append((option, value))
     try:
         bus = connect(parts._replace(query=urlencode(theirs)).geturl())
     except PolybusError as exc:

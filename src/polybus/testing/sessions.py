@@ -1,0 +1,379 @@
+"""The session store conformance suite: what every store must do the same way.
+
+Import it into a test module (``from polybus.testing.sessions import *``): the
+``store_case`` fixture is parametrized over :data:`STORES`, and
+``open_store(**options)`` opens a store instance on the store under test;
+several instances of one test share one backing store, as several instances
+of a service do. A missing server skips (fails under ``CI=true``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from polybus.sessions import (
+    ClientInfo,
+    SessionConflict,
+    SessionManager,
+    SessionRecord,
+    SessionStore,
+    SessionStoreUnavailable,
+    new_session_id,
+    open_store,
+)
+
+from . import servers
+from .plugin import require_server, with_options
+
+__all__ = [
+    "STORES",
+    "StoreCase",
+    "open_session_store",
+    "store_case",
+    "test_delete_ends_the_session_on_every_instance",
+    "test_expired_session_is_never_returned",
+    "test_other_instances_see_a_save",
+    "test_parallel_writers_of_different_keys_lose_no_update",
+    "test_parallel_writers_of_one_key_lose_no_update",
+    "test_round_trip_keeps_every_field",
+    "test_save_is_compare_and_set",
+    "test_store_down_raises_session_store_unavailable",
+    "test_user_index_lists_and_ends_a_users_sessions",
+    "wait_until",
+]
+
+DEADLINE = 15.0  # seconds any single wait may take before the test fails
+
+
+def wait_until(
+    condition: Callable[[], object], what: str | Callable[[], str], deadline: float = DEADLINE
+) -> None:
+    """Poll ``condition`` until it is true; fail naming ``what`` past the deadline."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            described = what if isinstance(what, str) else what()
+            pytest.fail(f"timed out after {deadline} s waiting for {described}")
+        time.sleep(0.005)
+
+
+def _wait_everywhere(
+    managers: list[SessionManager], sid: str, check: Callable[[dict[str, Any]], bool], what: str
+) -> None:
+    """Wait until the session holds data ``check`` accepts on every manager's instance."""
+    for m in managers:
+        wait_until(
+            functools.partial(_holds, m, sid, check),
+            lambda m=m: f"{what} (the session holds {m.load(sid).to_dict()})",  # type: ignore[misc]
+        )
+
+
+def _holds(m: SessionManager, sid: str, check: Callable[[dict[str, Any]], bool]) -> bool:
+    s = m.load(sid)
+    return not s.is_new and check(s.to_dict())
+
+
+def _redis_cleanup(name: str) -> None:
+    import redis
+
+    with redis.Redis.from_url(servers.redis_url()) as client:
+        keys = list(client.scan_iter(match=f"test-{name}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def _rabbitmq_cleanup(name: str) -> None:
+    servers.rabbitmq_delete_topic(f"sessions-{name}", ())
+
+
+@dataclass(frozen=True)
+class StoreCase:
+    """How to reach one session store under test."""
+
+    name: str
+    url: Callable[[Path, str], str]  #: (tmp_path, a name unique to the test) -> URL
+    unavailable: Callable[[], str | None] = lambda: None
+    #: a URL of this store whose server does not answer (None: the store has no server)
+    dead_url: Callable[[], str] | None = None
+    cleanup: Callable[[str], None] | None = None
+
+
+STORES: list[StoreCase] = [
+    StoreCase("memory", lambda tmp, name: f"memory://{name}"),
+    StoreCase("native", lambda tmp, name: f"native://{tmp / 'sessions'}"),
+    StoreCase(
+        "redis",
+        lambda tmp, name: with_options(servers.redis_url(), prefix=f"test-{name}"),
+        servers.redis_unavailable,
+        lambda: f"redis://127.0.0.1:{servers.free_port()}/0",
+        _redis_cleanup,
+    ),
+    StoreCase(
+        "kafka",
+        lambda tmp, name: f"kafka://{servers.kafka_bootstrap()}?topic=sessions-{name}",
+        servers.kafka_unavailable,
+        lambda: f"kafka://127.0.0.1:{servers.free_port()}?reconnect_timeout=1",
+    ),
+    StoreCase(
+        "rabbitmq",
+        lambda tmp, name: with_options(servers.rabbitmq_url(), topic=f"sessions-{name}"),
+        servers.rabbitmq_unavailable,
+        lambda: f"amqp://guest:guest@127.0.0.1:{servers.free_port()}/?reconnect_timeout=1",
+        _rabbitmq_cleanup,
+    ),
+]
+
+
+@pytest.fixture(params=STORES, ids=lambda case: case.name)
+def store_case(request: pytest.FixtureRequest) -> StoreCase:
+    case: StoreCase = request.param
+    require_server(case.name, case.unavailable())
+    return case
+
+
+@pytest.fixture
+def open_session_store(
+    store_case: StoreCase, tmp_path: Path
+) -> Iterator[Callable[..., SessionStore]]:
+    """A factory of store instances on one backing store; all are closed after the test."""
+    name = uuid.uuid4().hex[:12]
+    url = store_case.url(tmp_path, name)
+    opened: list[SessionStore] = []
+
+    def factory(**options: Any) -> SessionStore:
+        store = open_store(url, **options)
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in reversed(opened):
+        store.close()
+    if store_case.cleanup is not None:
+        store_case.cleanup(name)
+
+
+def record(
+    user_id: str | None = None, *, version: int = 1, ttl: float = 600.0, **data: Any
+) -> SessionRecord:
+    now = time.time()
+    return SessionRecord(
+        new_session_id(user_id),
+        user_id,
+        version,
+        now,
+        now,
+        now + ttl,
+        ClientInfo("pytest/1.0", "192.0.2.7"),
+        None,
+        data,
+    )
+
+
+@pytest.mark.parametrize("codec", ["json", "msgpack"])
+def test_round_trip_keeps_every_field(
+    open_session_store: Callable[..., SessionStore], codec: str
+) -> None:
+    store = open_session_store(codec=codec)
+    rec = record("alice", cart=["book", 2], prefs={"theme": "dark"}, n=1.5, ok=True, none=None)
+    rec = rec._replace(fingerprint="f" * 32)
+    store.save(rec)
+    assert store.load(rec.id) == rec
+    assert store.load(new_session_id()) is None  # an id never issued
+
+
+def test_save_is_compare_and_set(open_session_store: Callable[..., SessionStore]) -> None:
+    store = open_session_store()
+    rec = record(a=1)
+    store.save(rec)
+    with pytest.raises(SessionConflict) as caught:
+        store.save(rec._replace(data={"a": 2}))  # version 1 again
+    assert caught.value.current_version == 1
+    with pytest.raises(SessionConflict):
+        store.save(rec._replace(version=3))  # skips a version
+    store.save(rec._replace(version=2, data={"a": 3}))
+    loaded = store.load(rec.id)
+    assert loaded is not None
+    assert (loaded.version, loaded.data) == (2, {"a": 3})
+    with pytest.raises(SessionConflict) as caught:
+        store.save(record(version=2))  # version 2 of a session that does not exist
+    assert caught.value.current_version == 0
+
+
+def test_other_instances_see_a_save(open_session_store: Callable[..., SessionStore]) -> None:
+    first, second = open_session_store(), open_session_store()
+    rec = record("bob", step=1)
+    first.save(rec)
+    assert first.load(rec.id) == rec  # read-your-writes on the writing instance
+    wait_until(lambda: second.load(rec.id) == rec, "the save to reach the second instance")
+    second.save(rec._replace(version=2, data={"step": 2}))
+    wait_until(
+        lambda: (r := first.load(rec.id)) is not None and r.data == {"step": 2},
+        "the second instance's save to reach the first",
+    )
+
+
+def test_expired_session_is_never_returned(
+    open_session_store: Callable[..., SessionStore],
+) -> None:
+    """ASVS 7.3.1: the store itself enforces expiry, whether or not anyone deletes it."""
+    store = open_session_store()
+    rec = record("carol", ttl=0.6, a=1)
+    store.save(rec)
+    assert store.load(rec.id) == rec
+    assert [r.id for r in store.user_sessions("carol")] == [rec.id]
+    while time.time() <= rec.expires_at:
+        time.sleep(0.02)
+    assert store.load(rec.id) is None
+    assert store.user_sessions("carol") == []
+    with pytest.raises(SessionConflict):  # an expired session cannot be saved back to life
+        store.save(rec._replace(version=2, expires_at=time.time() + 600))
+
+
+def test_delete_ends_the_session_on_every_instance(
+    open_session_store: Callable[..., SessionStore],
+) -> None:
+    """ASVS 7.4.1: after termination the session cannot be used, on any instance."""
+    first, second = open_session_store(), open_session_store()
+    rec = record("dave", a=1)
+    first.save(rec)
+    wait_until(lambda: second.load(rec.id) is not None, "the save to reach the second instance")
+    assert first.delete(rec.id) is True
+    assert first.load(rec.id) is None
+    wait_until(lambda: second.load(rec.id) is None, "the delete to reach the second instance")
+    assert first.delete(rec.id) is False
+    with pytest.raises(SessionConflict):  # a late save of the old version does not revive it
+        second.save(rec._replace(version=2))
+    assert first.load(rec.id) is None
+    assert second.user_sessions("dave") == []
+
+
+def test_user_index_lists_and_ends_a_users_sessions(
+    open_session_store: Callable[..., SessionStore],
+) -> None:
+    """ASVS 7.4.2, 7.4.3, 7.5.2: list a user's sessions, end all of them or all but one."""
+    first, second = open_session_store(), open_session_store()
+    mine = [record("erin", n=i) for i in range(3)]
+    other = record("frank")
+    for rec in [*mine, other]:
+        first.save(rec)
+    assert [r.id for r in first.user_sessions("erin")] == [r.id for r in mine]
+    wait_until(lambda: len(second.user_sessions("erin")) == 3, "the index on the second instance")
+    assert second.delete_user("erin", keep=mine[0].id) == 2
+    assert [r.id for r in second.user_sessions("erin")] == [mine[0].id]
+    wait_until(lambda: first.load(mine[1].id) is None, "the deletes to reach the first instance")
+    assert first.load(mine[0].id) is not None
+    assert first.delete_user("erin") == 1
+    assert first.user_sessions("erin") == []
+    assert first.load(other.id) is not None  # another user's session is untouched
+    assert first.delete_user("nobody") == 0
+
+
+def _run_writers(count: int, work: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE * 4)
+    assert not errors, errors
+
+
+WRITERS, WRITES = 4, 15
+
+
+def test_parallel_writers_of_different_keys_lose_no_update(
+    open_session_store: Callable[..., SessionStore],
+) -> None:
+    """Parallel requests on one session, each on its own instance, each changing its own
+    key: the manager merges, and no update is lost."""
+    managers = [SessionManager(open_session_store()) for _ in range(WRITERS)]
+    session = managers[0].load(None)
+    session["start"] = True
+    assert managers[0].save(session)
+    sid = session.id
+    _wait_everywhere(managers, sid, bool, "the session to reach every instance")
+
+    def work(k: int) -> None:
+        m = managers[k]
+        for i in range(WRITES):
+            s = m.load(sid)
+            assert not s.is_new
+            s[f"writer{k}"] = i + 1
+            assert m.save(s)
+
+    _run_writers(WRITERS, work)
+
+    def none_lost(data: dict[str, Any]) -> bool:
+        return sum(WRITES - data.get(f"writer{k}", 0) for k in range(WRITERS)) == 0
+
+    _wait_everywhere(managers, sid, none_lost, f"{WRITES} writes of each writer")
+
+
+def test_parallel_writers_of_one_key_lose_no_update(
+    open_session_store: Callable[..., SessionStore],
+) -> None:
+    """Read-modify-write of one counter by parallel requests that retry on SessionConflict:
+    every increment counts. Across instances where the store is linearizable, else within
+    one instance (a replicated store settles same-key races between instances by stamp)."""
+    first = open_session_store()
+    stores = (
+        [first, *(open_session_store() for _ in range(WRITERS - 1))]
+        if first.linearizable
+        else [first] * WRITERS
+    )
+    managers = [SessionManager(s) for s in stores]
+    session = managers[0].load(None)
+    session["count"] = 0
+    assert managers[0].save(session)
+    sid = session.id
+    _wait_everywhere(managers, sid, bool, "the session to reach every instance")
+
+    def work(k: int) -> None:
+        m = managers[k]
+        for _ in range(WRITES):
+            while True:
+                s = m.load(sid)
+                s["count"] += 1
+                try:
+                    assert m.save(s)
+                    break
+                except SessionConflict:
+                    continue  # another writer came first: read again and redo
+
+    _run_writers(WRITERS, work)
+    total = WRITERS * WRITES
+    _wait_everywhere(managers, sid, lambda d: d["count"] == total, f"count == {total}")
+
+
+def test_store_down_raises_session_store_unavailable(store_case: StoreCase) -> None:
+    """A store whose server is down raises SessionStoreUnavailable, no client library error."""
+    if store_case.dead_url is None:
+        pytest.skip(f"the {store_case.name} store has no server to lose")
+    started = time.monotonic()
+    with pytest.raises(SessionStoreUnavailable):
+        _open_and_save(store_case.dead_url())
+    assert time.monotonic() - started < DEADLINE
+
+
+def _open_and_save(url: str) -> None:
+    store = open_store(url)  # a store that keeps a local view fails here already
+    try:
+        store.save(record(a=1))
+    finally:
+        store.close()
