@@ -1,0 +1,428 @@
+"""The session manager against OWASP ASVS 5.0 chapter V7: each test names the requirement.
+
+The store behaviour under it is the conformance suite's (test_sessions_store.py);
+these tests run on the memory store unless they need a real server.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from polybus import EncodeError
+from polybus.sessions import (
+    ClientInfo,
+    SessionConflict,
+    SessionManager,
+    SessionStoreUnavailable,
+    handle_of,
+    new_session_id,
+    open_sessions,
+    open_store,
+)
+from polybus.sessions import base as session_base
+from polybus.sessions.stores.memory import MemoryStore
+from polybus.testing import servers
+from polybus.testing.plugin import require_server
+
+IDLE, ABSOLUTE = 30 * 60, 8 * 3600
+BROWSER = ClientInfo("Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0", "198.51.100.23")
+
+
+class Clock:
+    """A clock the test moves; starts at the real time so stores' own expiry agrees."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts its loads (to prove a request never reached it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = 0
+
+    def load(self, session_id: str) -> Any:
+        self.loads += 1
+        return super().load(session_id)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store() -> Iterator[CountingStore]:
+    s = CountingStore()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def manager(store: CountingStore, clock: Clock) -> SessionManager:
+    return SessionManager(store, clock=clock)
+
+
+def logged_in(manager: SessionManager, user: str = "alice", **data: Any) -> Any:
+    session = manager.load(None, BROWSER)
+    session.update(data)
+    return manager.login(session, user)
+
+
+# -- 7.2 fundamental session management -------------------------------------------------
+
+
+def test_v7_2_3_ids_are_256_bits_from_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+    real = session_base.secrets.token_urlsafe
+
+    def spy(nbytes: int) -> str:
+        asked.append(nbytes)
+        return real(nbytes)
+
+    monkeypatch.setattr(session_base.secrets, "token_urlsafe", spy)
+    ids = {new_session_id() for _ in range(1000)} | {new_session_id("u") for _ in range(1000)}
+    assert len(ids) == 2000
+    assert set(asked) == {32}
+    for sid in list(ids)[:50]:
+        token = sid.rpartition(".")[2]
+        assert len(base64.urlsafe_b64decode(token + "=")) == 32  # 256 bits
+
+
+def test_v7_2_1_an_id_the_server_never_issued_is_refused(
+    manager: SessionManager, store: CountingStore
+) -> None:
+    """Session fixation: an attacker's made-up id is never adopted."""
+    planted = new_session_id()  # well formed, never stored
+    session = manager.load(planted, BROWSER)
+    assert session.is_new
+    assert session.id != planted
+    session["cart"] = ["book"]
+    assert manager.save(session)
+    assert store.load(planted) is None
+    assert manager.load(planted).id != planted
+
+
+@pytest.mark.parametrize(
+    "presented",
+    ["", "short", "x" * 44, "../../etc/passwd", "*", "abcd.{evil}" + "a" * 38, "a" * 43 + "\n"],
+)
+def test_v7_2_1_a_malformed_id_never_reaches_the_store(
+    manager: SessionManager, store: CountingStore, presented: str
+) -> None:
+    session = manager.load(presented)
+    assert session.is_new
+    assert session.id != presented
+    assert store.loads == 0
+
+
+def test_v7_2_4_login_issues_a_new_id_and_ends_the_old_one(manager: SessionManager) -> None:
+    """Session fixation: the attacker knows the victim's anonymous id; after the victim
+    logs in, that id gives the attacker nothing."""
+    anonymous = manager.load(None, BROWSER)
+    anonymous["cart"] = ["book"]
+    assert manager.save(anonymous)
+    known_to_attacker = anonymous.id
+
+    session = manager.login(manager.load(known_to_attacker, BROWSER), "alice")
+    assert session.id != known_to_attacker
+    assert session.user_id == "alice"
+    assert session["cart"] == ["book"]  # the data carries over
+    assert manager.load(session.id, BROWSER).user_id == "alice"
+    attacker = manager.load(known_to_attacker)
+    assert attacker.is_new
+    assert attacker.user_id is None
+    assert attacker.id != known_to_attacker
+
+
+def test_v7_2_4_login_again_rotates_again(manager: SessionManager, clock: Clock) -> None:
+    first = logged_in(manager)
+    clock.advance(60)
+    second = manager.login(manager.load(first.id), "alice")  # re-authentication
+    assert second.id != first.id
+    assert manager.load(first.id).is_new
+    assert second.created_at == clock.now  # a new authentication: a new absolute deadline
+
+
+def test_v7_2_4_a_privilege_change_rotates_the_id(manager: SessionManager, clock: Clock) -> None:
+    session = logged_in(manager, role="user")
+    created = session.created_at
+    clock.advance(60)
+    session["role"] = "admin"
+    elevated = manager.rotate(session)
+    assert elevated.id != session.id
+    assert (elevated.user_id, elevated["role"]) == ("alice", "admin")
+    assert elevated.created_at == created  # rotation does not extend the absolute timeout
+    assert manager.load(session.id).is_new
+    assert manager.load(elevated.id)["role"] == "admin"
+    assert not manager.save(session)  # the old object is spent
+
+
+# -- 7.3 session timeout ------------------------------------------------------------------
+
+
+def test_v7_3_1_idle_timeout(manager: SessionManager, clock: Clock) -> None:
+    session = logged_in(manager)
+    clock.advance(IDLE - 1)
+    session = manager.load(session.id)
+    assert not session.is_new
+    assert manager.save(session)  # activity: the idle deadline moves
+    clock.advance(IDLE - 1)
+    assert not manager.load(session.id).is_new
+    clock.advance(2)  # IDLE + 1 since the last activity
+    assert manager.load(session.id).is_new
+
+
+def test_v7_3_1_reads_alone_move_the_idle_deadline(manager: SessionManager, clock: Clock) -> None:
+    session = logged_in(manager)
+    version = session.version
+    clock.advance(10)  # within touch_interval: nothing is written
+    assert manager.save(manager.load(session.id))
+    assert manager.load(session.id).version == version
+    for _ in range(5):  # a request every 20 minutes keeps it alive past the idle timeout
+        clock.advance(20 * 60)
+        s = manager.load(session.id)
+        assert not s.is_new
+        assert manager.save(s)
+    assert manager.load(session.id).version > version
+
+
+def test_v7_3_2_absolute_timeout_ends_an_active_session(
+    manager: SessionManager, clock: Clock
+) -> None:
+    session = logged_in(manager)
+    for _ in range(ABSOLUTE // 600 - 1):  # active every 10 minutes for almost 8 hours
+        clock.advance(600)
+        s = manager.load(session.id)
+        assert not s.is_new
+        s["tick"] = clock.now
+        assert manager.save(s)
+    clock.advance(600)
+    assert manager.load(session.id).is_new
+
+
+def test_v7_3_timeouts_are_validated() -> None:
+    with pytest.raises(ValueError, match="idle_timeout"):
+        SessionManager("memory://", idle_timeout=3600, absolute_timeout=60)
+    with pytest.raises(ValueError, match="touch_interval"):
+        SessionManager("memory://", idle_timeout=60, touch_interval=60)
+
+
+# -- 7.4 session termination --------------------------------------------------------------
+
+
+def test_v7_4_1_logout_destroys_the_session_server_side(
+    manager: SessionManager, store: CountingStore
+) -> None:
+    session = logged_in(manager)
+    other_request = manager.load(session.id)  # a request still running during the logout
+    manager.logout(session)
+    assert store.load(session.id) is None
+    assert manager.load(session.id).is_new
+    other_request["late"] = True
+    assert manager.save(other_request) is False  # a late save does not bring it back
+    assert store.load(session.id) is None
+
+
+def test_v7_4_2_and_7_4_5_end_every_session_of_a_disabled_user(manager: SessionManager) -> None:
+    sessions = [logged_in(manager, "mallory") for _ in range(3)]
+    bystander = logged_in(manager, "bob")
+    assert manager.logout_everywhere("mallory") == 3
+    assert all(manager.load(s.id).is_new for s in sessions)
+    assert manager.sessions_of("mallory") == []
+    assert not manager.load(bystander.id).is_new
+
+
+def test_v7_4_3_end_every_other_session_after_a_password_change(
+    manager: SessionManager,
+) -> None:
+    current, *others = [logged_in(manager) for _ in range(3)]
+    assert manager.logout_others(current) == 2
+    assert not manager.load(current.id).is_new
+    assert all(manager.load(s.id).is_new for s in others)
+    assert manager.logout_others(manager.load(None)) == 0  # anonymous: nothing to end
+
+
+def test_v7_5_2_list_and_end_ones_own_sessions(manager: SessionManager, clock: Clock) -> None:
+    laptop = manager.login(manager.load(None, BROWSER), "alice")
+    clock.advance(5)
+    phone_client = ClientInfo("Mobile Safari/605.1", "203.0.113.9")
+    phone = manager.login(manager.load(None, phone_client), "alice")
+    listed = manager.sessions_of("alice")
+    assert [i.client for i in listed] == [BROWSER, phone_client]
+    assert [i.created_at for i in listed] == [laptop.created_at, phone.created_at]
+    assert all(i.last_seen >= i.created_at for i in listed)
+    # the list never shows an id (a credential), only a handle
+    assert laptop.id not in repr(listed)
+    assert phone.id not in repr(listed)
+    assert laptop.id not in repr(laptop)
+    assert listed[1].handle == handle_of(phone.id)
+    assert manager.end_session("alice", listed[1].handle) is True
+    assert manager.load(phone.id).is_new
+    assert not manager.load(laptop.id).is_new
+    assert manager.end_session("alice", listed[1].handle) is False
+
+
+# -- data, conflicts, binding, store failures ---------------------------------------------
+
+
+def test_concurrent_requests_merge_different_keys(manager: SessionManager) -> None:
+    session = logged_in(manager, n=0)
+    a, b = manager.load(session.id), manager.load(session.id)
+    a["theme"] = "dark"
+    b["lang"] = "fr"
+    del b["n"]
+    assert manager.save(a)
+    assert manager.save(b)
+    assert manager.load(session.id).to_dict() == {"theme": "dark", "lang": "fr"}
+    assert b.to_dict() == {"theme": "dark", "lang": "fr"}  # the saved object holds the merge
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("ours", 2), ("theirs", 1)])
+def test_a_real_conflict_follows_the_policy(
+    store: CountingStore, clock: Clock, policy: Any, expected: int
+) -> None:
+    manager = SessionManager(store, clock=clock, on_conflict=policy)
+    session = logged_in(manager, n=0)
+    first, second = manager.load(session.id), manager.load(session.id)
+    first["n"] = 1
+    second["n"] = 2
+    second["other"] = True
+    assert manager.save(first)
+    assert manager.save(second)
+    assert manager.load(session.id).to_dict() == {"n": expected, "other": True}
+
+
+def test_a_real_conflict_raises_by_default_and_writes_nothing(manager: SessionManager) -> None:
+    session = logged_in(manager, n=0)
+    first, second = manager.load(session.id), manager.load(session.id)
+    first["n"] = 1
+    second["n"] = 2
+    second["other"] = True
+    assert manager.save(first)
+    with pytest.raises(SessionConflict, match="'n'"):
+        manager.save(second)
+    assert manager.load(session.id).to_dict() == {"n": 1}
+
+
+def test_an_empty_anonymous_session_is_not_stored(
+    manager: SessionManager, store: CountingStore
+) -> None:
+    session = manager.load(None)
+    assert manager.save(session) is False
+    assert store.load(session.id) is None
+
+
+def test_data_is_json_or_msgpack_never_pickle(manager: SessionManager) -> None:
+    session = logged_in(manager)
+    session["when"] = {1, 2}  # a set: neither JSON nor msgpack
+    with pytest.raises(EncodeError, match="JSON"):
+        manager.save(session)
+    with open_sessions("memory://?codec=msgpack") as packed:
+        s = packed.load(None)
+        s["raw"] = b"\x00\xff"  # msgpack keeps bytes
+        assert packed.save(s)
+        assert packed.load(s.id)["raw"] == b"\x00\xff"
+
+
+def test_an_undecodable_session_yields_a_new_session_and_a_warning(
+    manager: SessionManager, store: CountingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = logged_in(manager)
+    item = store._table.view.items[session.id]
+    store._table.view.put(session.id, item._replace(payload=b"\x80garbage"))  # damaged bytes
+    with caplog.at_level(logging.WARNING, logger="polybus.sessions"):
+        fresh = manager.load(session.id)
+    assert fresh.is_new
+    assert fresh.id != session.id
+    assert "could not be decoded" in caplog.text
+    assert session.id not in caplog.text  # the id is a credential: never logged
+
+
+def test_an_undecodable_session_in_redis(caplog: pytest.LogCaptureFixture) -> None:
+    require_server("redis", servers.redis_unavailable())
+    import redis
+
+    prefix = f"test-{new_session_id()[:8]}"
+    with SessionManager(f"{servers.redis_url()}?prefix={prefix}") as manager:
+        session = logged_in(manager)
+        raw = redis.Redis.from_url(servers.redis_url())
+        key = f"{prefix}:{{{session.id.partition('.')[0]}}}:s:{session.id}"
+        assert raw.exists(key)
+        raw.set(key, b"1:[1,2,3]")  # a plain client wrote something else there
+        with caplog.at_level(logging.WARNING, logger="polybus.sessions"):
+            assert manager.load(session.id).is_new
+        assert "could not be decoded" in caplog.text
+        assert not raw.exists(key)  # the damaged session is removed
+        raw.close()
+
+
+def test_binding_to_the_client_ends_a_session_presented_elsewhere(
+    store: CountingStore, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = SessionManager(store, clock=clock, bind_user_agent=True, bind_ip=True)
+    session = manager.login(manager.load(None, BROWSER), "alice")
+    same_subnet = BROWSER._replace(ip="198.51.100.200")
+    assert not manager.load(session.id, same_subnet).is_new  # /24 kept: a NAT pool
+    stolen = ClientInfo(BROWSER.user_agent, "192.0.2.50")  # the cookie used from elsewhere
+    with caplog.at_level(logging.WARNING, logger="polybus.sessions"):
+        assert manager.load(session.id, stolen).is_new
+    assert "another client" in caplog.text
+    assert manager.load(session.id, BROWSER).is_new  # ended, not just refused
+    other = manager.login(manager.load(None, BROWSER), "alice")
+    assert manager.load(other.id, BROWSER._replace(user_agent="curl/8.0")).is_new
+
+
+def test_store_down_fails_closed_by_default() -> None:
+    dead = f"redis://127.0.0.1:{servers.free_port()}/0"
+    with SessionManager(dead) as manager, pytest.raises(SessionStoreUnavailable, match="Redis"):
+        manager.load(new_session_id())
+    with SessionManager(dead) as manager:
+        session = manager.new()
+        session["a"] = 1
+        with pytest.raises(SessionStoreUnavailable):
+            manager.save(session)
+
+
+def test_store_down_fail_open_serves_an_unsaved_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead = f"redis://127.0.0.1:{servers.free_port()}/0"
+    with (
+        SessionManager(dead, on_unavailable="fail_open") as manager,
+        caplog.at_level(logging.WARNING, logger="polybus.sessions"),
+    ):
+        presented = new_session_id()
+        session = manager.load(presented)
+        assert session.is_new
+        assert session.transient
+        assert session.id != presented
+        session["a"] = 1
+        assert manager.save(session) is False
+        with pytest.raises(SessionStoreUnavailable):  # termination must be confirmed
+            manager.logout_everywhere("alice")
+    assert "unavailable" in caplog.text
+
+
+def test_open_store_names_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="scheme"):
+        open_store("postgres://localhost/db")
+    with pytest.raises(ValueError, match="expected scheme"):
+        open_store("localhost:6379")
+    with pytest.raises(ValueError, match="codec"):
+        open_store("memory://?codec=pickle")
+    with pytest.raises(ValueError, match="unknown option"):
+        open_store("memory://?ttl=5")
