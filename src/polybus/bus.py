@@ -54,6 +54,10 @@ def connect(url: str | Backend | object, *, default_partitions: int = 4) -> Bus:
     return Bus(open_backend(url), default_partitions=default_partitions)
 
 
+_new_message = Message.__new__
+_MISSING = Message._MISSING
+
+
 def _key_bytes(key: object, headers: list[tuple[str, str]]) -> bytes | None:
     if key is None or type(key) is bytes:
         if key is not None:
@@ -69,7 +73,13 @@ def _key_bytes(key: object, headers: list[tuple[str, str]]) -> bytes | None:
 
 def _to_out(message: Message, not_before_ms: int) -> OutRecord:
     value, content_type = message._value, message.content_type
-    if content_type is None and type(value) is bytes:
+    if value is _MISSING:  # received and never decoded: forward the payload as it came
+        assert message.payload is not None
+        payload = message.payload
+        headers = [(MESSAGE_ID, message.id)]
+        if content_type is not None:
+            headers.append((CONTENT_TYPE, content_type))
+    elif content_type is None and type(value) is bytes:
         payload = value  # bytes need no content-type header: its absence means bytes
         headers = [(MESSAGE_ID, message.id)]
     else:
@@ -100,10 +110,6 @@ def _value_out(value: Any, ts_ms: int, stamp: tuple[str, str], not_before_ms: in
     payload, content_type = encode(value)
     headers = ((MESSAGE_ID, uuid7()), (CONTENT_TYPE, content_type), stamp)
     return OutRecord(payload, None, headers, ts_ms, not_before_ms)
-
-
-_new_message = Message.__new__
-_MISSING = Message._MISSING
 
 
 def _to_message(record: InRecord) -> Message:
@@ -448,6 +454,16 @@ class Bus:
         ]
         if not records:
             return []
+        self._ensure(topic)
+        return self.backend.publish(topic, records)
+
+    def _publish_records(self, topic: str, records: Sequence[OutRecord]) -> list[Receipt]:
+        """Publish records built by a pattern (envelope and all) as they are."""
+        self._check()
+        if not records:
+            return []
+        if Capability.DELAY not in self.capabilities and any(r.not_before_ms for r in records):
+            raise CapabilityError("this backend cannot delay delivery")
         self._ensure(topic)
         return self.backend.publish(topic, records)
 

@@ -44,14 +44,15 @@ def _dump_json(value: Any) -> bytes:
 def encode(value: Any, content_type: str | None = None) -> tuple[bytes, str]:
     """Encode ``value`` and return ``(payload, content_type)``.
 
-    Without a content type: bytes pass through, str is UTF-8 text, anything
-    else (dicts, lists, numbers, pydantic models) is JSON. Raises
+    Bytes pass through as the payload, under ``content_type`` if given (an
+    already-encoded value). Without a content type, str is UTF-8 text and
+    anything else (dicts, lists, numbers, pydantic models) is JSON. Raises
     :class:`EncodeError` naming the type when the value cannot be encoded.
     """
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value), content_type or BYTES
     try:
         if content_type is None:
-            if isinstance(value, bytes | bytearray | memoryview):
-                return bytes(value), BYTES
             if isinstance(value, str):
                 return value.encode(), TEXT
             return _dump_json(value), JSON
@@ -60,8 +61,6 @@ def encode(value: Any, content_type: str | None = None) -> tuple[bytes, str]:
             return _dump_json(value), content_type
         if base == MSGPACK:
             return msgpack.packb(value, default=_json_default), content_type
-        if isinstance(value, bytes | bytearray | memoryview):
-            return bytes(value), content_type
         if isinstance(value, str):
             return value.encode(), content_type
     except (TypeError, ValueError, OverflowError) as exc:

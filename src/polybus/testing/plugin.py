@@ -171,18 +171,28 @@ def proxied(backend: BackendCase) -> Iterator[Proxied]:
                 bus.close()
 
 
-#: the group names the conformance suite uses (so their RabbitMQ queues can be deleted)
-GROUPS = ("g", "h", "workers", "billing", "shipping", "email")
+#: the group names the conformance suites use (so their RabbitMQ queues can be deleted)
+GROUPS = (
+    "g", "h", "workers", "billing", "shipping", "email", "payment", "inventory", "responders"
+)  # fmt: skip
+
+
+def derived_topics(topic: str) -> list[str]:
+    """``topic`` and the topics the patterns make for it: retries, dead letters, replies."""
+    derived = [f"{topic}.{g}.{kind}" for g in GROUPS for kind in ("retry", "dlq")]
+    return [topic, *derived, f"{topic}.replies"]
 
 
 @pytest.fixture
 def topic(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A topic name no other test uses (its Redis keys are deleted afterwards)."""
+    """A topic name no other test uses (its broker objects are deleted afterwards)."""
     name = f"t-{uuid.uuid4().hex[:12]}"
     yield name
     callspec = getattr(request.node, "callspec", None)
     case = callspec.params.get("backend") if callspec else None
     if isinstance(case, BackendCase) and case.name == "redis":
-        servers.redis_delete_topic(name)
+        for t in derived_topics(name):
+            servers.redis_delete_topic(t)
     elif isinstance(case, BackendCase) and case.name == "rabbitmq":
-        servers.rabbitmq_delete_topic(name, GROUPS)
+        for t in derived_topics(name):
+            servers.rabbitmq_delete_topic(t, (*GROUPS, t))

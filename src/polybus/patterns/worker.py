@@ -1,0 +1,762 @@
+"""Handlers and the workers that run them: retries, dead letters, guarantees, graceful stop.
+
+>>> app = App()
+>>> @app.consumer("orders", group="billing", retry=RetryPolicy(max_attempts=3))
+... def bill(delivery):
+...     charge(delivery.message.value)
+
+``Worker(app, "native:///var/lib/app/bus").run()`` (or ``polybus worker
+module:app``) runs every handler until SIGTERM or SIGINT, then stops
+gracefully: it takes no new messages, lets the handlers finish what they
+started (up to ``stop_timeout``), commits and leaves the groups.
+
+A handler takes a :class:`~polybus.Delivery`; settling it is the worker's job.
+It may return an :class:`Output` (or several) to publish as a consequence of
+the message; each output's id is derived from the input's id and position, so
+a handler run twice for one input publishes the same ids twice, which an inbox
+downstream drops.
+
+Delivery guarantees, per consumer:
+
+- ``at-least-once`` (default): the message is acked after the handler and its
+  outputs succeeded; a crash before that delivers it again.
+- ``at-most-once``: the batch is acked and committed before the handlers run;
+  a failure goes to the dead-letter topic (if enabled), never to a retry.
+- ``exactly-once``: at-least-once delivery, with either an ``inbox`` (the
+  handler's effects happen once where the inbox's entry and the effects commit
+  together: an SQL inbox; otherwise once per successful run) or
+  ``transactional=True`` on a backend with transactions, where outputs,
+  retries and the input's ack commit atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import http.server
+import itertools
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+from ..adapters.base import Capability, OutRecord
+from ..bus import Bus, BusTransaction, Subscriber, _to_out, connect
+from ..errors import ClosedError, ConfigurationError, DecodeError, FencedError, PolybusError
+from ..message import Delivery, Message
+from .dlq import dead_letter_copy, dead_letter_topic
+from .inbox import Inbox
+from .retry import DUE, NO_RETRY, RetryPolicy, retry_copy, retry_topic
+
+__all__ = ["App", "Consumer", "Guarantee", "Output", "Worker"]
+
+log = logging.getLogger("polybus.worker")
+
+Guarantee = Literal["at-most-once", "at-least-once", "exactly-once"]
+Handler = Callable[[Delivery], Any]
+#: how a handler is called: ``invoke(handler, delivery)``; async handlers use another
+Invoke = Callable[[Handler, Delivery], Any]
+
+_IDLE_WAIT = 0.25  # seconds a fetch waits when nothing is due sooner
+
+
+class Output(NamedTuple):
+    """A message a handler returns, to be published because of the one it handled."""
+
+    topic: str
+    value: Any
+    key: str | bytes | None = None
+    headers: Mapping[str, str] | None = None
+    content_type: str | None = None
+
+
+def derived_id(parent: str, n: int) -> str:
+    """A message id fixed by ``parent``'s id and ``n``: the same on every run."""
+    h = hashlib.sha256(f"{parent}/{n}".encode()).hexdigest()
+    # version 8 (RFC 9562 custom), variant 10
+    return f"{h[:8]}-{h[8:12]}-8{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+
+
+def _outputs(result: Any, cause: Message) -> list[tuple[str, OutRecord]]:
+    if result is None:
+        return []
+    items = [result] if isinstance(result, Output) else result
+    if not isinstance(items, list | tuple):
+        items = [items]
+    out = []
+    for n, item in enumerate(items):
+        if not isinstance(item, Output):
+            raise ConfigurationError(
+                f"a handler returns None, an Output or a list of Outputs, not {type(item).__name__}"
+            )
+        message = Message(
+            item.value,
+            key=item.key,
+            headers=item.headers,
+            content_type=item.content_type,
+            id=derived_id(cause.id, n),
+            correlation_id=cause.correlation_id or cause.id,
+            causation_id=cause.id,
+        )
+        out.append((item.topic, _to_out(message, 0)))
+    return out
+
+
+def _call(handler: Handler, delivery: Delivery) -> Any:
+    return handler(delivery)
+
+
+@dataclass
+class Stats:
+    """What one consumer did since it started."""
+
+    processed: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    last_error: str | None = None
+    last_poll: float = field(default_factory=time.monotonic)
+
+
+class _Lane:
+    """One handler thread; a key always goes to the same lane, so it keeps its order."""
+
+    def __init__(self, consumer: Consumer, n: int) -> None:
+        self.jobs: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(
+            target=self._run, args=(consumer,), name=f"polybus-{consumer.name}-{n}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, consumer: Consumer) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                consumer._run(job)
+            finally:
+                consumer._done()
+
+
+class Consumer:
+    """One handler over one topic's group: fetch, handle, retry, dead-letter, settle.
+
+    ``concurrency`` handler threads run at once; messages of one key go to
+    one thread in order. ``strict_order=True`` keeps per-key order through
+    failures too: a failed message's later messages of the same key wait for
+    its retry (held in memory, unacked, so a crash delivers them again), while
+    other keys go on. Without it, a retry goes to the retry topic and the
+    messages behind it do not wait. See the module docstring for guarantees.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        topic: str,
+        handler: Handler,
+        *,
+        group: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008  # frozen, so sharing one is safe
+        dead_letters: bool = True,
+        inbox: Inbox | None = None,
+        guarantee: Guarantee = "at-least-once",
+        transactional: bool = False,
+        concurrency: int = 1,
+        strict_order: bool = False,
+        model: Any = None,
+        batch: int = 100,
+        session_timeout: float = 10.0,
+        max_held: int = 1000,
+        invoke: Invoke = _call,
+    ) -> None:
+        if guarantee not in ("at-most-once", "at-least-once", "exactly-once"):
+            raise ConfigurationError(
+                f"guarantee must be at-most-once, at-least-once or exactly-once, not {guarantee!r}"
+            )
+        if guarantee == "exactly-once" and inbox is None and not transactional:
+            raise ConfigurationError(
+                "exactly-once needs an inbox (inbox=...) or transactional=True on a backend "
+                "with transactions"
+            )
+        if transactional:
+            if Capability.TRANSACTIONS not in bus.capabilities:
+                raise ConfigurationError(
+                    "transactional=True needs a backend with transactions (native, memory, "
+                    "Kafka); use an inbox for exactly-once here"
+                )
+            if concurrency != 1 or strict_order:
+                raise ConfigurationError(
+                    "a transactional consumer runs one transaction at a time: "
+                    "use concurrency=1 and no strict_order, and run more worker processes"
+                )
+        if concurrency < 1 or batch < 1 or max_held < 1:
+            raise ConfigurationError("concurrency, batch and max_held must be at least 1")
+        self.bus = bus
+        self.topic = topic
+        self.handler = handler
+        self.group: str = group or str(getattr(handler, "__name__", "handler"))
+        self.name = f"{topic}:{self.group}"
+        self.retry = NO_RETRY if guarantee == "at-most-once" else retry
+        self.dead_letters = dead_letters
+        self.inbox = inbox
+        self.guarantee = guarantee
+        self.transactional = transactional
+        self.concurrency = concurrency
+        self.strict_order = strict_order
+        self.model = model
+        self.batch = batch
+        self.session_timeout = session_timeout
+        self.max_held = max_held
+        self.invoke = invoke
+        self.stats = Stats()
+        self.retry_topic = retry_topic(topic, self.group)
+        self.dead_letter_topic = dead_letter_topic(topic, self.group)
+        self._held_by_backend = Capability.DELAY in bus.capabilities
+        self._main: Subscriber | None = None
+        self._retries: Subscriber | None = None
+        self._lanes: list[_Lane] = []
+        self._turn = itertools.count()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0
+        self._held: list[tuple[int, int, Delivery]] = []  # (due ms, seq, delivery): a heap
+        self._seq = itertools.count()
+        self._blocked: dict[str | bytes, deque[Delivery]] = {}  #: strict order: key -> waiting
+        self._retrying: set[int] = set()  #: strict order: id() of deliveries held for a retry
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> Consumer:
+        """Declare the topics and groups, subscribe, start the handler threads."""
+        bus = self.bus
+        bus.declare(self.topic, groups=[self.group])
+        bus.declare(self.retry_topic, groups=[self.retry_topic])
+        if self.dead_letters:
+            bus.declare(self.dead_letter_topic, partitions=1, groups=[self.dead_letter_topic])
+        self._main = bus.subscribe(
+            self.topic, self.group, session_timeout=self.session_timeout, model=self.model
+        )
+        # The retry topic is read by a group of its own name (Kafka group ids are global).
+        self._retries = bus.subscribe(
+            self.retry_topic,
+            self.retry_topic,
+            session_timeout=self.session_timeout,
+            model=self.model,
+        )
+        if self.concurrency > 1:
+            self._lanes = [_Lane(self, n) for n in range(self.concurrency)]
+        return self
+
+    def poll(self, timeout: float = _IDLE_WAIT) -> int:
+        """Fetch once from the topic and the retry topic and hand out what is due; return
+        how many deliveries started. Waits at most ``timeout`` for the first."""
+        main, retries = self._main, self._retries
+        if main is None or retries is None:
+            raise ClosedError(f"consumer {self.name} is not started (or stopped)")
+        self.stats.last_poll = time.monotonic()
+        started = self._release_due()
+        if self._backlog() < self.max_held:
+            wait = max(0.0, min(timeout, self._until_next_due()))
+            batch = main.fetch(self.batch, timeout=0.0 if started else wait)
+            started += self._take(main, batch)
+            if self._backlog() < self.max_held:
+                started += self._take_retries(retries.fetch(self.batch, timeout=0.0))
+        elif not started:  # full: wait for what is held to come due, or for handlers
+            time.sleep(min(timeout, self._until_next_due()))
+        return started
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set. A backend error is logged and polling goes on."""
+        while not stop.is_set():
+            try:
+                self.poll()
+            except ClosedError:
+                if stop.is_set() or self._stopping:
+                    return
+                raise
+            except PolybusError as exc:
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("consumer %s: %s; polling again", self.name, exc)
+                stop.wait(0.5)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Let started handlers finish (up to ``timeout`` seconds), commit, leave the groups.
+
+        Messages fetched but not started, and held retries, stay unacked and go
+        to the group again. Returns False if handlers were still running at the
+        deadline (their messages are delivered again too). Idempotent.
+        """
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._inflight and time.monotonic() < deadline:
+                self._idle.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+            finished = self._inflight == 0
+            self._held.clear()
+            self._blocked.clear()
+        for lane in self._lanes:
+            lane.jobs.put(None)
+        for sub in (self._main, self._retries):
+            if sub is not None:
+                try:
+                    sub.close()
+                except PolybusError as exc:
+                    log.warning("consumer %s: closing: %s", self.name, exc)
+        self._main = self._retries = None
+        if not finished:
+            log.warning("consumer %s: handlers still running after %.0f s", self.name, timeout)
+        return finished
+
+    # -- handing out -------------------------------------------------------------
+
+    def _backlog(self) -> int:
+        return self._inflight + len(self._held)
+
+    def _until_next_due(self) -> float:
+        with self._lock:
+            if not self._held:
+                return _IDLE_WAIT
+            return max(0.0, self._held[0][0] / 1000 - time.time())
+
+    def _take(self, sub: Subscriber, batch: list[Delivery]) -> int:
+        if not batch:
+            return 0
+        if self.guarantee == "at-most-once":
+            sub.ack(batch)
+            sub.commit()
+        if self.transactional:
+            self._run_transaction(sub, batch)
+            return len(batch)
+        for d in batch:
+            if self._stopping:
+                break  # not started: unacked, so the group delivers it again
+            self._start(d)
+        return len(batch)
+
+    def _take_retries(self, batch: list[Delivery]) -> int:
+        now_ms = int(time.time() * 1000)
+        due_now = []
+        for d in batch:
+            due = d.header(DUE)
+            if due is not None and due.isdigit() and int(due) > now_ms:
+                with self._lock:
+                    heapq.heappush(self._held, (int(due), next(self._seq), d))
+            else:
+                due_now.append(d)
+        assert self._retries is not None
+        return self._take(self._retries, due_now)
+
+    def _release_due(self) -> int:
+        now_ms = int(time.time() * 1000)
+        due: list[Delivery] = []
+        with self._lock:
+            while self._held and self._held[0][0] <= now_ms:
+                due.append(heapq.heappop(self._held)[2])
+        if not due:
+            return 0
+        if self.transactional:
+            assert self._retries is not None
+            self._run_transaction(self._retries, due)
+        else:
+            for d in due:
+                self._start(d)
+        return len(due)
+
+    def _start(self, d: Delivery) -> None:
+        with self._lock:
+            self._inflight += 1
+        if not self._lanes:
+            try:
+                self._run(d)
+            finally:
+                self._done()
+            return
+        key = d._record.key
+        n = hash(key) if key is not None else next(self._turn)
+        self._lanes[n % len(self._lanes)].jobs.put(d)
+
+    def _done(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.notify_all()
+
+    # -- handling ----------------------------------------------------------------
+
+    def _run(self, d: Delivery) -> None:
+        """Handle one delivery and settle it (in the poller or a lane thread)."""
+        if self._stopping:
+            return  # not started: unacked, so the group delivers it again
+        key = d._record.key
+        if self.strict_order and key is not None:
+            with self._lock:
+                waiting = self._blocked.get(key)
+                if waiting is not None and id(d) not in self._retrying:
+                    waiting.append(d)  # an earlier message of this key waits for its retry
+                    return
+        if self._handle(d) and self.strict_order and key is not None:
+            self._drain(key)
+
+    def _handle(self, d: Delivery) -> bool:
+        """Run the handler; settle. False when ``d`` is held for a strict-order retry."""
+        ran = True
+        try:
+            message = d.message
+            message.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
+            if self.inbox is not None:
+                ran, _ = self.inbox.process(
+                    self.group, message.id, lambda: self._call_and_publish(d)
+                )
+            else:
+                self._call_and_publish(d)
+        except Exception as exc:
+            return self._failed(d, exc)
+        if self.guarantee != "at-most-once":
+            d.ack()
+        self._count("processed" if ran else "duplicates")
+        self._retrying.discard(id(d))
+        return True
+
+    def _count(self, name: str, n: int = 1, error: BaseException | None = None) -> None:
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+            if error is not None:
+                self.stats.last_error = f"{type(error).__name__}: {error}"
+
+    def _call_and_publish(self, d: Delivery) -> None:
+        outputs = _outputs(self.invoke(self.handler, d), d.message)
+        for topic, record in outputs:
+            self.bus._publish_records(topic, [record])
+
+    def _failed(self, d: Delivery, exc: Exception) -> bool:
+        self._count("failed", error=exc)
+        attempt = d.attempt
+        undecodable = isinstance(exc, DecodeError)
+        key = d._record.key
+        try:
+            if self.retry.retries(exc, attempt):
+                delay = self.retry.delay(attempt, exc)
+                if self.strict_order and key is not None:
+                    self._hold(d, key, delay)
+                    self._count("retried")
+                    return False
+                due_ms = int((time.time() + delay) * 1000)
+                copy = retry_copy(
+                    d._record,
+                    exc,
+                    attempt=attempt + 1,
+                    due_ms=due_ms,
+                    held_by_backend=self._held_by_backend,
+                )
+                self.bus._publish_records(self.retry_topic, [copy])
+                self._count("retried")
+                log.info(
+                    "%s: attempt %d failed (%s); retry in %.1f s", self.name, attempt, exc, delay
+                )
+            elif self.dead_letters:
+                reason = (
+                    "undecodable"
+                    if undecodable
+                    else "exhausted"
+                    if attempt >= self.retry.max_attempts
+                    else "not-retryable"
+                )
+                copy = dead_letter_copy(
+                    d._record, exc, group=self.group, attempts=attempt, reason=reason
+                )
+                self.bus._publish_records(self.dead_letter_topic, [copy])
+                self._count("dead_lettered")
+                log.warning("%s: gave up on %s (%s): %s", self.name, d.message.id, reason, exc)
+            else:
+                log.error("%s: dropped %s after attempt %d: %s", self.name, d.offset, attempt, exc)
+        except PolybusError as publish_error:
+            # Could not record the failure: hand the message back to the group instead.
+            log.warning("%s: could not route a failed message: %s", self.name, publish_error)
+            self._settle_quietly(d, requeue=True)
+            return True
+        self._retrying.discard(id(d))
+        self._settle_quietly(d, requeue=None)
+        return True
+
+    def _settle_quietly(self, d: Delivery, *, requeue: bool | None) -> None:
+        try:
+            if requeue is None:
+                if self.guarantee != "at-most-once":
+                    d.ack()
+            else:
+                d.nack(requeue=requeue)
+        except PolybusError as exc:  # closed meanwhile: the group delivers it again
+            log.info("%s: could not settle %s: %s", self.name, d.offset, exc)
+
+    # -- strict per-key order ----------------------------------------------------
+
+    def _hold(self, d: Delivery, key: str | bytes, delay: float) -> None:
+        due_ms = int((time.time() + delay) * 1000)
+        d._record.attempt += 1  # the next try is counted as a redelivery is
+        with self._lock:
+            self._retrying.add(id(d))
+            self._blocked.setdefault(key, deque())
+            heapq.heappush(self._held, (due_ms, next(self._seq), d))
+
+    def _drain(self, key: str | bytes) -> None:
+        """After ``key``'s held message settled, run the ones that waited behind it."""
+        while True:
+            with self._lock:
+                waiting = self._blocked.get(key)
+                if not waiting:
+                    self._blocked.pop(key, None)
+                    return
+                d = waiting.popleft()
+            if not self._handle(d):
+                return  # failed again: it is held, the rest keep waiting
+
+    # -- transactions ------------------------------------------------------------
+
+    def _run_transaction(self, sub: Subscriber, batch: list[Delivery]) -> None:
+        """Handle ``batch`` in one transaction: outputs, retries and acks commit together."""
+        with self._lock:
+            self._inflight += 1
+        try:
+            tx = self.bus.transaction(sub)
+            try:
+                for d in batch:
+                    self._handle_in(tx, d)
+                tx.commit()
+            except FencedError as exc:
+                log.info("%s: transaction fenced (%s); the input moved on", self.name, exc)
+                return
+            except BaseException:
+                tx.abort()
+                raise
+            self._count("processed", len(batch))
+        finally:
+            self._done()
+
+    def _handle_in(self, tx: BusTransaction, d: Delivery) -> None:
+        try:
+            message = d.message
+            message.value  # noqa: B018
+            for topic, record in _outputs(self.invoke(self.handler, d), message):
+                self.bus._ensure(topic)
+                tx._tx.publish(topic, [record])
+        except Exception as exc:
+            self._count("failed", error=exc)
+            attempt = d.attempt
+            if self.retry.retries(exc, attempt):
+                delay = self.retry.delay(attempt, exc)
+                copy = retry_copy(
+                    d._record,
+                    exc,
+                    attempt=attempt + 1,
+                    due_ms=int((time.time() + delay) * 1000),
+                    held_by_backend=self._held_by_backend,
+                )
+                tx._tx.publish(self.retry_topic, [copy])
+                self._count("retried")
+            elif self.dead_letters:
+                reason = "undecodable" if isinstance(exc, DecodeError) else "exhausted"
+                copy = dead_letter_copy(
+                    d._record, exc, group=self.group, attempts=attempt, reason=reason
+                )
+                tx._tx.publish(self.dead_letter_topic, [copy])
+                self._count("dead_lettered")
+        tx.ack(d)
+
+
+# -- apps and workers ---------------------------------------------------------------
+
+
+@dataclass
+class _Registration:
+    topic: str
+    handler: Handler
+    options: dict[str, Any]
+
+
+class App:
+    """A set of handlers, registered with :meth:`consumer`; run by a :class:`Worker`.
+
+    ``url`` is the bus a worker connects to when it is given none.
+    """
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url
+        self.registrations: list[_Registration] = []
+
+    def consumer(
+        self, topic: str, *, group: str | None = None, **options: Any
+    ) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of ``topic`` for ``group``
+        (default: the function's name). ``options`` are :class:`Consumer`'s."""
+
+        def register(handler: Handler) -> Handler:
+            self.registrations.append(
+                _Registration(topic, handler, {"group": group or handler.__name__, **options})
+            )
+            return handler
+
+        return register
+
+    def responder(
+        self, topic: str, *, group: str = "responders", **options: Any
+    ) -> Callable[[Handler], Handler]:
+        """Register the decorated function (sync or async) as the responder of requests
+        on ``topic``: its return value, or the exception it raises, is the reply.
+        ``options`` are :class:`Consumer`'s (no retries: a failure is the reply)."""
+        from .request_reply import responder  # a pattern built on this module
+
+        def register(handler: Handler) -> Handler:
+            self.registrations.append(
+                _Registration(
+                    topic,
+                    responder(handler),
+                    {"group": group, "retry": NO_RETRY, "dead_letters": False, **options},
+                )
+            )
+            return handler
+
+        return register
+
+    def run(self, url: str | None = None, **options: Any) -> None:
+        """Run every handler in this process until SIGTERM or SIGINT (see :class:`Worker`)."""
+        Worker(self, url, **options).run()
+
+
+class Worker:
+    """Runs an :class:`App`'s consumers, one polling thread each, until stopped.
+
+    ``bus`` is a :class:`Bus`, a URL, or None for the app's URL. ``stop_timeout``
+    bounds how long :meth:`stop` waits for running handlers.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        bus: Bus | str | None = None,
+        *,
+        stop_timeout: float = 30.0,
+        invoke: Invoke = _call,
+    ) -> None:
+        target = bus if bus is not None else app.url
+        if target is None:
+            raise ConfigurationError("no bus to run on: pass a Bus or URL, or App(url=...)")
+        self._own_bus = not isinstance(target, Bus)
+        self.bus = connect(target) if isinstance(target, str) else target
+        self.stop_timeout = stop_timeout
+        self.consumers = [
+            Consumer(self.bus, r.topic, r.handler, invoke=invoke, **r.options)
+            for r in app.registrations
+        ]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._health: http.server.ThreadingHTTPServer | None = None
+        self.stopped = threading.Event()
+
+    def start(self) -> Worker:
+        """Subscribe every consumer and start polling; returns at once."""
+        for consumer in self.consumers:
+            consumer.start()
+            thread = threading.Thread(
+                target=self._poll, args=(consumer,), name=f"polybus-{consumer.name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _poll(self, consumer: Consumer) -> None:
+        try:
+            consumer.run(self._stop)
+        except Exception:
+            log.exception("consumer %s stopped", consumer.name)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop polling, let running handlers finish, commit, leave the groups, close.
+
+        Returns False if some handler was still running at the deadline. Idempotent.
+        """
+        timeout = self.stop_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        for consumer in self.consumers:
+            consumer._stopping = True  # start no more handlers
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        clean = all(c.stop(max(0.0, deadline - time.monotonic())) for c in self.consumers)
+        if self._health is not None:
+            self._health.shutdown()
+            self._health.server_close()
+            self._health = None
+        if self._own_bus:
+            self.bus.close()
+        self.stopped.set()
+        return clean
+
+    def run(self, *, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Start, block until one of ``signals`` arrives (or :meth:`stop`), then stop."""
+        previous = {s: signal.signal(s, lambda *_: self._stop.set()) for s in signals}
+        try:
+            self.start()
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.stop()
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ok" | "failing" | "stopped", "consumers": {name: stats}}``.
+
+        A consumer fails its check when its polling thread died or has not
+        polled for ``2 * session_timeout`` seconds (a handler stuck that long).
+        """
+        now = time.monotonic()
+        consumers = {}
+        healthy = True
+        for consumer, thread in itertools.zip_longest(self.consumers, self._threads):
+            s = consumer.stats
+            alive = thread is not None and thread.is_alive()
+            fresh = now - s.last_poll < 2 * consumer.session_timeout
+            healthy = healthy and alive and fresh
+            consumers[consumer.name] = {
+                "alive": alive,
+                "seconds_since_poll": round(now - s.last_poll, 3),
+                "processed": s.processed,
+                "failed": s.failed,
+                "retried": s.retried,
+                "dead_lettered": s.dead_lettered,
+                "duplicates": s.duplicates,
+                "last_error": s.last_error,
+            }
+        status = "stopped" if self._stop.is_set() else "ok" if healthy else "failing"
+        return {"status": status, "consumers": consumers}
+
+    def serve_health(self, port: int, host: str = "127.0.0.1") -> int:
+        """Answer ``GET /health`` on ``host:port`` (200 when ok, else 503) from a thread;
+        returns the port (useful with ``port=0``). Stopped by :meth:`stop`."""
+        worker = self
+
+        class HealthHandler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # the http.server API
+                if self.path.rstrip("/") not in ("/health", "/healthz"):
+                    self.send_error(404)
+                    return
+                report = worker.health()
+                body = json.dumps(report).encode()
+                self.send_response(200 if report["status"] == "ok" else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("health: " + format, *args)
+
+        self._health = http.server.ThreadingHTTPServer((host, port), HealthHandler)
+        threading.Thread(target=self._health.serve_forever, daemon=True).start()
+        return int(self._health.server_address[1])

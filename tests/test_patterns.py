@@ -1,0 +1,3 @@
+"""The patterns conformance suite, run on every backend in polybus.testing.plugin.BACKENDS."""
+
+from polybus.testing.patterns import *  # noqa: F403
