@@ -585,7 +585,11 @@ def test_malformed_revocation_events_are_skipped(
     bus.publish(topic, {"jti": "x"})  # no exp
     bus.publish(topic, ["not", "an", "object"])
     bus.publish(topic, b"\xff\xfe")
+    bus.publish(topic, b"{not json", content_type="application/json")  # DecodeError on read
+    bus.publish(topic, {"jti": "after-junk", "exp": time.time() + 60})
     with SharedRevocations(connect(), topic=topic, poll=0.05) as revocations:
+        with pytest.raises(TokenRevoked):  # the good event behind the junk was applied
+            revocations.check("after-junk", "user-1", 0.0)
         revocations.revoke_token("j", time.time() + 60)
         with pytest.raises(TokenRevoked):
             revocations.check("j", "user-1", 0.0)

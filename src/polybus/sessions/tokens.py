@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..errors import ConfigurationError, ConnectionLost, PolybusError
+from ..errors import ConfigurationError, ConnectionLost, DecodeError, PolybusError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -484,6 +484,8 @@ class SharedRevocations(Revocations):
         caught up. Raises ConnectionLost if that takes longer than ``timeout``."""
         from ..adapters.base import Capability
 
+        if self._thread is not None:
+            return self
         retention = self.retention if Capability.RETENTION in self.bus.capabilities else None
         self.bus.declare(self.topic, partitions=1, retention=retention)
         self._subscriber = self.bus.subscribe(self.topic, start="earliest")
@@ -491,7 +493,11 @@ class SharedRevocations(Revocations):
             target=self._follow, name="polybus-revocations", daemon=True
         )
         self._thread.start()
-        self._heartbeat()  # reading back our own marker means everything before it was read
+        try:
+            self._heartbeat()  # reading our own marker back means all before it was read
+        except BaseException:
+            self.close()
+            raise
         if not self._caught_up.wait(timeout):
             self.close()
             raise ConnectionLost(f"revocations on {self.topic!r} not read back within {timeout}s")
@@ -531,14 +537,19 @@ class SharedRevocations(Revocations):
             try:
                 deliveries = sub.fetch(1000, timeout=self.poll)
                 for d in deliveries:
-                    self._apply(d.message.value)
+                    try:
+                        event = d.message.value
+                    except DecodeError as exc:
+                        log.warning("revocations on %r: skipped an event: %s", self.topic, exc)
+                        continue
+                    self._apply(event)
                 sub.ack(deliveries)
                 if (
                     self.fail_closed_after is not None
                     and time.monotonic() - self._beat_sent > self.fail_closed_after / 3
                 ):
                     self._heartbeat()
-            except PolybusError as exc:
+            except Exception as exc:  # never let the feed die; checks fail closed meanwhile
                 if self._stop.is_set():
                     return
                 log.warning("revocations on %r: %s; retrying", self.topic, exc)
