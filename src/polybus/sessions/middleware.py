@@ -168,8 +168,11 @@ class LazySession(MutableMapping[str, Any]):
     """This request's session: a mutable mapping read from the store on first use.
 
     ``login``, ``rotate`` and ``logout`` are carried out when the response
-    starts (never blocking the handler); until then the mapping keeps working
-    on the data. Not thread-safe: one request uses it.
+    starts, so they never block the handler; until then the mapping keeps
+    working on the data. Reading or writing data loads the session (blocking
+    on the store; see :meth:`aload`), and raises SessionStoreUnavailable when
+    the store is down under the manager's ``fail_closed`` policy. Not
+    thread-safe: one request uses it.
     """
 
     def __init__(self, manager: SessionManager, session_id: str | None, client: ClientInfo) -> None:
@@ -187,6 +190,11 @@ class LazySession(MutableMapping[str, Any]):
     @property
     def loaded(self) -> bool:
         return self._session is not None
+
+    @property
+    def touched(self) -> bool:
+        """Whether the end of the request has anything to do (store or cookie)."""
+        return self._session is not None or bool(self._actions) or self.rejected is not None
 
     def load(self) -> Session:
         """The session, read from the store now if not yet (blocks on the store)."""
@@ -225,12 +233,10 @@ class LazySession(MutableMapping[str, Any]):
         (ASVS 7.2.4; no session fixation)."""
         if not isinstance(user_id, str) or not user_id:
             raise ConfigurationError(f"user_id must be a non-empty str, not {user_id!r}")
-        self.load()
         self._actions.append(("login", user_id))
 
     def rotate(self) -> None:
         """Give the session a new id (call on a privilege change); the old id dies."""
-        self.load()
         self._actions.append(("rotate", None))
 
     def logout(self) -> None:
@@ -283,9 +289,9 @@ class LazySession(MutableMapping[str, Any]):
             manager.logout(manager.load(self._ended_id, self._client))
         if self._ended is not None:
             manager.logout(self._ended)
-        session = self._session
-        if session is None:  # untouched: no store call at all
+        if self._session is None and not self._actions:  # untouched: no store call at all
             return [cookie.clear()] if self.rejected else []
+        session = self.load()
         for action, argument in self._actions:
             if action == "login":
                 assert argument is not None
@@ -396,7 +402,7 @@ class SessionMiddleware:
             return
 
         async def send_with_cookie(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and (lazy.loaded or lazy.rejected):
+            if message["type"] == "http.response.start" and lazy.touched:
                 cookies = await asyncio.to_thread(
                     self._sessions.finish, lazy, int(message["status"])
                 )
