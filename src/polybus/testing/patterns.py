@@ -6,6 +6,7 @@ with the fixtures of :mod:`polybus.testing.plugin` registered.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 import polybus
-from polybus import Delivery, Message, RemoteError, RequestTimeout
+from polybus import Delivery, Message, RemoteError, RequestTimeout, aio
 from polybus.patterns.dlq import DeadLetters
 from polybus.patterns.inbox import MemoryInbox
 from polybus.patterns.request_reply import Requester
@@ -23,6 +24,8 @@ from polybus.patterns.retry import Retry, RetryPolicy
 from polybus.patterns.worker import App, Consumer, Output, Worker
 
 __all__ = [
+    "test_async_bus_round_trip_never_blocks_the_loop",
+    "test_async_worker_runs_coroutine_handlers_with_retries_and_replies",
     "test_at_most_once_never_retries_or_redelivers",
     "test_dead_letters_carry_provenance",
     "test_dead_letters_redrive_to_their_group_and_purge",
@@ -393,3 +396,75 @@ def test_graceful_stop_finishes_started_work_and_loses_nothing(
         time.sleep(0.05)
     second.stop()
     assert set(finished) == set(range(20)), f"lost: {set(range(20)) - set(finished)}"
+
+
+def test_async_bus_round_trip_never_blocks_the_loop(connect: Connect, topic: str) -> None:
+    async def main() -> None:
+        bus = aio.AsyncBus(connect())
+        await bus.declare(topic, partitions=1, groups=["g"])
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        sub = await bus.subscribe(topic, "g")
+        started = time.monotonic()
+        assert await sub.fetch(10, timeout=1.0) == []  # waits, on a thread
+        assert time.monotonic() - started >= 0.9
+        assert ticks >= 10, f"the event loop was blocked: {ticks} ticks in a second"
+        await bus.publish_many(topic, [Message({"n": n}, key="k") for n in range(5)])
+        got: list[Delivery] = []
+        async for d in sub:
+            got.append(d)
+            d.ack()
+            if len(got) == 5:
+                break
+        assert [d.message.value["n"] for d in got] == list(range(5))
+        await sub.close()
+        ticker.cancel()
+        await bus.close()
+
+    asyncio.run(asyncio.wait_for(main(), DEADLINE))
+
+
+def test_async_worker_runs_coroutine_handlers_with_retries_and_replies(
+    connect: Connect, topic: str
+) -> None:
+    work, rpc = topic, f"{topic}-rpc"
+    tries: Counter[int] = Counter()
+
+    async def main() -> None:
+        bus = aio.AsyncBus(connect())
+        app = App()
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        @app.consumer(work, group="g", retry=FAST)
+        async def handle(d: Delivery) -> None:
+            assert asyncio.get_running_loop() is loop  # runs on the worker's loop
+            tries[d.message.value] += 1
+            if d.attempt == 1 and d.message.value == 2:
+                raise RuntimeError("later")
+            if sum(tries.values()) == 4:
+                done.set()
+
+        @app.responder(rpc)
+        async def double(d: Delivery) -> Any:
+            await asyncio.sleep(0.01)
+            return d.message.value * 2
+
+        async with aio.AsyncWorker(app, bus):
+            await bus.publish_many(work, [1, 2, 3])
+            replies = await asyncio.gather(
+                *(bus.request(rpc, n, timeout=DEADLINE) for n in range(20))
+            )
+            assert [r.value for r in replies] == [n * 2 for n in range(20)]
+            await asyncio.wait_for(done.wait(), DEADLINE)
+        await bus.close()
+
+    asyncio.run(asyncio.wait_for(main(), 2 * DEADLINE))
+    assert tries == Counter({1: 1, 2: 2, 3: 1})
