@@ -1,3 +1,233 @@
-"""The session store conformance suite, run on every store in polybus.testing.sessions.STORES."""
+"""The session store conformance suite on every store, plus what only one store has:
+Redis Cluster and Sentinel, and the native store surviving a crash."""
 
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from polybus.sessions import SessionManager, SessionStoreUnavailable, open_store
+from polybus.testing import servers
 from polybus.testing.sessions import *  # noqa: F403
+from polybus.testing.sessions import record, wait_until
+
+REDIS_SERVER = shutil.which("redis-server")
+needs_redis_server = pytest.mark.skipif(
+    REDIS_SERVER is None and os.environ.get("CI", "").lower() not in ("1", "true", "yes"),
+    reason="redis-server is not installed (Debian: apt-get install redis-server)",
+)
+
+
+def _redis_server(tmp: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    assert REDIS_SERVER is not None, "redis-server is not installed"
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: servers.reachable("127.0.0.1", port, 0.2), f"redis-server on {port}")
+    return proc
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[str]:
+    """A private three-master Redis Cluster; yields a ``redis://...?cluster=true`` URL."""
+    ports = [servers.free_port() for _ in range(3)]
+    procs = [
+        _redis_server(
+            tmp_path / str(p),
+            p,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{p}.conf",
+            "--cluster-port",  # the default, port + 10000, may be past 65535
+            str(servers.free_port()),
+        )
+        for p in ports
+    ]
+    try:
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in ports),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
+        def ready() -> bool:
+            info = subprocess.run(
+                ["redis-cli", "-p", str(ports[0]), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
+            return "cluster_state:ok" in info
+
+        wait_until(ready, "the cluster to agree on its slots")
+        yield f"redis://127.0.0.1:{ports[0]}/0?cluster=true"
+    finally:
+        _stop_all(procs)
+
+
+@needs_redis_server
+@pytest.mark.slow
+def test_redis_cluster_keeps_a_user_and_their_sessions_in_one_slot(redis_cluster: str) -> None:
+    import redis.cluster
+
+    store = open_store(redis_cluster)
+    try:
+        mine = [record("alice", n=i) for i in range(3)]
+        for rec in mine:
+            store.save(rec)
+        assert [r.id for r in store.user_sessions("alice")] == [r.id for r in mine]
+        client = redis.cluster.RedisCluster.from_url(redis_cluster.replace("?cluster=true", ""))
+        slots = {client.keyslot(k) for k in client.scan_iter(match="polybus:sessions:*")}
+        client.close()
+        assert len(slots) == 1  # three sessions and the index: one slot, one Lua script
+        assert store.delete_user("alice", keep=mine[0].id) == 2
+        assert store.load(mine[1].id) is None
+        users = [record(f"user-{i}") for i in range(20)]  # other users spread over the nodes
+        for rec in users:
+            store.save(rec)
+        assert all(store.load(r.id) == r for r in users)
+    finally:
+        store.close()
+
+
+@needs_redis_server
+@pytest.mark.slow
+def test_redis_sentinel_follows_a_failover(tmp_path: Path) -> None:
+    master_port, replica_port, sentinel_port = (servers.free_port() for _ in range(3))
+    procs = [_redis_server(tmp_path / "master", master_port)]
+    try:
+        procs.append(
+            _redis_server(
+                tmp_path / "replica", replica_port, "--replicaof", "127.0.0.1", str(master_port)
+            )
+        )
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            textwrap.dedent(f"""\
+            port {sentinel_port}
+            bind 127.0.0.1
+            sentinel monitor main 127.0.0.1 {master_port} 1
+            sentinel down-after-milliseconds main 500
+            sentinel failover-timeout main 5000
+        """)
+        )
+        procs.append(
+            subprocess.Popen(
+                [REDIS_SERVER or "", str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_until(lambda: servers.reachable("127.0.0.1", sentinel_port, 0.2), "the sentinel")
+        manager = SessionManager(f"redis+sentinel://127.0.0.1:{sentinel_port}/main")
+        try:
+            session = manager.login(manager.load(None), "alice")
+            session["step"] = 1
+            assert manager.save(session)
+            wait_until(
+                lambda: (
+                    subprocess.run(
+                        ["redis-cli", "-p", str(replica_port), "dbsize"],
+                        capture_output=True,
+                        text=True,
+                        timeout=5,
+                    ).stdout.strip()
+                    not in ("", "0")
+                ),
+                "the replica to copy the session",
+            )
+            procs[0].send_signal(signal.SIGKILL)  # the master dies
+            procs[0].wait()
+
+            def saved_after_failover() -> bool:
+                try:
+                    s = manager.load(session.id)
+                    s["step"] = 2
+                    return not s.is_new and manager.save(s)
+                except SessionStoreUnavailable:
+                    return False  # while no master is elected: a clear error, not a crash
+
+            wait_until(saved_after_failover, "a save on the promoted replica", deadline=30)
+            assert manager.load(session.id)["step"] == 2
+        finally:
+            manager.close()
+    finally:
+        _stop_all(procs)
+
+
+_WRITER = """
+import sys
+from polybus.sessions import SessionManager, ClientInfo
+manager = SessionManager(sys.argv[1])
+i = 0
+while True:
+    s = manager.login(manager.load(None), f"user-{i % 7}")
+    s["n"] = i
+    manager.save(s)
+    print(s.id, flush=True)  # printed only once the save returned
+    i += 1
+"""
+
+
+@pytest.mark.slow
+def test_native_sessions_survive_a_crash_mid_write(tmp_path: Path) -> None:
+    """Kill -9 a process saving sessions as fast as it can: every session whose save
+    returned is there after reopening, with its user index."""
+    url = f"native://{tmp_path / 'log'}"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, url], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    saved: list[str] = []
+    deadline = time.monotonic() + 20
+    while len(saved) < 300 and time.monotonic() < deadline:
+        saved.append(proc.stdout.readline().decode().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    saved = [s for s in saved if s]
+    assert len(saved) >= 300
+    with SessionManager(url) as manager:
+        for sid in saved:
+            session = manager.load(sid)
+            assert not session.is_new, "a session whose save returned was lost"
+        listed = sum(len(manager.sessions_of(f"user-{u}")) for u in range(7))
+        assert listed >= len(saved)

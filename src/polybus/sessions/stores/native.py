@@ -99,10 +99,25 @@ class NativeStore:
 
     # -- writing under the cross-process lock -------------------------------------------
 
-    def _locked(self) -> _Locked:
+    def _acquire(self) -> None:
+        """Take the thread lock and the directory's flock, and catch the view up."""
         if self._closed:
             raise ClosedError("session store is closed; open it again")
-        return _Locked(self)
+        self._lock.acquire()
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._catch_up()
+        except BaseException as exc:
+            self._release()
+            if isinstance(exc, OSError | ValueError | PolybusError):
+                raise _unavailable(self, exc) from exc
+            raise
+
+    def _release(self) -> None:
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
 
     def _tombstones(self, ids: list[str]) -> None:
         """Under both locks: append tombstones for ``ids`` and drop them from the view."""
@@ -128,7 +143,8 @@ class NativeStore:
     def save(self, record: SessionRecord) -> None:
         payload = self.codec.encode(record)
         now = time.time()
-        with self._locked():
+        self._acquire()
+        try:
             item = self._view.live(record.id, now)
             current = 0 if item is None else item.version
             if current != record.version - 1:
@@ -137,7 +153,10 @@ class NativeStore:
                     session_id=record.id,
                     current_version=current,
                 )
-            offset = self._partition.append(payload, key=record.id.encode())
+            try:
+                offset = self._partition.append(payload, key=record.id.encode())
+            except OSError as exc:  # disk full, directory gone: nothing was stored
+                raise _unavailable(self, exc) from exc
             self._next = offset + 1
             self._view.put(
                 record.id, Item(record.version, record.expires_at, record.user_id, payload)
@@ -145,19 +164,27 @@ class NativeStore:
             if now >= self._next_sweep:
                 self._next_sweep = now + self._sweep_interval
                 self._tombstones(self._view.expired(now))
+        finally:
+            self._release()
 
     def delete(self, session_id: str) -> bool:
-        with self._locked():
+        self._acquire()
+        try:
             if session_id not in self._view.items:
                 return False
             live = self._view.live(session_id, time.time()) is not None
             self._tombstones([session_id])
             return live
+        finally:
+            self._release()
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
         now = time.time()
-        with self._locked():
+        self._acquire()
+        try:
             items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
+        finally:
+            self._release()
         out = []
         for item in items:
             if item is not None:
@@ -170,11 +197,14 @@ class NativeStore:
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
         now = time.time()
-        with self._locked():
+        self._acquire()
+        try:
             ids = [sid for sid in self._view.user_ids(user_id) if sid != keep]
             live = sum(self._view.live(sid, now) is not None for sid in ids)
             self._tombstones(ids)
             return live
+        finally:
+            self._release()
 
     def close(self) -> None:
         with self._lock:
@@ -184,37 +214,6 @@ class NativeStore:
             os.close(self._lock_fd)
         if self._owns_log:
             self._log.close()
-
-
-class _Locked:
-    """The thread lock and the directory's flock, with the view caught up inside."""
-
-    __slots__ = ("_store",)
-
-    def __init__(self, store: NativeStore) -> None:
-        self._store = store
-
-    def __enter__(self) -> None:
-        s = self._store
-        s._lock.acquire()
-        try:
-            fcntl.flock(s._lock_fd, fcntl.LOCK_EX)
-            s._catch_up()
-        except BaseException as exc:
-            self.__exit__(None, None, None)
-            if isinstance(exc, OSError | ValueError | PolybusError) and not isinstance(
-                exc, ClosedError
-            ):
-                raise _unavailable(s, exc) from exc
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        s = self._store
-        try:
-            fcntl.flock(s._lock_fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
-        s._lock.release()
 
 
 def _unavailable(store: NativeStore, exc: BaseException) -> SessionStoreUnavailable:
