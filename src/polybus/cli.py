@@ -1,18 +1,32 @@
-"""``polybus``: look inside a native log from the shell.
+"""``polybus``: inspect a native log, manage dead letters, run workers.
 
 polybus topics native:///var/lib/app/bus
 polybus groups native:///var/lib/app/bus orders
 polybus tail   native:///var/lib/app/bus orders --partition 0 --offset 0 -n 10
+polybus dlq list    URL orders billing
+polybus dlq show    URL orders billing MESSAGE_ID
+polybus dlq redrive URL orders billing (MESSAGE_ID ... | --all)
+polybus dlq purge   URL orders billing (MESSAGE_ID ... | --all)
+polybus worker module:app [--url URL] [--health-port PORT]
+
+The dead-letter and worker commands take any bus URL; ``topics``, ``groups``
+and ``tail`` read native logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from .adapters.native import NativeBackend
-from .errors import PolybusError
+from .bus import connect
+from .errors import ConfigurationError, PolybusError
 from .log import Log
 from .registry import open_backend
 
@@ -38,32 +52,136 @@ def _tail(log: Log, args: argparse.Namespace) -> None:
         print(f"{rec.partition}:{rec.offset} ts={rec.timestamp_ms} key={rec.key!r} {value!r}")
 
 
+def _native(args: argparse.Namespace) -> None:
+    backend = open_backend(args.url)
+    try:
+        if not isinstance(backend, NativeBackend):
+            raise PolybusError(f"this command reads native:// logs only, not {args.url!r}")
+        args.inspect(backend.log, args)
+    finally:
+        backend.close()
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)) if epoch else "-"
+
+
+def _letter(letter: Any) -> dict[str, Any]:
+    payload = letter.message.payload or b""
+    key = letter.message.key
+    try:
+        value: Any = letter.message.value
+        json.dumps(value)
+    except (PolybusError, TypeError, ValueError):
+        value = payload[:200].decode("utf-8", "replace")
+    return {
+        "id": letter.id,
+        "reason": letter.reason,
+        "attempts": letter.attempts,
+        "error_type": letter.error_type,
+        "error": letter.error,
+        "topic": letter.topic,
+        "partition": letter.partition,
+        "offset": letter.offset,
+        "group": letter.group,
+        "first_failure": _when(letter.first_failure),
+        "last_failure": _when(letter.last_failure),
+        "key": key.hex() if isinstance(key, bytes) else key,
+        "headers": letter.message.headers,
+        "value": value,
+    }
+
+
+def _dlq(args: argparse.Namespace) -> None:
+    from .patterns.dlq import DeadLetters
+
+    if args.action in ("redrive", "purge") and bool(args.ids) == args.all:
+        raise ConfigurationError(f"dlq {args.action}: name message ids, or pass --all (not both)")
+    with connect(args.url) as bus, DeadLetters(bus, args.topic, args.group) as dead:
+        if args.action == "list":
+            letters = dead.list(args.limit)
+            if args.json:
+                print(json.dumps([_letter(letter) for letter in letters], indent=2))
+                return
+            print(f"{'id':38} {'reason':14} {'tries':>5} {'last failure':20} error")
+            for letter in letters:
+                error = f"{letter.error_type}: {letter.error}"[:60]
+                print(
+                    f"{letter.id:38} {letter.reason:14} {letter.attempts:>5} "
+                    f"{_when(letter.last_failure):20} {error}"
+                )
+        elif args.action == "show":
+            print(json.dumps(_letter(dead.get(args.ids[0])), indent=2))
+        elif args.action == "redrive":
+            print(f"re-drove {dead.redrive(args.ids or None)} message(s) to {args.group!r}")
+        else:
+            print(f"purged {dead.purge(args.ids or None)} message(s)")
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from .patterns.worker import App, Worker
+
+    module_name, _, attr = args.app.partition(":")
+    sys.path.insert(0, os.getcwd())  # like other app runners: find modules where it runs
+    try:
+        app = getattr(importlib.import_module(module_name), attr or "app")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"cannot load {args.app!r}: {exc}; use module:app") from exc
+    if not isinstance(app, App):
+        raise ConfigurationError(f"{args.app!r} is a {type(app).__name__}, not a polybus App")
+    worker = Worker(app, args.url, stop_timeout=args.stop_timeout).start()
+    if args.health_port is not None:
+        port = worker.serve_health(args.health_port, args.health_host)
+        print(f"polybus: health on http://{args.health_host}:{port}/health", flush=True)
+    print(
+        f"polybus: running {len(worker.consumers)} consumer(s); stop with SIGTERM or ^C", flush=True
+    )
+    worker.run()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polybus", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(required=True)
-    topics = commands.add_parser("topics", help="topics with their offsets")
+
+    topics = commands.add_parser("topics", help="topics of a native log with their offsets")
     topics.add_argument("url")
-    topics.set_defaults(run=_topics)
+    topics.set_defaults(run=_native, inspect=_topics)
     groups = commands.add_parser("groups", help="durable groups of a topic with their lag")
     groups.add_argument("url")
     groups.add_argument("topic")
-    groups.set_defaults(run=_groups)
+    groups.set_defaults(run=_native, inspect=_groups)
     tail = commands.add_parser("tail", help="print records of one partition")
     tail.add_argument("url")
     tail.add_argument("topic")
     tail.add_argument("--partition", type=int, default=0)
     tail.add_argument("--offset", type=int, default=0)
     tail.add_argument("-n", type=int, default=20)
-    tail.set_defaults(run=_tail)
+    tail.set_defaults(run=_native, inspect=_tail)
+
+    dlq = commands.add_parser("dlq", help="list, show, re-drive or purge a group's dead letters")
+    dlq.add_argument("action", choices=["list", "show", "redrive", "purge"])
+    dlq.add_argument("url")
+    dlq.add_argument("topic")
+    dlq.add_argument("group")
+    dlq.add_argument("ids", nargs="*", metavar="MESSAGE_ID")
+    dlq.add_argument("--all", action="store_true", help="redrive or purge every dead letter")
+    dlq.add_argument("--limit", type=int, default=None, help="list at most this many")
+    dlq.add_argument("--json", action="store_true", help="list as JSON")
+    dlq.set_defaults(run=_dlq)
+
+    worker = commands.add_parser("worker", help="run an App's handlers until SIGTERM or ^C")
+    worker.add_argument("app", help="module:attribute of a polybus.patterns.worker.App")
+    worker.add_argument("--url", default=None, help="the bus URL (default: the App's)")
+    worker.add_argument("--stop-timeout", type=float, default=30.0)
+    worker.add_argument("--health-port", type=int, default=None)
+    worker.add_argument("--health-host", default="127.0.0.1")
+    worker.set_defaults(run=_worker)
+
     args = parser.parse_args(argv)
+    if args.run is _dlq and args.action == "show" and len(args.ids) != 1:
+        parser.error("dlq show takes exactly one MESSAGE_ID")
     try:
-        backend = open_backend(args.url)
-        try:
-            if not isinstance(backend, NativeBackend):
-                raise PolybusError(f"the CLI inspects native:// logs only, not {args.url!r}")
-            args.run(backend.log, args)
-        finally:
-            backend.close()
+        args.run(args)
     except PolybusError as exc:
         print(f"polybus: {exc}", file=sys.stderr)
         return 1

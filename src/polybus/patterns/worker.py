@@ -184,15 +184,15 @@ class Consumer:
                 "with transactions"
             )
         if transactional:
-            if Capability.TRANSACTIONS not in bus.capabilities:
-                raise ConfigurationError(
-                    "transactional=True needs a backend with transactions (native, memory, "
-                    "Kafka); use an inbox for exactly-once here"
-                )
             if concurrency != 1 or strict_order:
                 raise ConfigurationError(
                     "a transactional consumer runs one transaction at a time: "
                     "use concurrency=1 and no strict_order, and run more worker processes"
+                )
+            if Capability.TRANSACTIONS not in bus.capabilities:
+                raise ConfigurationError(
+                    "transactional=True needs a backend with transactions (native, memory, "
+                    "Kafka); use an inbox for exactly-once here"
                 )
         if concurrency < 1 or batch < 1 or max_held < 1:
             raise ConfigurationError("concurrency, batch and max_held must be at least 1")
@@ -659,7 +659,9 @@ class Worker:
         self.stopped = threading.Event()
 
     def start(self) -> Worker:
-        """Subscribe every consumer and start polling; returns at once."""
+        """Subscribe every consumer and start polling; returns at once. Idempotent."""
+        if self._threads:
+            return self
         for consumer in self.consumers:
             consumer.start()
             thread = threading.Thread(

@@ -1,0 +1,258 @@
+"""Workers as processes and dead letters from the shell, on the native engine.
+
+The behaviour of consumers, retries and dead letters on every backend is in the
+patterns conformance suite; this checks what a process adds: the command line,
+signals, the health endpoint, and bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import polybus
+from polybus import ConfigurationError, Message
+from polybus.cli import main
+from polybus.patterns.dlq import DeadLetters
+from polybus.patterns.retry import NO_RETRY, Retry, RetryPolicy
+from polybus.patterns.worker import App, Consumer, Worker, derived_id
+
+DEADLINE = 20.0
+
+APP = """
+import os, time
+from polybus.patterns.worker import App
+
+app = App(os.environ["BUS_URL"])
+out = open(os.environ["OUT"], "a", buffering=1)
+
+@app.consumer("jobs", group="workers")
+def work(d):
+    out.write(f"start {d.message.value}\\n")
+    time.sleep(float(os.environ.get("SLOW", "0")))
+    out.write(f"done {d.message.value}\\n")
+"""
+
+
+def _wait_for(condition: Callable[[], bool], what: str, poll: Consumer | None = None) -> None:
+    """Wait until ``condition()``, polling ``poll`` meanwhile; fail after DEADLINE."""
+    end = time.monotonic() + DEADLINE
+    while not condition():
+        assert time.monotonic() < end, f"{what} did not happen in time"
+        if poll is None:
+            time.sleep(0.02)
+        else:
+            poll.poll(0.05)
+
+
+def _start_worker(tmp_path: Path, *args: str, slow: float = 0.0) -> subprocess.Popen[str]:
+    (tmp_path / "jobs_app.py").write_text(APP)
+    env = {
+        **os.environ,
+        "BUS_URL": f"native://{tmp_path / 'bus'}",
+        "OUT": str(tmp_path / "out.txt"),
+        "SLOW": str(slow),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "polybus.cli", "worker", "jobs_app:app", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _lines(tmp_path: Path) -> list[str]:
+    path = tmp_path / "out.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_worker_process_stops_on_sigterm_after_finishing_what_it_started(
+    tmp_path: Path,
+) -> None:
+    url = f"native://{tmp_path / 'bus'}"
+    with polybus.connect(url) as bus:
+        bus.declare("jobs", partitions=1, groups=["workers"])
+        bus.publish_many("jobs", list(range(50)))
+    proc = _start_worker(tmp_path, "--health-port", "0", slow=0.2)
+    try:
+        assert proc.stdout is not None
+        port = 0
+        while not port:
+            line = proc.stdout.readline()
+            assert line, "the worker exited before serving health"
+            if "/health" in line:
+                port = int(line.rsplit(":", 1)[1].split("/")[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+            report = json.load(reply)
+        assert reply.status == 200
+        assert report["status"] == "ok"
+        assert report["consumers"]["jobs:workers"]["alive"] is True
+        _wait_for(lambda: any(line.startswith("start") for line in _lines(tmp_path)), "a start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    lines = _lines(tmp_path)
+    started = {line.split()[1] for line in lines if line.startswith("start")}
+    done = {line.split()[1] for line in lines if line.startswith("done")}
+    assert started == done, "SIGTERM cut a running handler short"
+    assert len(done) < 50, "the worker did not stop taking work"
+
+    # what it did not take is still there, and nothing it finished comes back
+    with polybus.connect(url) as bus, bus.subscribe("jobs", "workers") as sub:
+        rest: list[int] = []
+        while batch := sub.fetch(100, timeout=0.5):
+            rest += [d.message.value for d in batch]
+    assert sorted(rest) == sorted(set(range(50)) - {int(v) for v in done})
+
+
+def test_worker_command_refuses_what_is_not_an_app(tmp_path: Path) -> None:
+    (tmp_path / "not_an_app.py").write_text("app = 42\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "polybus.cli", "worker", "not_an_app:app", "--url", "memory://"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert proc.returncode == 1
+    assert "not a polybus App" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "polybus.cli", "worker", "no_such_module:app"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert proc.returncode == 1
+    assert "cannot load 'no_such_module:app'" in proc.stderr
+
+
+def test_dlq_commands_list_show_redrive_and_purge(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"native://{tmp_path / 'bus'}"
+    with polybus.connect(url) as bus:
+        bus.declare("orders", partitions=1, groups=["billing"])
+        consumer = Consumer(bus, "orders", _always_fails, group="billing", retry=NO_RETRY).start()
+        sent = [Message({"order": n}) for n in range(3)]
+        bus.publish_many("orders", sent)
+        _wait_for(lambda: consumer.stats.dead_lettered == 3, "dead-lettering", consumer)
+        consumer.stop()
+
+    assert main(["dlq", "list", url, "orders", "billing"]) == 0
+    out = capsys.readouterr().out
+    assert all(m.id in out for m in sent)
+    assert "exhausted" in out
+    assert "ValueError: card declined" in out
+
+    assert main(["dlq", "show", url, "orders", "billing", sent[1].id]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["value"] == {"order": 1}
+    assert (shown["topic"], shown["group"], shown["attempts"]) == ("orders", "billing", 1)
+
+    assert main(["dlq", "redrive", url, "orders", "billing"]) == 1  # neither ids nor --all
+    assert "--all" in capsys.readouterr().err
+    assert main(["dlq", "redrive", url, "orders", "billing", "no-such-id"]) == 1
+    assert "no-such-id" in capsys.readouterr().err
+    assert main(["dlq", "redrive", url, "orders", "billing", sent[0].id]) == 0
+    assert main(["dlq", "purge", url, "orders", "billing", sent[1].id]) == 0
+    capsys.readouterr()
+    assert main(["dlq", "list", url, "orders", "billing", "--json"]) == 0
+    assert [entry["id"] for entry in json.loads(capsys.readouterr().out)] == [sent[2].id]
+    assert main(["dlq", "purge", url, "orders", "billing", "--all"]) == 0
+    assert "purged 1" in capsys.readouterr().out
+
+    with polybus.connect(url) as bus:
+        redriven: list[object] = []
+        again = Consumer(
+            bus, "orders", lambda d: redriven.append(d.message.value), group="billing"
+        ).start()
+        _wait_for(lambda: bool(redriven), "the re-drive", again)
+        again.stop()
+        assert redriven == [{"order": 0}]
+        with DeadLetters(bus, "orders", "billing", wait=0.2) as dead:
+            assert dead.list() == []
+
+
+def _always_fails(d: polybus.Delivery) -> None:
+    raise ValueError("card declined")
+
+
+def test_bad_options_are_refused_with_what_to_do() -> None:
+    with polybus.connect("memory://") as bus:
+        with pytest.raises(ConfigurationError, match="inbox"):
+            Consumer(bus, "t", _always_fails, guarantee="exactly-once")
+        with pytest.raises(ConfigurationError, match="guarantee must be"):
+            Consumer(bus, "t", _always_fails, guarantee="twice")  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="concurrency=1"):
+            Consumer(bus, "t", _always_fails, transactional=True, concurrency=4)
+        with pytest.raises(ConfigurationError, match="max_attempts"):
+            RetryPolicy(max_attempts=0)
+        with pytest.raises(ConfigurationError, match="jitter"):
+            RetryPolicy(jitter=2)
+        with pytest.raises(ConfigurationError, match=">= 0"):
+            Retry(delay=-1)
+        with pytest.raises(ConfigurationError, match="no bus to run on"):
+            Worker(App())
+
+
+def test_backoff_grows_caps_and_spreads() -> None:
+    policy = RetryPolicy(initial_delay=1.0, multiplier=2.0, max_delay=5.0, jitter=0.5)
+    delays = [[policy.delay(attempt) for _ in range(200)] for attempt in (1, 2, 3, 4, 5)]
+    assert all(0.5 <= d <= 1.0 for d in delays[0])
+    assert all(1.0 <= d <= 2.0 for d in delays[1])
+    assert all(2.5 <= d <= 5.0 for d in delays[3] + delays[4])  # capped at max_delay
+    assert len({round(d, 6) for d in delays[1]}) > 100, "no jitter"
+    assert policy.delay(1, Retry(delay=7.5)) == 7.5
+    assert not policy.retries(ValueError(), policy.max_attempts)
+    assert not RetryPolicy(give_up_on=(KeyError,)).retries(KeyError(), 1)
+    assert not RetryPolicy(retry_on=(OSError,)).retries(ValueError(), 1)
+    assert RetryPolicy(retry_on=(OSError,)).retries(Retry(), 1)
+
+
+def test_derived_ids_are_stable_distinct_and_uuid_shaped() -> None:
+    import uuid
+
+    first = [derived_id("parent", n) for n in range(100)]
+    assert first == [derived_id("parent", n) for n in range(100)]
+    assert len(set(first)) == 100
+    assert derived_id("other", 0) not in first
+    parsed = uuid.UUID(first[0])
+    assert parsed.version == 8
+    assert parsed.variant == uuid.RFC_4122
+
+
+def test_health_reports_a_stuck_consumer(tmp_path: Path) -> None:
+    app = App()
+
+    @app.consumer("t", group="g", session_timeout=0.5)
+    def stuck(d: polybus.Delivery) -> None:
+        time.sleep(3)
+
+    with polybus.connect("memory://") as bus:
+        worker = Worker(app, bus, stop_timeout=5).start()
+        port = worker.serve_health(0)
+        bus.publish("t", "x")
+        _wait_for(lambda: worker.health()["status"] == "failing", "the failing check")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert err.value.code == 503
+        err.value.close()
+        assert worker.stop() is True
+        assert worker.health()["status"] == "stopped"
