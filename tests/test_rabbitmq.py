@@ -3,6 +3,7 @@ confirm window, replay details. The shared behaviour is in the conformance suite
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import threading
@@ -673,30 +674,68 @@ def test_an_ephemeral_subscriber_catches_up_after_a_connection_cut(
 
 
 @pytest.mark.parametrize(
-    "record",
+    ("record", "routing_key", "expected"),
     [
-        OutRecord(b"x"),
-        OutRecord(b"", key=b"\xff"),
-        OutRecord(b"v", key=b"k", timestamp_ms=1_700_000_000_123),
-        OutRecord(
-            b"{}",
-            headers=(
-                ("polybus-id", "01a1ff9f-46c7-7690-8d11-3796a9b009bd"),
-                ("content-type", "application/json"),
-                ("polybus-correlation-id", "c"),
-                ("polybus-causation-id", "d"),
-                ("ünï", "cødé"),
-                ("polybus-timestamp", "1700000000123"),
-            ),
-            timestamp_ms=1_700_000_000_123,
+        (OutRecord(b"x"), "", {}),
+        (OutRecord(b"", key=b"\xff"), "", {"headers": {"polybus-key": "/w=="}}),
+        (OutRecord(b"", key=b""), "", {"headers": {"polybus-key": ""}}),
+        (
+            OutRecord(b"", key=b"k" * 256),
+            "",
+            {"headers": {"polybus-key": base64.b64encode(b"k" * 256).decode()}},
         ),
-        OutRecord(b"long id", headers=(("polybus-id", "i" * 300),)),
+        (
+            OutRecord(b"v", key="ünï".encode(), timestamp_ms=1_700_000_000_999),
+            "ünï",
+            {"timestamp": 1_700_000_000},
+        ),
+        (
+            OutRecord(
+                b"{}",
+                headers=(
+                    ("polybus-id", "01a1ff9f-46c7-7690-8d11-3796a9b009bd"),
+                    ("content-type", "application/json"),
+                    ("polybus-correlation-id", "c"),
+                    ("polybus-causation-id", "d"),
+                    ("ünï", "cødé\udcff"),
+                ),
+            ),
+            "",
+            {
+                "message_id": "01a1ff9f-46c7-7690-8d11-3796a9b009bd",
+                "content_type": "application/json",
+                "correlation_id": "c",
+                "headers": {"polybus-causation-id": "d", "ünï": b"c\xc3\xb8d\xc3\xa9\xff"},
+            },
+        ),
+        (
+            OutRecord(b"long id", headers=(("polybus-id", "i" * 300),)),
+            "",
+            {"headers": {"polybus-id": "i" * 300}},
+        ),
     ],
 )
-def test_header_frames_match_what_pika_marshals(record: OutRecord) -> None:
-    envelope = rabbitmq._envelope(record)
-    expected = pika.frame.Header(7, len(record.value), rabbitmq._properties(envelope)).marshal()
-    assert rabbitmq._header_frame(7, len(record.value), envelope) == expected
+def test_content_properties_as_pika_reads_them(
+    record: OutRecord, routing_key: str, expected: dict[str, Any]
+) -> None:
+    key, content = rabbitmq._content(record)
+    properties = pika.BasicProperties()
+    properties.decode(content)
+    assert key == routing_key
+    assert {k: v for k, v in vars(properties).items() if v is not None} == {
+        "delivery_mode": 2,
+        **expected,
+    }
+
+
+def test_a_header_name_too_long_for_amqp_is_refused(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    bus = connect()
+    bus.declare(topic)
+    with pytest.raises(ConfigurationError, match="255 bytes"):
+        bus.publish(topic, b"x", headers={"h" * 256: "v"})
+    bus.publish(topic, b"x", headers={"h" * 255: "v" * 1000})
 
 
 def test_publishing_without_the_frame_writer_shortcut(

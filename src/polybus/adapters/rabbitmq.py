@@ -76,12 +76,12 @@ import struct
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika  # type: ignore[import-untyped]
@@ -131,6 +131,8 @@ KEY_HEADER = "polybus-key"
 MARKER_HEADER = "polybus-replay-end"
 _BROKER_HEADERS = frozenset({"x-delivery-count", "x-stream-offset"})
 _LAX = "surrogateescape"  # text that is not UTF-8 keeps its bytes
+_PROPERTIES = frozenset({MESSAGE_ID, CONTENT_TYPE, CORRELATION_ID})  # carried as AMQP properties
+_KEY_NAME = bytes((len(KEY_HEADER),)) + KEY_HEADER.encode()  # as an AMQP short string
 
 DEFAULT_HISTORY_AGE_S = 7 * 24 * 3600
 DEFAULT_MAX_MESSAGE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
@@ -437,9 +439,13 @@ class _Loop:
 #: (delivery tag, redelivered, routing key, buffer, offset of the content properties, body)
 _Sink = Callable[[int, bool, bytes, bytes, int, bytes], None]
 
-_METHOD_HEAD = struct.Struct(">BHIHH")  # frame type, channel, size, class id, method id
 _FRAME_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
-_DELIVER_ARGS = struct.Struct(">QB")  # delivery tag, redelivered
+#: a method frame's head, its method (class id << 16 | method id), a short string's length
+_DELIVER_HEAD = struct.Struct(">BHIIB")
+_BASIC_DELIVER = 60 << 16 | 60
+_DELIVER_ARGS = struct.Struct(">QBB")  # delivery tag, redelivered, the exchange's length
+_HEADER_HEAD = struct.Struct(">BHI4xQ")  # a content header frame's head, its body size
+_body_head = functools.partial(_FRAME_HEAD.pack, 3)  # (channel, size) -> a body frame's head
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _FRAME_END = 0xCE
@@ -447,6 +453,7 @@ _WAIT = -1  # _cut_deliveries: the delivery at the front is incomplete; wait for
 #: a delivery larger than this is left to pika when it arrives in pieces: waiting for it
 #: whole would copy the growing read buffer once per read
 _WAIT_MAX = 1 << 17
+_BULK_READ = 1 << 17  # bytes per recv() on a consuming connection
 
 
 def _cut_deliveries(buf: bytes, sinks: dict[bytes, _Sink]) -> int:
@@ -457,51 +464,66 @@ def _cut_deliveries(buf: bytes, sinks: dict[bytes, _Sink]) -> int:
     """
     size = len(buf)
     pos = 0
-    while size - pos > 11:
-        kind, channel, length, class_id, method_id = _METHOD_HEAD.unpack_from(buf, pos)
-        if kind != 1 or class_id != 60 or method_id != 60:  # not a Basic.Deliver
+    while size - pos > 12:
+        kind, channel, length, method, n = _DELIVER_HEAD.unpack_from(buf, pos)
+        if kind != 1 or method != _BASIC_DELIVER:
             return pos
-        header = pos + length + 8  # where the content header frame starts
-        if header + 19 > size:
+        header = pos + length + 8  # the content header frame
+        if header + 21 > size:
             return pos or _WAIT
-        p = pos + 11
-        n = buf[p]
-        sink = sinks.get(buf[p + 1 : p + 1 + n])
-        kind, header_channel, length = _FRAME_HEAD.unpack_from(buf, header)
-        if sink is None or buf[header - 1] != _FRAME_END or kind != 2 or header_channel != channel:
+        sink = sinks.get(buf[pos + 12 : pos + 12 + n])
+        kind, header_channel, length, body_size = _HEADER_HEAD.unpack_from(buf, header)
+        if sink is None or kind != 2 or header_channel != channel or buf[header - 1] != _FRAME_END:
             return pos
         at = header + length + 8  # the first body frame
         if at > size:
             return pos or _WAIT
         if buf[at - 1] != _FRAME_END:
             return pos
-        (body_size,) = _U64.unpack_from(buf, header + 11)
-        chunks = []
-        left = body_size
-        while left:
-            if size - at < 7:
-                break
-            kind, body_channel, length = _FRAME_HEAD.unpack_from(buf, at)
-            end = at + 7 + length
-            if kind != 3 or body_channel != channel or length > left:
-                return pos  # something else came between: pika sorts it out
-            if end >= size:
-                break
-            if buf[end] != _FRAME_END:
-                return pos
-            chunks.append(buf[at + 7 : end])
-            left -= length
-            at = end + 1
-        if left:  # the body is not all there yet
-            return pos if body_size > _WAIT_MAX else pos or _WAIT
-        p += n + 1
-        tag, redelivered = _DELIVER_ARGS.unpack_from(buf, p)
-        p += 9
-        p += buf[p] + 1  # the exchange
-        n = buf[p]
-        sink(tag, redelivered == 1, buf[p + 1 : p + 1 + n], buf, header + 19, b"".join(chunks))
+        body = b""
+        if body_size:
+            end = at + 7 + body_size  # where the body frame ends if it is the only one
+            if (
+                end < size
+                and buf[end] == _FRAME_END
+                and buf[at : at + 7] == _body_head(channel, body_size)
+            ):
+                body = buf[at + 7 : end]
+                at = end + 1
+            else:
+                body, at = _body(buf, at, channel, body_size)
+                if at == -1 or (at == 0 and body_size > _WAIT_MAX):
+                    return pos  # something else came between, or a big body: for pika
+                if at == 0:
+                    return pos or _WAIT
+        p = pos + 12 + n
+        tag, redelivered, n = _DELIVER_ARGS.unpack_from(buf, p)
+        p += n + 11  # past the exchange
+        n = buf[p - 1]
+        sink(tag, redelivered == 1, buf[p : p + n], buf, header + 19, body)
         pos = at
     return pos
+
+
+def _body(buf: bytes, at: int, channel: int, size: int) -> tuple[bytes, int]:
+    """The body of ``size`` bytes in the frames from ``at``, and where they end; the end is
+    0 if they are not all there yet, -1 if another frame comes between."""
+    chunks = []
+    while size:
+        if len(buf) - at < 8:
+            return b"", 0
+        kind, body_channel, length = _FRAME_HEAD.unpack_from(buf, at)
+        end = at + 7 + length
+        if kind != 3 or body_channel != channel or length > size:
+            return b"", -1
+        if end >= len(buf):
+            return b"", 0
+        if buf[end] != _FRAME_END:
+            return b"", -1
+        chunks.append(buf[at + 7 : end])
+        size -= length
+        at = end + 1
+    return b"".join(chunks), at
 
 
 class _Connection(SelectConnection):  # type: ignore[misc]
@@ -512,9 +534,18 @@ class _Connection(SelectConnection):  # type: ignore[misc]
     through a generic codec, which costs more than everything else done per message.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, bulk: bool, **kwargs: Any) -> None:
         self.sinks: dict[bytes, _Sink] = {}  # consumer tag -> sink
+        self._bulk = bulk
         super().__init__(**kwargs)
+
+    def _proto_connection_made(self, transport: Any) -> None:
+        if self._bulk and hasattr(transport, "_MAX_RECV_BYTES"):
+            # pika reads 4 KiB at a time: per read, a trip through the event loop and a
+            # chance for the GIL to change threads. (Not for connections whose frames all
+            # take pika's path: it copies what is left of the buffer after every frame.)
+            transport._MAX_RECV_BYTES = _BULK_READ
+        super()._proto_connection_made(transport)
 
     def _on_data_available(self, data_in: bytes) -> None:
         if not self.sinks:
@@ -739,6 +770,7 @@ class _Link:
             return
         try:
             self._attempt = _Connection(
+                bulk=self.name == "consume",
                 parameters=self._parameters,
                 on_open_callback=self._on_open,
                 on_open_error_callback=self._on_open_error,
@@ -931,105 +963,81 @@ class _Job:
             self.done.set()
 
 
-def _short(value: str) -> bool:
-    """Fits an AMQP short string (255 bytes)."""
-    return len(value) <= 63 or len(value.encode()) <= 255
-
-
-class _Envelope(NamedTuple):
-    """A record as AMQP fields: envelope headers become their AMQP properties."""
-
-    routing_key: str
-    content_type: str | None
-    message_id: str | None
-    correlation_id: str | None
-    timestamp: int | None  #: seconds (AMQP timestamps); ms precision stays in a header
-    headers: dict[str, str]
-
-
-def _envelope(record: OutRecord) -> _Envelope:
-    headers: dict[str, str] = {}
-    message_id = content_type = correlation_id = None
-    for name, value in record.headers:
-        if name == MESSAGE_ID and _short(value):
-            message_id = value
-        elif name == CONTENT_TYPE and _short(value):
-            content_type = value
-        elif name == CORRELATION_ID and _short(value):
-            correlation_id = value
-        else:
-            headers[name] = value
-    routing_key = ""
-    key = record.key
-    if key is not None:
-        text = None
-        if 0 < len(key) <= 255:
-            try:
-                text = key.decode()
-            except UnicodeDecodeError:
-                pass
-        if text is None:
-            headers[KEY_HEADER] = base64.b64encode(key).decode()
-        else:
-            routing_key = text
-    ms = record.timestamp_ms
-    timestamp = ms // 1000 if ms > 0 else None
-    return _Envelope(routing_key, content_type, message_id, correlation_id, timestamp, headers)
-
-
-def _properties(envelope: _Envelope) -> Any:
-    """The envelope as pika properties (persistent delivery)."""
-    return pika.BasicProperties(
-        content_type=envelope.content_type,
-        headers=envelope.headers or None,
-        delivery_mode=2,
-        correlation_id=envelope.correlation_id,
-        message_id=envelope.message_id,
-        timestamp=envelope.timestamp,
-    )
-
-
-_CONTENT_HEAD = struct.Struct(">HHQH")  # class id, weight, body size, property flags
+_BYTE = tuple(bytes((n,)) for n in range(256))  # n -> the octet n
+_U16 = struct.Struct(">H")
+_HEADER_FRAME = struct.Struct(">BHIHHQ")  # frame head, class id, weight, body size
 
 
 def _shortstr(text: str) -> bytes:
-    data = text.encode("utf-8", "surrogateescape")
+    """``text`` as an AMQP short string; ConfigurationError past 255 bytes."""
+    data = text.encode("utf-8", _LAX)
     if len(data) > 255:
         raise ConfigurationError(
             f"{text[:40]!r}... is longer than 255 bytes (an AMQP short string)"
         )
-    return bytes((len(data),)) + data
+    return _BYTE[len(data)] + data
 
 
-def _header_frame(channel: int, body_size: int, envelope: _Envelope) -> bytes:
-    """The content header frame pika marshals for ``_properties(envelope)``, built directly
-    (AMQP 0-9-1 section 4.2.6.1): pika's generic encoder costs more than the rest of a publish.
+def _content(record: OutRecord) -> tuple[str, bytes]:
+    """The routing key and the AMQP content properties (flags first; AMQP 0-9-1 section
+    4.2.6.1) of ``record``, a persistent message.
+
+    Envelope headers become their AMQP properties (unless too long for one), the
+    others a table; a key that is not a short text travels base64'd in a header.
+    Built here: pika's generic encoder costs more than all the rest of a publish.
+    Raises ConfigurationError for a header name AMQP cannot carry.
     """
+    content_type = message_id = correlation_id = b""
+    table: list[bytes] = []
+    for name, value in record.headers:
+        data = value.encode("utf-8", _LAX)
+        if len(data) <= 255 and name in _PROPERTIES:
+            if name == MESSAGE_ID:
+                message_id = _BYTE[len(data)] + data
+            elif name == CONTENT_TYPE:
+                content_type = _BYTE[len(data)] + data
+            else:
+                correlation_id = _BYTE[len(data)] + data
+        else:
+            table += (_shortstr(name), b"S", _U32.pack(len(data)), data)
+    routing_key = ""
+    key = record.key
+    if key is not None:
+        try:
+            routing_key = key.decode() if len(key) <= 255 else ""
+        except UnicodeDecodeError:
+            pass
+        if not routing_key:
+            data = base64.b64encode(key)
+            table += (_KEY_NAME, b"S", _U32.pack(len(data)), data)
     flags = 0x1000  # delivery-mode
-    parts = []
-    if envelope.content_type is not None:
+    parts = [b""]
+    if content_type:
         flags |= 0x8000
-        parts.append(_shortstr(envelope.content_type))
-    if envelope.headers:
+        parts.append(content_type)
+    if table:
         flags |= 0x2000
-        table = []
-        for name, value in envelope.headers.items():
-            data = value.encode("utf-8", "surrogateescape")
-            table.append(_shortstr(name) + b"S" + _U32.pack(len(data)) + data)
         encoded = b"".join(table)
-        parts.append(_U32.pack(len(encoded)) + encoded)
+        parts += (_U32.pack(len(encoded)), encoded)
     parts.append(b"\x02")  # persistent
-    if envelope.correlation_id is not None:
+    if correlation_id:
         flags |= 0x0400
-        parts.append(_shortstr(envelope.correlation_id))
-    if envelope.message_id is not None:
+        parts.append(correlation_id)
+    if message_id:
         flags |= 0x0080
-        parts.append(_shortstr(envelope.message_id))
-    if envelope.timestamp is not None:
+        parts.append(message_id)
+    if record.timestamp_ms > 0:
         flags |= 0x0040
-        parts.append(_U64.pack(envelope.timestamp))
-    payload = _CONTENT_HEAD.pack(60, 0, body_size, flags) + b"".join(parts)
-    return _FRAME_HEAD.pack(2, channel, len(payload)) + payload + b"\xce"
+        parts.append(_U64.pack(record.timestamp_ms // 1000))  # seconds; ms stay in a header
+    parts[0] = _U16.pack(flags)
+    return routing_key, b"".join(parts)
+
+
+def _pika_properties(content: bytes) -> Any:
+    """``content`` (as from _content) as pika properties."""
+    properties = pika.BasicProperties()
+    properties.decode(content)
+    return properties
 
 
 class _FrameWriter:
@@ -1060,29 +1068,30 @@ class _FrameWriter:
 
     def publish(self, exchange: str, record: OutRecord) -> None:
         """Queue one record; raises ConfigurationError for a header AMQP cannot carry."""
-        envelope = _envelope(record)
+        routing_key, content = _content(record)
         body = record.value
         if self._emit is None:
-            self._channel.basic_publish(
-                exchange, envelope.routing_key, body, _properties(envelope), self._mandatory
-            )
+            properties = _pika_properties(content)
+            self._channel.basic_publish(exchange, routing_key, body, properties, self._mandatory)
             return
         number = self._number
-        header = _header_frame(number, len(body), envelope)
-        method = self._methods.get((exchange, envelope.routing_key))
+        method = self._methods.get((exchange, routing_key))
         if method is None:
             publish = pika.spec.Basic.Publish(
-                exchange=exchange, routing_key=envelope.routing_key, mandatory=self._mandatory
+                exchange=exchange, routing_key=routing_key, mandatory=self._mandatory
             )
-            method = pika.frame.Method(number, publish).marshal()
-            self._methods[exchange, envelope.routing_key] = method
+            method = self._methods[exchange, routing_key] = pika.frame.Method(
+                number, publish
+            ).marshal()
+        size = len(body)
         frames = self._frames
-        frames.append(method)
-        frames.append(header)
+        head = _HEADER_FRAME.pack(2, number, len(content) + 12, 60, 0, size)
+        frames += (method, head, content, b"\xce")
         step = self._body_max
-        for start in range(0, len(body), step):
-            frames.append(pika.frame.Body(number, body[start : start + step]).marshal())
-        self._size += len(body)
+        for start in range(0, size, step):
+            chunk = body[start : start + step] if size > step else body
+            frames += (_FRAME_HEAD.pack(3, number, len(chunk)), chunk, b"\xce")
+        self._size += size
         if self._size >= self._FLUSH_BYTES:
             self.flush()
 
@@ -1090,9 +1099,7 @@ class _FrameWriter:
         if not self._frames or self._emit is None:
             return
         data = b"".join(self._frames)
-        connection = self._connection
-        connection.bytes_sent += len(data)
-        connection.frames_sent += len(self._frames)
+        self._connection.bytes_sent += len(data)
         self._frames = []
         self._size = 0
         self._emit(data)
@@ -1134,65 +1141,57 @@ class _Publisher:
         if channel is None or budget <= 0 or not self._jobs:
             return
         out = _FrameWriter(channel, self._mandatory)
+        publish = out.publish
         inflight = self._inflight
         jobs = self._jobs
+        tag = self._tag
         while budget > 0 and jobs:
             job = jobs[0]
-            if job.done.is_set():
+            indices: Sequence[int]
+            if job.resend:  # sent before a channel was lost; oldest last
+                indices = [job.resend.pop() for _ in range(min(budget, len(job.resend)))]
+            else:
+                indices = range(job.next, min(job.next + budget, len(job.records)))
+                job.next = indices.stop
+            if not indices or job.done.is_set():
                 jobs.popleft()
                 continue
-            records = job.records
-            exchange = job.exchange
-            while budget > 0:
-                if job.resend:
-                    i = job.resend.pop()
-                elif job.next < len(records):
-                    i = job.next
-                    job.next += 1
-                else:
-                    jobs.popleft()
-                    break
-                try:
-                    out.publish(exchange, records[i])
-                except (ConfigurationError, pex.AMQPError) as exc:
-                    job.fail(map_error(exc))
-                    jobs.popleft()
-                    break
-                self._tag += 1
-                inflight[self._tag] = (job, i)
-                budget -= 1
+            records, exchange = job.records, job.exchange
+            try:
+                for i in indices:
+                    publish(exchange, records[i])
+                    tag += 1
+                    inflight[tag] = (job, i)
+            except (ConfigurationError, pex.AMQPError) as exc:
+                job.fail(map_error(exc))
+                jobs.popleft()
+            budget = self._window - len(inflight)
+        self._tag = tag
         out.flush()
 
     def _confirmed(self, channel: Any, frame: Any) -> None:
         if channel is not self._channel:
             return  # a confirm of a closed channel: its records are being sent again
         method = frame.method
-        ok = isinstance(method, pika.spec.Basic.Ack)
         tag = method.delivery_tag
         inflight = self._inflight
         if method.multiple:
-            for t in range(self._lowest, tag + 1):
-                entry = inflight.pop(t, None)
-                if entry is not None:
-                    self._settle(entry[0], ok)
+            entries = [inflight.pop(t, None) for t in range(self._lowest, tag + 1)]
             self._lowest = max(self._lowest, tag + 1)
         else:
-            entry = inflight.pop(tag, None)
-            if entry is not None:
-                self._settle(entry[0], ok)
+            entries = [inflight.pop(tag, None)]
             while self._lowest <= self._tag and self._lowest not in inflight:
                 self._lowest += 1
+        jobs = Counter(entry[0] for entry in entries if entry is not None)
+        if isinstance(method, pika.spec.Basic.Ack):
+            for job, confirmed in jobs.items():
+                job.remaining -= confirmed
+                if job.remaining <= 0:
+                    job.done.set()
+        else:
+            for job in jobs:
+                job.fail(PolybusError(f"RabbitMQ refused to store a message for {job.exchange!r}"))
         self._pump()
-
-    def _settle(self, job: _Job, ok: bool) -> None:
-        if job.done.is_set():
-            return
-        if not ok:
-            job.fail(PolybusError(f"RabbitMQ refused to store a message for {job.exchange!r}"))
-            return
-        job.remaining -= 1
-        if job.remaining == 0:
-            job.done.set()
 
     def _returned(self, channel: Any, method: Any, _properties: Any, _body: bytes) -> None:
         if channel is not self._channel:
@@ -2262,12 +2261,12 @@ class RabbitMQBackend:
         if not records:
             return []
         limit = self._publisher.max_message
-        for record in records:
-            if len(record.value) > limit:
-                raise MessageTooLarge(
-                    f"a message of {len(record.value)} bytes exceeds RabbitMQ's limit of "
-                    f"{limit} bytes; nothing was published"
-                )
+        largest = max([len(record.value) for record in records])
+        if largest > limit:
+            raise MessageTooLarge(
+                f"a message of {largest} bytes exceeds RabbitMQ's limit of {limit} bytes; "
+                "nothing was published"
+            )
         job = _Job(topic, records)
         self._loop.submit(lambda: self._publisher.add(job))
         while not job.done.wait(0.25):
@@ -2275,15 +2274,7 @@ class RabbitMQBackend:
                 raise ClosedError("bus is closed; connect again")
         if job.error is not None:
             raise job.error
-        receipts = []
-        for record in records:
-            offset = ""
-            for name, value in record.headers:
-                if name == MESSAGE_ID:
-                    offset = value
-                    break
-            receipts.append(Receipt(topic, 0, offset))
-        return receipts
+        return [Receipt(topic, 0, _message_id(record)) for record in records]
 
     # consuming
 
@@ -2363,6 +2354,13 @@ class RabbitMQBackend:
             self._consumer_link.close()
         self._link.close()
         self._loop.stop()
+
+
+def _message_id(record: OutRecord) -> str:
+    for name, value in record.headers:
+        if name == MESSAGE_ID:
+            return value
+    return ""
 
 
 def _history_arguments(retention_ms: int | None, retention_bytes: int | None) -> tuple[Any, ...]:
