@@ -270,12 +270,14 @@ class SessionManager:
 
     def _merge(self, session: Session, current: SessionRecord) -> dict[str, Any]:
         """``current``'s data with this session's changed keys applied; a key the other
-        side changed to another value is settled by ``on_conflict``."""
+        side changed too is settled by ``on_conflict``. Changes nothing when it raises."""
         theirs = current.data
         merged = dict(theirs)
+        bases: dict[str, Any] = {}  # what the next attempt's base holds, per changed key
         for key, before in session._original.items():
             mine = session._data.get(key, _MISSING)
             other = theirs.get(key, _MISSING)
+            bases[key] = other
             # changed by both sides is a conflict even when both wrote the same value
             # (two increments of a counter from 5 both write 6)
             if before is _UNKNOWN:
@@ -291,13 +293,12 @@ class SessionManager:
                         current_version=current.version,
                     )
                 if self.on_conflict == "theirs":
-                    session._original[key] = other
                     continue
             if mine is _MISSING:
                 merged.pop(key, None)
             else:
                 merged[key] = mine
-            session._original[key] = other  # what the next attempt's base holds
+        session._original.update(bases)
         return merged
 
     # -- id rotation and termination ---------------------------------------------------
@@ -318,7 +319,7 @@ class SessionManager:
             1,
             now,
             now,
-            min(now + self.idle_timeout, now + self.absolute_timeout),
+            now + self.idle_timeout,  # <= the absolute deadline, which starts now
             client,
             self._fingerprint(client),
             dict(session._data),

@@ -14,7 +14,8 @@ Lua script updates them atomically on one node:
 - ``<prefix>:{<tag>}:s:<id>``: the session, ``<version>:<record>``, expiring (PXAT) at the
   record's ``expires_at``: Redis itself forgets an expired session;
 - ``<prefix>:{<tag>}:u:<user_id>``: sorted set of the user's session ids by expiry (ms);
-  expired and deleted members are dropped by the next save or listing;
+  expired members are dropped when the user's next session is created,
+  deleted ones by the next listing;
 - ``<prefix>:s:{<id>}``: an anonymous session (it has no index).
 
 A save is one ``EVALSHA`` that compares the stored version and writes the
@@ -34,8 +35,15 @@ import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ...errors import ConfigurationError
-from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
+from ...errors import ConfigurationError, DecodeError
+from ..base import (
+    CODECS,
+    RecordCodec,
+    SessionConflict,
+    SessionRecord,
+    SessionStoreUnavailable,
+    user_tag,
+)
 from . import check_codec
 
 __all__ = ["RedisStore", "from_url"]
@@ -49,9 +57,10 @@ if v ~= tonumber(ARGV[1]) then return v end
 redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
 if KEYS[2] then
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5])
-  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', KEYS[2], last[2])
+  if v == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5]) end
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) - tonumber(ARGV[5]) then
+    redis.call('PEXPIREAT', KEYS[2], ARGV[3])  -- the index outlives its last session
+  end
 end
 return -1
 """
@@ -141,56 +150,47 @@ class RedisStore:
         except redis.RedisError as exc:
             raise _unavailable(exc) from exc
 
-    def _ids(self, user_id: str) -> dict[str, list[str]]:
-        """The user's session ids per tag (the tags a user's ids can carry: one)."""
-        from ..base import user_tag
-
+    def _user_index(self, user_id: str) -> tuple[str, str]:
+        """The user's index key and the key prefix of the user's sessions."""
         tag = user_tag(user_id)
-        index = f"{self.prefix}:{{{tag}}}:u:{user_id}"
-        try:
-            ids = self.client.zrangebyscore(index, int(time.time() * 1000), "+inf")
-        except redis.RedisError as exc:
-            raise _unavailable(exc) from exc
-        return {index: [i.decode() for i in ids]}  # type: ignore[union-attr]
+        return f"{self.prefix}:{{{tag}}}:u:{user_id}", f"{self.prefix}:{{{tag}}}:s:"
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
-        out: list[SessionRecord] = []
-        for index, ids in self._ids(user_id).items():
+        index, prefix = self._user_index(user_id)
+        try:
+            ids = [i.decode() for i in cast(list[bytes], self.client.zrange(index, 0, -1))]
             if not ids:
+                return []
+            values = cast(list[bytes | None], self.client.mget([prefix + i for i in ids]))
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from exc
+        out: list[SessionRecord] = []
+        gone = []
+        now = time.time()
+        for sid, value in zip(ids, values, strict=True):
+            if value is None:
+                gone.append(sid)
                 continue
             try:
-                values = self.client.mget([self._key(i) for i in ids])
+                record = self.codec.decode(value.partition(b":")[2])
+            except DecodeError:  # not listed; it expires by itself
+                continue
+            if record.user_id == user_id and record.expires_at > now:
+                out.append(record)
+        if gone:
+            try:
+                self.client.zrem(index, *gone)
             except redis.RedisError as exc:
                 raise _unavailable(exc) from exc
-            gone = []
-            for sid, value in zip(ids, cast(list[bytes | None], values), strict=True):
-                if value is None:
-                    gone.append(sid)
-                    continue
-                try:
-                    record = self.codec.decode(value.partition(b":")[2])
-                except ValueError:  # DecodeError: not listed; it expires by itself
-                    continue
-                if record.user_id == user_id:
-                    out.append(record)
-            if gone:
-                try:
-                    self.client.zrem(index, *gone)
-                except redis.RedisError as exc:
-                    raise _unavailable(exc) from exc
         out.sort(key=lambda r: r.created_at)
         return out
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
-        from ..base import user_tag
-
-        tag = user_tag(user_id)
-        index = f"{self.prefix}:{{{tag}}}:u:{user_id}"
+        index, prefix = self._user_index(user_id)
         try:
-            n = self._delete_user(keys=[index], args=[f"{self.prefix}:{{{tag}}}:s:", keep or ""])
+            return int(self._delete_user(keys=[index], args=[prefix, keep or ""]))
         except redis.RedisError as exc:
             raise _unavailable(exc) from exc
-        return int(n)
 
     def close(self) -> None:
         if self._owns_client:
