@@ -44,7 +44,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..errors import ConfigurationError, ConnectionLost, DecodeError, PolybusError
+from ..errors import (
+    ClosedError,
+    ConfigurationError,
+    ConnectionLost,
+    DecodeError,
+    PolybusError,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -445,7 +451,9 @@ class SharedRevocations(Revocations):
     With ``fail_closed_after`` set, each instance publishes a small heartbeat
     every third of it and :meth:`check` raises RevocationUnavailable when its
     own last heartbeat came back longer than that ago: a partitioned instance
-    stops accepting tokens instead of missing revocations.
+    stops accepting tokens instead of missing revocations. After a failed
+    fetch or publish it reads the whole topic again, and trusts tokens again
+    once a heartbeat sent after that comes back.
 
     Call :meth:`start` (blocks until caught up) and :meth:`close`, or use it as
     a context manager. ``revoke_*`` block until the broker has the revocation
@@ -533,8 +541,17 @@ class SharedRevocations(Revocations):
     def _follow(self) -> None:
         assert self._subscriber is not None
         sub = self._subscriber
+        replay = False
         while not self._stop.is_set():
             try:
+                if replay:
+                    # Events may have been missed while the bus failed (a backend may resume
+                    # an ephemeral reader past them): read the whole history again, and trust
+                    # the feed only once a heartbeat sent after that comes back.
+                    sub.close()
+                    sub = self._subscriber = self.bus.subscribe(self.topic, start="earliest")
+                    replay = False
+                    self._heartbeat()
                 deliveries = sub.fetch(1000, timeout=self.poll)
                 for d in deliveries:
                     try:
@@ -546,13 +563,18 @@ class SharedRevocations(Revocations):
                 sub.ack(deliveries)
                 if (
                     self.fail_closed_after is not None
-                    and time.monotonic() - self._beat_sent > self.fail_closed_after / 3
+                    and _monotonic() - self._beat_sent > self.fail_closed_after / 3
                 ):
                     self._heartbeat()
             except Exception as exc:  # never let the feed die; checks fail closed meanwhile
                 if self._stop.is_set():
                     return
-                log.warning("revocations on %r: %s; retrying", self.topic, exc)
+                if isinstance(exc, ClosedError) and self.bus._closed:  # for good
+                    log.warning("revocations on %r: bus closed; no longer following", self.topic)
+                    self._fresh_until = 0.0 if self.fail_closed_after is not None else math.inf
+                    return
+                log.warning("revocations on %r: %s; reading them all again", self.topic, exc)
+                replay = True
                 self._stop.wait(self.poll)
 
     def _apply(self, event: Any) -> None:
