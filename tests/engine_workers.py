@@ -23,8 +23,13 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
-from polybus.log import Log, Record
+from polybus.errors import FencedError
+from polybus.log import Log, Record, Transaction
+from polybus.log import group as group_module
+from polybus.log import transaction as transaction_module
+from polybus.log.partition import FsyncPolicy, Partition
 
 TOPIC = "t"
 GROUP = "g"
@@ -229,10 +234,196 @@ def consumer(
         member.close()
 
 
+# -- transactions -----------------------------------------------------------------------
+
+TX_INPUT = "in"
+#: each input gets two outputs in OUT (keys ``{i}a``, ``{i}b``) and one in OUT2
+TX_OUT, TX_OUT2 = "out", "out2"
+TX_GROUP = "tx"
+#: where a transaction's commit() may be killed, in the order commit() reaches them
+KILL_POINTS = (
+    "before-intent",  # nothing written yet
+    "torn-intent",  # half the intent written
+    "after-intent",  # intent whole, no output appended
+    "torn-output",  # half of the first output batch written, not published
+    "after-first-output",  # one output batch visible, others not
+    "after-all-outputs",  # every output visible, commit() not returned
+    "after-commit",  # commit() returned
+)
+#: kill points at which the transaction is already bound to take effect
+ROLLS_FORWARD = frozenset(KILL_POINTS[KILL_POINTS.index("after-intent") :])
+#: where the process completing a dead writer's transaction may be killed (from its start)
+RECOVERY_KILL_POINTS = (
+    "mid-recovery",  # one missing batch appended
+    "before-state-write",  # all appended and the commit applied, the state file not written
+)
+
+
+def tx_outputs(value: str) -> list[tuple[str, str, str]]:
+    """(topic, key, value) of the outputs of input ``value``."""
+    return [
+        (TX_OUT, f"{value}a", f"{value}:a"),
+        (TX_OUT, f"{value}b", f"{value}:b"),
+        (TX_OUT2, value, f"{value}:c"),
+    ]
+
+
+def _die(report: Callable[[str], int], line: str) -> None:
+    report(line)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillPoint:
+    """Patches the engine so that this process SIGKILLs itself at ``point``: in the
+    commit after :meth:`arm`, or for a recovery point in the first recovery."""
+
+    def __init__(self, point: str, report: Callable[[str], int]) -> None:
+        self.point = point
+        self.report = report
+        self.line = f"K {point}\n" if point in RECOVERY_KILL_POINTS else ""
+        self.batches = 0  # output batches of the armed commit
+        self.appended = 0
+        self.recovering = self.applied = self.tearing = False
+        real_write_intent = transaction_module.write_intent
+        real_append = Partition.append_encoded
+        real_append_missing = transaction_module._append_missing
+        real_apply = transaction_module.apply_commit
+        real_pwrite, real_replace = os.pwrite, os.replace
+
+        def pwrite(fd: int, data: bytes, offset: int) -> int:
+            if self.tearing:
+                real_pwrite(fd, data[: len(data) // 2], offset)
+                self.die()
+            return real_pwrite(fd, data, offset)
+
+        def write_intent(
+            gf: group_module.GroupFile, intent: transaction_module.Intent
+        ) -> transaction_module.Recorded:
+            self.hit("before-intent")
+            self.tearing = self.at("torn-intent")
+            written = real_write_intent(gf, intent)
+            self.hit("after-intent")
+            return written
+
+        def append_encoded(part: Partition, batch: bytes) -> None:
+            self.tearing = self.at("torn-output")
+            real_append(part, batch)
+            self.appended += 1
+            if self.recovering:
+                self.hit("mid-recovery")
+            elif self.appended == 1:
+                self.hit("after-first-output")
+            if not self.recovering and self.appended == self.batches:
+                self.hit("after-all-outputs")
+
+        def append_missing(gf: group_module.GroupFile, intent: transaction_module.Intent) -> None:
+            self.recovering = True
+            real_append_missing(gf, intent)
+            self.recovering = False
+
+        def apply_commit(state: dict[str, object], intent: transaction_module.Intent) -> None:
+            real_apply(state, intent)
+            self.applied = True
+
+        def replace(src: str, dst: str) -> None:
+            if self.applied and dst.endswith(f"{TX_GROUP}.json"):
+                self.hit("before-state-write")
+            real_replace(src, dst)
+
+        transaction_module.write_intent = write_intent  # type: ignore[assignment]
+        transaction_module._append_missing = append_missing  # type: ignore[assignment]
+        transaction_module.apply_commit = apply_commit  # type: ignore[assignment]
+        Partition.append_encoded = append_encoded  # type: ignore[method-assign]
+        os.pwrite = pwrite  # type: ignore[assignment]
+        os.replace = replace  # type: ignore[assignment]
+
+    def arm(self, line: str, batches: int) -> None:
+        """Kill in the next commit, which appends ``batches`` output batches."""
+        self.line, self.batches, self.appended = line, batches, 0
+
+    def at(self, where: str) -> bool:
+        return bool(self.line) and where == self.point
+
+    def hit(self, where: str) -> None:
+        if self.at(where):
+            self.die()
+
+    def die(self) -> None:
+        _die(self.report, self.line)
+
+
+def tx_worker(
+    directory: str, fsync: str, point: str, seed: str, report: str, stop: str, work_ms: str
+) -> None:
+    """Consume TX_INPUT in group TX_GROUP, each batch in one transaction with its
+    :func:`tx_outputs`, "processing" each batch for ``work_ms``; some transactions
+    abort. Exits when the group has no lag (and the file ``stop``, unless "-", exists).
+
+    With ``point`` one of :data:`KILL_POINTS`, the third commit SIGKILLs this
+    process there, after writing ``K point value...`` (its inputs) to ``report``;
+    with one of :data:`RECOVERY_KILL_POINTS`, completing a dead writer's
+    transaction does (``K point``); otherwise the parent may kill it. Writes
+    ``C n`` after each commit, ``F`` after each FencedError.
+    """
+    rng = random.Random(int(seed))
+    emit = _appender(report)
+    kill = _KillPoint(point, emit) if point in (*KILL_POINTS, *RECOVERY_KILL_POINTS) else None
+    give_up = time.monotonic() + CHILD_LIFETIME
+    with Log(directory, fsync=cast(FsyncPolicy, fsync)) as log:
+        member = log.consumer(TX_INPUT, group=TX_GROUP, session_timeout=0.5)
+        commits = 0
+        while time.monotonic() < give_up:
+            records = member.poll(rng.randint(1, 12), timeout=0.05)
+            if not records:
+                if (stop == "-" or os.path.exists(stop)) and not any(
+                    log.lag(TX_INPUT, TX_GROUP).values()
+                ):
+                    break
+                continue
+            time.sleep(int(work_ms) / 1000)
+            tx: Transaction = member.transaction()
+            for rec in records:
+                for topic, key, value in tx_outputs((rec.value or b"").decode()):
+                    tx.append(topic, value.encode(), key=key.encode())
+            tx.ack(records)
+            if rng.random() < 0.15:
+                tx.abort()
+                continue
+            values = " ".join((r.value or b"").decode() for r in records)
+            if kill is not None and point in KILL_POINTS and commits == 2:
+                kill.arm(f"K {point} {values}\n", len(tx._outputs))
+            try:
+                tx.commit()
+            except FencedError:
+                emit("F\n")
+                continue
+            commits += 1
+            if point == "after-commit" and commits == 3:
+                _die(emit, f"K {point} {values}\n")
+            emit(f"C {commits}\n")
+        else:
+            sys.exit("transaction worker never finished")
+        member.close()
+
+
+def tx_noise(directory: str, stop: str) -> None:
+    """Append ``noise:n`` records to the output topics until the file ``stop`` exists:
+    another producer of the partitions transactions write to."""
+    with Log(directory) as log:
+        topics = [log.topic(TX_OUT), log.topic(TX_OUT2)]
+        n = 0
+        while not os.path.exists(stop):
+            topics[n % 2].append(b"noise:%d" % n, key=b"%d" % n)
+            n += 1
+            time.sleep(0.001)
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "writer": writer,
     "producer": producer,
     "consumer": consumer,
+    "tx_worker": tx_worker,
+    "tx_noise": tx_noise,
 }
 
 if __name__ == "__main__":

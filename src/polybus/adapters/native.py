@@ -4,6 +4,12 @@ URL options: ``fsync=always|interval|never`` (default interval),
 ``fsync_interval=<seconds>``, ``skip_corrupt=true``. ``memory://name`` shares
 one in-memory log between buses of the same process; plain ``memory://`` is
 private to its bus.
+
+Transactions (``Capability.TRANSACTIONS``) are the engine's own
+(:mod:`polybus.log.transaction`): the published records and the group's
+offset commit take effect together even if the process is killed at any
+instant; against power loss only with ``fsync=always``. They need a durable
+group.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ClosedError, ConfigurationError
 from ..log import FsyncPolicy, Log, Record
+from ..log import Transaction as LogTransaction
 from ..log.group import Consumer
-from .base import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec
+from .base import Capability, InRecord, OutRecord, Receipt, Start, Subscription, TopicSpec
 
 __all__ = ["NativeBackend", "from_url"]
 
@@ -127,6 +134,34 @@ class NativeSubscription:
         self._forget(self)
 
 
+class NativeTransaction:
+    """A :class:`~polybus.adapters.base.Transaction` over the engine's own."""
+
+    def __init__(self, tx: LogTransaction) -> None:
+        self._tx = tx
+
+    def publish(self, topic: str, records: Sequence[OutRecord]) -> None:
+        append = self._tx.append
+        for r in records:
+            append(
+                topic,
+                r.value,
+                key=r.key,
+                headers=r.headers,
+                timestamp_ms=r.timestamp_ms,
+                not_before_ms=r.not_before_ms,
+            )
+
+    def ack(self, records: Sequence[InRecord]) -> None:
+        self._tx.ack([cast(Record, r.handle) for r in records])
+
+    def commit(self) -> None:
+        self._tx.commit()
+
+    def abort(self) -> None:
+        self._tx.abort()
+
+
 class NativeBackend:
     """A :class:`~polybus.adapters.base.Backend` over a :class:`~polybus.log.Log`."""
 
@@ -141,6 +176,7 @@ class NativeBackend:
         | Capability.COMPACTION
         | Capability.RETENTION
         | Capability.MULTI_PROCESS
+        | Capability.TRANSACTIONS
     )
 
     def __init__(self, log: Log, *, shared_name: str | None = None) -> None:
@@ -204,6 +240,23 @@ class NativeBackend:
         sub = NativeSubscription(topic, consumer, self._subscriptions.discard)
         self._subscriptions.add(sub)
         return sub
+
+    def transaction(self, subscription: Subscription) -> NativeTransaction:
+        """Begin a transaction acking records ``subscription`` (a durable group member
+        of this backend) fetched.
+
+        Raises ConfigurationError for another bus's or an ephemeral subscription,
+        ClosedError for a closed one.
+        """
+        self._check()
+        if not isinstance(subscription, NativeSubscription):
+            raise ConfigurationError("a transaction needs a subscription of this bus")
+        consumer = subscription._consumer
+        if consumer._closed:
+            raise ClosedError("subscription is closed; subscribe again")
+        if subscription not in self._subscriptions:
+            raise ConfigurationError("a transaction needs a subscription of this bus")
+        return NativeTransaction(consumer.transaction())
 
     def close(self) -> None:
         if self._closed:

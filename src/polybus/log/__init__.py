@@ -8,6 +8,7 @@ from .format import Record
 from .group import Consumer
 from .partition import FsyncPolicy, Partition
 from .producer import Producer
+from .transaction import Transaction
 
 __all__ = [
     "Consumer",
@@ -18,4 +19,5 @@ __all__ = [
     "Record",
     "Topic",
     "TopicConfig",
+    "Transaction",
 ]

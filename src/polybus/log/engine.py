@@ -246,11 +246,19 @@ class Log:
     def create_group(self, topic: str, group: str, *, start: Start = "earliest") -> None:
         """Create a durable group positioned at ``start`` if it does not exist; idempotent."""
         check_name("group", group)
-        ensure_group(self.path, self.topic(topic), group, start)
+        ensure_group(
+            self.path, self.topic(topic), group, start, self.topic, fsync=self.fsync == "always"
+        )
 
     def lag(self, topic: str, group: str) -> dict[int, int]:
         """Records not yet committed by durable ``group``, per partition, without joining it."""
-        return group_lag(self.path, self.topic(topic), check_name("group", group))
+        return group_lag(
+            self.path,
+            self.topic(topic),
+            check_name("group", group),
+            self.topic,
+            fsync=self.fsync == "always",
+        )
 
     def groups(self, topic: str) -> list[str]:
         """Durable groups of ``topic``."""
@@ -277,6 +285,7 @@ class Log:
             start=start,
             session_timeout=session_timeout,
             fsync=self.fsync == "always",
+            topics=self.topic,
         )
         with self._lock:
             self._consumers.add(consumer)

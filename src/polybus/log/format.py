@@ -14,8 +14,10 @@ A batch is what one append writes, in one ``pwrite``::
 followed by columns, each ``count`` long: value lengths (i32, -1 = None),
 then optionally timestamp deltas (u32), key lengths (i32), header lengths
 (u32), not-before times (i64); then the values, keys and headers, each
-concatenated. Lengths up front let one ``struct`` call size a whole batch, so
-decoding costs one slice per field rather than a parse per record.
+concatenated; then, with ``HAS_TXN``, the 16-byte id of the transaction that
+appended the batch (readers skip it). Lengths up front let one ``struct`` call
+size a whole batch, so decoding costs one slice per field rather than a parse
+per record.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ HAS_TS: Final = 1
 HAS_KEYS: Final = 2
 HAS_HEADERS: Final = 4
 HAS_NOT_BEFORE: Final = 8
+HAS_TXN: Final = 16  #: a transaction id trails the batch (see polybus.log.transaction)
+TXN_ID_SIZE: Final = 16
 
 MAX_BATCH_BYTES: Final = 64 << 20
 
@@ -108,8 +112,12 @@ def encode_batch(
     headers: Sequence[Headers | None] | None,
     timestamps_ms: Sequence[int] | int,
     not_before_ms: Sequence[int] | None,
+    txn: bytes | None = None,
 ) -> bytes:
-    """Encode one batch; ``timestamps_ms`` is one int for the whole batch or one per record."""
+    """Encode one batch; ``timestamps_ms`` is one int for the whole batch or one per record.
+
+    ``txn``, a 16-byte transaction id, is stored after the records.
+    """
     n = len(values)
     attrs = 0
     vlens = [-1 if v is None else len(v) for v in values]
@@ -135,6 +143,11 @@ def encode_batch(
     if not_before_ms is not None and any(not_before_ms):
         attrs |= HAS_NOT_BEFORE
         cols.append(struct.pack(f"<{n}q", *not_before_ms))
+    if txn is not None:
+        if len(txn) != TXN_ID_SIZE:
+            raise ValueError(f"a transaction id is {TXN_ID_SIZE} bytes, not {len(txn)}")
+        attrs |= HAS_TXN
+        blobs.append(txn)
     body = b"".join(cols) + b"".join(blobs)
     tail = HEADER.pack(0, 0, MAGIC, attrs, 0, base_offset, n, base_ts)[8:] + body
     return struct.pack("<II", len(tail) + 4, crc32c(tail)) + tail
@@ -177,6 +190,23 @@ def encode_one(
     parts.append(hblob)
     tail = b"".join(parts)
     return struct.pack("<II", len(tail) + 4, crc32c(tail)) + tail
+
+
+_BASE_AT: Final = 12  # byte position of ``base`` in a batch
+
+
+def rebase_batch(batch: bytes, base: int) -> bytes:
+    """The encoded ``batch`` with its first offset changed to ``base`` (CRC recomputed)."""
+    if HEADER.unpack_from(batch)[5] == base:
+        return batch
+    tail = b"".join((batch[8:_BASE_AT], struct.pack("<q", base), batch[_BASE_AT + 8 :]))
+    return struct.pack("<II", len(tail) + 4, crc32c(tail)) + tail
+
+
+def batch_base_count(batch: bytes) -> tuple[int, int]:
+    """``(first offset, record count)`` of an encoded batch."""
+    _len, _crc, _magic, _attrs, _r, base, count, _ts = HEADER.unpack_from(batch)
+    return base, count
 
 
 class BadBatch(Exception):

@@ -11,6 +11,12 @@ has expired, so two live members never read the same partition. Commits are
 fenced: a member may commit a partition only while it is its recorded owner.
 The contiguous acked prefix is what gets committed, so a dead member's
 unacked records go to the next owner (at-least-once).
+
+Records acknowledged by a transaction (see :mod:`polybus.log.transaction`)
+above that prefix are also recorded, as ``acked`` offset ranges per partition,
+so that the next owner skips them rather than processing them again. The state
+file then also names the last transaction applied (``txn``), and the group's
+lock is where a transaction whose writer died is completed.
 """
 
 from __future__ import annotations
@@ -26,20 +32,23 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import ClosedError, ConfigurationError, FencedError, PolybusError
+from ..errors import ClosedError, ConfigurationError, FencedError, PolybusError, TopicNotFound
 from .format import Record
 from .notify import Waiter
+from .transaction import SLOTS, Intent, Recorded, Transaction, recover_intent
 
 if TYPE_CHECKING:
     from .engine import Topic
 
 log = logging.getLogger("polybus")
 Start = Literal["earliest", "latest"]
+#: finds a topic of the log by name (``Log.topic``)
+Topics = Callable[[str], "Topic"]
 _COMMIT_INTERVAL = 0.2  # seconds between automatic commits from poll()
 _offset = operator.attrgetter("offset")
 _not_before = operator.attrgetter("not_before_ms")
@@ -56,6 +65,10 @@ class _Owned:
     redeliver: deque[Record] = field(default_factory=deque)
     delayed: list[tuple[int, int, Record]] = field(default_factory=list)  # heap (due, offset)
     revoked_at: float | None = None
+    #: [start, end) ranges at or after ``position`` that a transaction acked: not read again
+    skip: list[list[int]] = field(default_factory=list)
+    #: the group's ``acked`` ranges are stale (after a seek) and must be dropped
+    forget_acked: bool = False
 
     def low_water(self) -> int:
         """Everything below this offset is settled and may be committed."""
@@ -71,19 +84,63 @@ class _Owned:
     def settled(self) -> bool:
         return not (self.inflight or self.redeliver or self.delayed)
 
+    def drop_skipped(self, records: list[Record]) -> list[Record]:
+        """``records`` (read in order, ending before ``position``) without those a
+        transaction already acked; forgets the ranges passed."""
+        skip = self.skip
+        kept = [r for r in records if not any(s <= r.offset < e for s, e in skip)]
+        self.skip = [r for r in skip if r[1] > self.position]
+        return kept
+
 
 class GroupFile:
     """The shared state of one durable group; use :meth:`locked` to read-modify-write."""
 
-    def __init__(self, root: str, topic: str, group: str) -> None:
+    def __init__(
+        self, root: str, topic: str, group: str, topics: Topics | None, *, fsync: bool
+    ) -> None:
         d = os.path.join(root, "groups", topic)
         os.makedirs(d, exist_ok=True)
+        self.dir = d
         self.path = os.path.join(d, f"{group}.json")
+        self._intent_base = os.path.join(d, f"{group}.txn")
+        self._topics = topics
+        self.fsync = fsync  #: fsync="always": state writes and intents are fsync'd
         self._lock_fd = os.open(os.path.join(d, f"{group}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        self._intent_fds = [-1] * SLOTS
+        #: the latest whole intent recorded, as found under the lock (None: none)
+        self.latest: Recorded | None = None
+        #: the last intent written through this object whose batches were all appended
+        self.last_intent: Intent | None = None
+        self.last_written: Recorded | None = None
+
+    def topic(self, name: str) -> Topic:
+        """A topic of the log this group belongs to (for completing a transaction)."""
+        if self._topics is None:
+            raise TopicNotFound(f"group {self.path} cannot open topic {name!r} on its own")
+        return self._topics(name)
+
+    def intent_path(self, slot: int) -> str:
+        return f"{self._intent_base}{slot}"
+
+    def intent_fd(self, slot: int) -> int:
+        """The open intent file of ``slot`` (created if missing)."""
+        fd = self._intent_fds[slot]
+        if fd < 0:
+            fd = self._intent_fds[slot] = os.open(
+                self.intent_path(slot), os.O_RDWR | os.O_CREAT, 0o644
+            )
+        return fd
 
     @contextmanager
-    def locked(self, fsync: bool = False) -> Iterator[dict[str, Any]]:
-        """Yield the state dict under the lock; it is written back if changed."""
+    def locked(self, *, durable: bool = False, write_back: bool = True) -> Iterator[dict[str, Any]]:
+        """Yield the state dict under the lock; it is written back if changed, unless
+        ``write_back`` is False (a transaction's intent records it instead).
+
+        Under ``fsync="always"`` the write is fsync'd, and with ``durable`` (or
+        after applying a transaction) so is the directory. Raises PolybusError
+        for a damaged state file.
+        """
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             try:
@@ -101,28 +158,36 @@ class GroupFile:
             state.setdefault("owners", {})
             state.setdefault("commits", {})
             state.setdefault("generation", 0)
+            # a group that uses transactions: complete one whose writer died
+            recovered = "txn" in state and recover_intent(self, state)
             yield state
-            new = json.dumps(state, sort_keys=True).encode()
+            new = json.dumps(state, sort_keys=True).encode() if write_back else raw
             if new != raw:
                 tmp = self.path + ".tmp"
                 with open(tmp, "wb") as f:
                     f.write(new)
-                    if fsync:
+                    if self.fsync:
                         f.flush()
                         os.fsync(f.fileno())
                 os.replace(tmp, self.path)
+                if self.fsync and (durable or recovered):
+                    fsync_dir(self.dir)
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        for fd in (self._lock_fd, *self._intent_fds):
+            if fd >= 0:
+                os.close(fd)
+        self._lock_fd = -1
+        self._intent_fds = [-1] * SLOTS
 
 
-def group_lag(root: str, topic: Topic, group: str) -> dict[int, int]:
+def group_lag(
+    root: str, topic: Topic, group: str, topics: Topics, *, fsync: bool
+) -> dict[int, int]:
     """Records not yet committed by ``group``, per partition; does not join the group."""
-    gf = GroupFile(root, topic.name, group)
+    gf = GroupFile(root, topic.name, group, topics, fsync=fsync)
     try:
         with gf.locked() as state:
             commits = state["commits"]
@@ -134,14 +199,37 @@ def group_lag(root: str, topic: Topic, group: str) -> dict[int, int]:
     }
 
 
+def fsync_dir(path: str) -> None:
+    """Make the names in directory ``path`` durable (after a create or rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune_acked(state: dict[str, Any], key: str, low: int, *, forget: bool = False) -> None:
+    """Drop the group's ``acked`` ranges of partition ``key`` below ``low`` (all if ``forget``)."""
+    acked = state["acked"]
+    ranges = [] if forget else [[max(s, low), e] for s, e in acked.get(key, ()) if e > low]
+    if ranges:
+        acked[key] = ranges
+    else:
+        acked.pop(key, None)
+        if not acked:
+            del state["acked"]
+
+
 def initial_offset(topic: Topic, partition: int, start: Start) -> int:
     p = topic.partitions[partition]
     return p.start_offset if start == "earliest" else p.end_offset
 
 
-def ensure_group(root: str, topic: Topic, group: str, start: Start) -> None:
+def ensure_group(
+    root: str, topic: Topic, group: str, start: Start, topics: Topics, *, fsync: bool
+) -> None:
     """Create a durable group with its starting offsets if it does not exist; idempotent."""
-    gf = GroupFile(root, topic.name, group)
+    gf = GroupFile(root, topic.name, group, topics, fsync=fsync)
     try:
         with gf.locked() as state:
             for p in range(len(topic.partitions)):
@@ -169,6 +257,7 @@ class Consumer:
         start: Start = "earliest",
         session_timeout: float = 10.0,
         fsync: bool = False,
+        topics: Topics | None = None,
     ) -> None:
         if start not in ("earliest", "latest"):
             raise ConfigurationError(f"start must be 'earliest' or 'latest', not {start!r}")
@@ -181,6 +270,11 @@ class Consumer:
         self.session_timeout = session_timeout
         self.member_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._fsync = fsync
+        self._topics = topics or self._own_topic
+        #: applies here a transaction whose intent was recorded before its commit()
+        #: raised; whoever next locks the group completes it, so the next lock runs this
+        self._unapplied: Callable[[], None] | None = None
+        self._transactional = False  # the group state is marked as using transactions
         self._lock = threading.RLock()
         self._owned: dict[int, _Owned] = {}
         self._closed = False
@@ -198,12 +292,17 @@ class Consumer:
                 pos = initial_offset(topic, i, start)
                 self._owned[i] = _Owned(position=pos, committed=pos, epoch=0)
         else:
-            self._gf = GroupFile(root, topic.name, group)
+            self._gf = GroupFile(root, topic.name, group, self._topics, fsync=fsync)
             self._sync()
             self._thread = threading.Thread(
                 target=self._heartbeat, name=f"polybus-heartbeat-{group}", daemon=True
             )
             self._thread.start()
+
+    def _own_topic(self, name: str) -> Topic:
+        if name != self.topic.name:
+            raise TopicNotFound(f"topic {name!r} is not known to this consumer; use Log.consumer")
+        return self.topic
 
     # -- group membership -------------------------------------------------------------
 
@@ -232,7 +331,7 @@ class Consumer:
         assert self._gf is not None
         nparts = len(self.topic.partitions)
         pending = False
-        with self._lock, self._gf.locked(self._fsync) as state:
+        with self._lock, self._gf.locked() as state:
             now = time.time()
             members: dict[str, float] = state["members"]
             owners: dict[str, list[Any] | None] = state["owners"]
@@ -276,7 +375,10 @@ class Consumer:
                         if pos is None:
                             pos = commits[key] = initial_offset(self.topic, p, self.start)
                         pos = max(pos, self.topic.partitions[p].start_offset)
-                        self._owned[p] = _Owned(position=pos, committed=pos, epoch=epoch)
+                        mine = self._owned[p] = _Owned(position=pos, committed=pos, epoch=epoch)
+                        acked = state.get("acked", {}).get(key)
+                        if acked:
+                            mine.skip = [r for r in acked if r[1] > pos]
                     else:
                         pending = True
         return pending
@@ -324,6 +426,10 @@ class Consumer:
                     if not recs:
                         break
                     o.position = recs[-1].offset + 1
+                    if o.skip:
+                        recs = o.drop_skipped(recs)
+                        if not recs:
+                            continue
                     if max(map(_not_before, recs)) <= now_ms:  # the usual case, at C speed
                         o.inflight.update(zip(map(_offset, recs), recs, strict=True))
                         out.extend(recs)
@@ -378,6 +484,8 @@ class Consumer:
             o.inflight.clear()
             o.redeliver.clear()
             o.delayed.clear()
+            o.skip = []  # a replay reads what transactions acked too
+            o.forget_acked = True
 
     def commit(self) -> None:
         """Commit the contiguous settled prefix of every owned partition now.
@@ -401,24 +509,64 @@ class Consumer:
     def _commit(self) -> set[int]:
         """Under self._lock: write committed offsets; return partitions found fenced."""
         assert self._gf is not None
-        with self._gf.locked(self._fsync) as state:
+        with self._gf.locked() as state:
             return self._commit_to(state)
+
+    def _catch_up(self) -> None:
+        """Under both locks: apply here a transaction the lock's recovery completed."""
+        if self._unapplied is not None:
+            apply, self._unapplied = self._unapplied, None
+            apply()
 
     def _commit_to(self, state: dict[str, Any]) -> set[int]:
         """Under both locks: drop partitions another member took over (returned),
         record the settled prefix of the others."""
+        self._catch_up()
         owners, commits = state["owners"], state["commits"]
         lost: set[int] = set()
         for p, o in list(self._owned.items()):
-            if owners.get(str(p)) != [self.member_id, o.epoch]:
+            key = str(p)
+            if owners.get(key) != [self.member_id, o.epoch]:
                 lost.add(p)
                 del self._owned[p]
                 continue
             low = o.low_water()
-            if low != o.committed:
-                commits[str(p)] = o.committed = low
+            if low != o.committed or o.forget_acked:
+                commits[key] = o.committed = low
+                if "acked" in state:
+                    prune_acked(state, key, low, forget=o.forget_acked)
+                o.forget_acked = False
         self._last_commit = time.time()
         return lost
+
+    def transaction(self) -> Transaction:
+        """Begin a :class:`~polybus.log.transaction.Transaction`: appends to any topics of
+        this log and acks of records this member polled, committed together.
+
+        Raises ConfigurationError for a consumer without a group, ClosedError after close.
+        """
+        if self._gf is None:
+            raise ConfigurationError(
+                "a transaction commits a group's offsets: subscribe with a group to use one"
+            )
+        with self._lock:
+            if self._closed:
+                raise ClosedError("consumer is closed")
+            if not self._transactional:
+                with self._gf.locked(durable=True) as state:
+                    if "txn" not in state:
+                        # an intent left by an earlier group of this name must not be applied
+                        for slot in range(SLOTS):
+                            fd = self._gf.intent_fd(slot)
+                            os.ftruncate(fd, 0)
+                            if self._fsync:
+                                os.fsync(fd)
+                        if self._fsync:
+                            fsync_dir(self._gf.dir)
+                        self._gf.latest = None
+                        state["txn"] = ""  # from now on every lock checks the intent
+                self._transactional = True
+        return Transaction(self)
 
     def lag(self) -> dict[int, int]:
         """Records not yet committed by this group (or read by this reader), per partition."""
@@ -429,7 +577,7 @@ class Consumer:
                     for p, o in self._owned.items()
                 }
         assert self.group is not None
-        return group_lag(self._root, self.topic, self.group)
+        return group_lag(self._root, self.topic, self.group, self._topics, fsync=self._fsync)
 
     def close(self) -> None:
         """Commit what was acked, leave the group (its partitions move on); idempotent."""

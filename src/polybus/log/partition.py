@@ -41,6 +41,7 @@ from .format import (
     BadBatch,
     Headers,
     Record,
+    batch_base_count,
     check_batch,
     decode_batches,
     encode_batch,
@@ -355,6 +356,60 @@ class Partition:
             finally:
                 _flock(fd, _LOCK_UN)
         return next_offset
+
+    @contextmanager
+    def exclusive(self) -> Iterator[int]:
+        """Hold the write lock (no process appends meanwhile); yield the end offset.
+
+        Inside, :meth:`append_encoded` and :meth:`batch_at` may be called; plain
+        appends from this thread would deadlock. Raises ClosedError.
+        """
+        with self._tlock:
+            if self.closed:
+                raise ClosedError(f"partition {self.dir} is closed; open the log again")
+            fd = self._head_fd
+            _flock(fd, _LOCK_EX)
+            try:
+                yield self._state()[0]
+            finally:
+                _flock(fd, _LOCK_UN)
+
+    def append_encoded(self, batch: bytes) -> None:
+        """Inside :meth:`exclusive`: append a batch encoded for the end offset.
+
+        Visible to every process on return (fsync'd under ``fsync="always"``).
+        """
+        next_offset, end_pos, active = self._state()
+        base, count = batch_base_count(batch)
+        if base != next_offset:
+            raise ValueError(f"batch encoded for offset {base}, but the end is {next_offset}")
+        self._write(batch, next_offset, count, end_pos, active)
+
+    def batch_at(self, offset: int) -> bytes | None:
+        """The stored bytes of the batch whose first record is at ``offset``, or None
+        (no batch starts there, or it was deleted or compacted away)."""
+        if not self.start_offset <= offset < self.end_offset:
+            return None
+        base = self._segment_for(offset)
+        try:
+            fd = self._read_fd(base)
+        except FileNotFoundError:
+            return None
+        limit = self._get(_END) if base == self._get(_ACTIVE) else os.fstat(fd).st_size
+        pos = self._position(base, offset, fd)
+        while pos + HEADER_SIZE <= limit:
+            length, _crc, magic, _attrs, _r, first, count, _ts = HEADER.unpack(
+                os.pread(fd, HEADER_SIZE, pos)
+            )
+            if magic != MAGIC or first > offset:
+                return None
+            if first == offset:
+                data = os.pread(fd, length + 4, pos)
+                return data if len(data) == length + 4 else None
+            if first + count > offset:
+                return None  # inside a batch
+            pos += length + 4
+        return None
 
     def _state(self) -> tuple[int, int, int]:
         """Under the lock: the published (next_offset, end_pos, active_base), repaired if torn."""
