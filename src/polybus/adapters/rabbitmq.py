@@ -138,6 +138,8 @@ DEFAULT_HISTORY_AGE_S = 7 * 24 * 3600
 DEFAULT_MAX_MESSAGE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 _CLOCK_SLACK_MS = 1000  # a time seek starts this much earlier, for clock skew
 _MIN_BACKOFF, _MAX_BACKOFF = 0.05, 2.0
+_BUS_CLOSED = "bus is closed; connect again"
+_SUBSCRIPTION_CLOSED = "subscription is closed; subscribe again"
 _CLOSE_WAIT = 5.0  # how long closing waits for the broker's close-ok
 
 _OPTIONS = ("confirm_window", "history", "prefetch", "queue_type", "reconnect_timeout")
@@ -359,13 +361,10 @@ def from_url(url: str) -> RabbitMQBackend:
     history = ours.get("history", "true").lower()
     if history not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
         raise ConfigurationError(f"history must be true or false in {_redact(url)!r}")
-    queue_type = ours.get("queue_type")
-    if queue_type not in (None, "quorum", "classic"):
-        raise ConfigurationError(f"queue_type must be quorum or classic in {_redact(url)!r}")
     return RabbitMQBackend(
         parameters,
         reconnect_timeout=_number(ours, "reconnect_timeout", 30.0, url),
-        queue_type=queue_type,
+        queue_type=ours.get("queue_type"),
         prefetch=int(_number(ours, "prefetch", 1000, url)),
         confirm_window=int(_number(ours, "confirm_window", 1000, url)),
         history=history in ("true", "1", "yes", "on"),
@@ -416,7 +415,7 @@ class _Loop:
                 return
             except (OSError, AttributeError):  # the loop closed meanwhile
                 pass
-        raise ClosedError("bus is closed; connect again")
+        raise ClosedError(_BUS_CLOSED)
 
     def later(self, delay: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the I/O thread after ``delay`` seconds (I/O thread only)."""
@@ -480,22 +479,11 @@ def _cut_deliveries(buf: bytes, sinks: dict[bytes, _Sink]) -> int:
             return pos or _WAIT
         if buf[at - 1] != _FRAME_END:
             return pos
-        body = b""
-        if body_size:
-            end = at + 7 + body_size  # where the body frame ends if it is the only one
-            if (
-                end < size
-                and buf[end] == _FRAME_END
-                and buf[at : at + 7] == _body_head(channel, body_size)
-            ):
-                body = buf[at + 7 : end]
-                at = end + 1
-            else:
-                body, at = _body(buf, at, channel, body_size)
-                if at == -1 or (at == 0 and body_size > _WAIT_MAX):
-                    return pos  # something else came between, or a big body: for pika
-                if at == 0:
-                    return pos or _WAIT
+        body, at = _body(buf, at, channel, body_size)
+        if at <= 0:
+            if at == 0 and body_size <= _WAIT_MAX:
+                return pos or _WAIT
+            return pos  # something else came between, or a big body in pieces: for pika
         p = pos + 12 + n
         tag, redelivered, n = _DELIVER_ARGS.unpack_from(buf, p)
         p += n + 11  # past the exchange
@@ -508,6 +496,9 @@ def _cut_deliveries(buf: bytes, sinks: dict[bytes, _Sink]) -> int:
 def _body(buf: bytes, at: int, channel: int, size: int) -> tuple[bytes, int]:
     """The body of ``size`` bytes in the frames from ``at``, and where they end; the end is
     0 if they are not all there yet, -1 if another frame comes between."""
+    end = at + 7 + size
+    if end < len(buf) and buf[end] == _FRAME_END and buf[at : at + 7] == _body_head(channel, size):
+        return buf[at + 7 : end], end + 1  # the usual: one frame
     chunks = []
     while size:
         if len(buf) - at < 8:
@@ -613,7 +604,7 @@ def _wait(fut: Future[T], closed: Callable[[], bool], deadline: float | None = N
             if fut.done():
                 continue
             if closed():
-                raise ClosedError("bus is closed; connect again") from None
+                raise ClosedError(_BUS_CLOSED) from None
             if deadline is not None and time.monotonic() >= deadline:
                 raise ConnectionLost("RabbitMQ did not answer in time") from None
 
@@ -748,7 +739,7 @@ class _Link:
         """Block until the connection is open; ConnectionLost after ``deadline``."""
         while not self.opened.is_set():
             if self.loop.stopped or self._closing:
-                raise ClosedError("bus is closed; connect again")
+                raise ClosedError(_BUS_CLOSED)
             if self.fatal is not None:
                 raise self.fatal
             remaining = deadline - time.monotonic()
@@ -869,16 +860,14 @@ _Invoke = Callable[[Any, Callable[[Any], None]], None]  # (channel, done) -> Non
 
 
 class _Control:
-    """Declarations for user threads: one RPC at a time on a channel reopened after errors."""
+    """Declarations for user threads, one at a time, each on a channel of its own (a broker
+    error closes the channel it happens on)."""
 
     def __init__(self, link: _Link) -> None:
         self._link = link
-        self._lock = threading.Lock()  # one RPC at a time: a channel error belongs to one caller
-        self._channel: Any = None
-        self._waiting: list[Callable[[Any], None]] = []
-        self._pending: set[Future[Any]] = set()
+        self._lock = threading.Lock()
 
-    def call(self, invoke: Callable[[Any, Callable[[Any], None]], None]) -> Any:
+    def call(self, invoke: _Invoke) -> Any:
         """Run ``invoke(channel, done)`` on the I/O thread and return what ``done`` got.
 
         Retries across reconnects for ``reconnect_timeout``; raises the pika
@@ -901,42 +890,25 @@ class _Control:
         if conn is None or not conn.is_open:
             fut.set_exception(pex.ConnectionWrongStateError("connection is not open"))
             return
-        self._pending.add(fut)
-
-        def done(frame: Any) -> None:
-            self._pending.discard(fut)
-            if not fut.done():
-                fut.set_result(frame)
 
         def run(channel: Any) -> None:
+            def done(frame: Any) -> None:
+                channel.close()
+                if not fut.done():
+                    fut.set_result(frame)
+
             try:
                 invoke(channel, done)
             except Exception as exc:
-                self._pending.discard(fut)
+                channel.close()
                 if not fut.done():
                     fut.set_exception(exc)
 
-        if self._channel is not None and self._channel.is_open:
-            run(self._channel)
-            return
-        self._waiting.append(run)
-        if self._channel is None:
-            self._channel = conn.channel(on_open_callback=self._opened)
-            self._channel.add_on_close_callback(self._closed)
-
-    def _opened(self, channel: Any) -> None:
-        waiting, self._waiting = self._waiting, []
-        for run in waiting:
-            run(channel)
-
-    def _closed(self, channel: Any, reason: BaseException) -> None:
-        if channel is self._channel:
-            self._channel = None
-        self._waiting.clear()
-        pending, self._pending = self._pending, set()
-        for fut in pending:
+        def closed(_channel: Any, reason: BaseException) -> None:
             if not fut.done():
                 fut.set_exception(reason)
+
+        conn.channel(on_open_callback=run).add_on_close_callback(closed)
 
 
 # -- publishing ----------------------------------------------------------------
@@ -1126,7 +1098,7 @@ class _Publisher:
 
     def add(self, job: _Job) -> None:
         if self._link.loop.stopped or self not in self._link.users:
-            job.fail(ClosedError("bus is closed; connect again"))
+            job.fail(ClosedError(_BUS_CLOSED))
             return
         self._jobs.append(job)
         if self._channel is None:
@@ -1209,17 +1181,16 @@ class _Publisher:
 
     def _requeue_inflight(self) -> None:
         """Send every unconfirmed record again on the next channel (at-least-once)."""
-        retry: dict[int, _Job] = {}
+        retry: dict[_Job, None] = {}  # in the order they were sent
         for job, i in self._inflight.values():
             if not job.done.is_set():
                 job.resend.append(i)
-                retry[id(job)] = job
+                retry[job] = None
         self._inflight.clear()
         self._tag, self._lowest = 0, 1
-        queued = {id(j) for j in self._jobs}
-        for job in retry.values():
+        for job in retry:
             job.resend.sort(reverse=True)  # pop() takes the oldest first
-        self._jobs.extendleft(reversed([j for j in retry.values() if id(j) not in queued]))
+        self._jobs.extendleft(reversed([job for job in retry if job not in self._jobs]))
 
     # channel life
 
@@ -1272,21 +1243,21 @@ class _Publisher:
     def _blame(self, reason: BaseException) -> None:
         """Fail the jobs a broker channel error is about; the others are sent again."""
         code, text = _reply(reason)
-        jobs = {id(job): job for job, _ in self._inflight.values()}
+        jobs = {job for job, _ in self._inflight.values()}
         blamed = False
         if code == 404 and (m := re.search(r"no exchange '([^']*)'", text)):
-            for job in jobs.values():
+            for job in jobs:
                 if job.exchange == m.group(1):
                     job.fail(TopicNotFound(f"topic {job.exchange!r} does not exist ({text})"))
                     blamed = True
         elif code == 406 and (m := re.search(r"max size (\d+)", text)):
             self.max_message = int(m.group(1))
-            for job in jobs.values():
+            for job in jobs:
                 if any(len(r.value) > self.max_message for r in job.records):
                     job.fail(MessageTooLarge(f"RabbitMQ refused an oversized message: {text}"))
                     blamed = True
         if not blamed:  # not attributable: sending the same again would fail the same way
-            for job in jobs.values():
+            for job in jobs:
                 job.fail(_channel_error(code, text))
 
     def _tick(self) -> None:
@@ -1317,12 +1288,11 @@ class _Publisher:
         if self._jobs:
             self._tick()
 
-    def fail_all(self, error: Callable[[], PolybusError]) -> None:
+    def close(self) -> None:
+        """Fail every job not yet done with ClosedError (I/O thread)."""
         self._link.detach(self)
-        for job in list(self._jobs):
-            job.fail(error())
-        for job, _ in list(self._inflight.values()):
-            job.fail(error())
+        for job in {*self._jobs, *(job for job, _ in self._inflight.values())}:
+            job.fail(ClosedError(_BUS_CLOSED))
         self._jobs.clear()
 
 
@@ -1439,7 +1409,7 @@ class RabbitMQSubscription:
 
     def _check(self) -> None:
         if self._closed or self._backend.closed:
-            raise ClosedError("subscription is closed; subscribe again")
+            raise ClosedError(_SUBSCRIPTION_CLOSED)
         if self._error is not None:
             raise self._error.with_traceback(None)
         error, self._seek_error = self._seek_error, None
@@ -1658,7 +1628,7 @@ class RabbitMQSubscription:
 
     def _settle(self, records: Sequence[InRecord], action: int) -> None:
         if self._closed or self._backend.closed:
-            raise ClosedError("subscription is closed; subscribe again")
+            raise ClosedError(_SUBSCRIPTION_CLOSED)
         handles = [record.handle for record in records]
         self._settle_queue.append((action, handles))
         self._schedule_flush()
@@ -1697,14 +1667,14 @@ class RabbitMQSubscription:
         if (offset is None) == (timestamp_ms is None):
             raise ConfigurationError("seek needs exactly one of offset= or timestamp_ms=")
         if isinstance(offset, int):
-            replay = _Replay(max(offset, 0), None, None)
+            replay = _Replay(max(offset, 0))
         elif isinstance(offset, str):
             ms = _uuid7_ms(offset)
             start: object = "first" if ms is None else _stream_time(ms - _CLOCK_SLACK_MS)
-            replay = _Replay(start, offset, None)
+            replay = _Replay(start, offset)
         else:
             assert timestamp_ms is not None
-            replay = _Replay(_stream_time(timestamp_ms - _CLOCK_SLACK_MS), None, timestamp_ms)
+            replay = _Replay(_stream_time(timestamp_ms - _CLOCK_SLACK_MS), from_ms=timestamp_ms)
         self._start_replay(replay)
 
     def _start_replay(self, replay: _Replay) -> None:
@@ -2155,7 +2125,7 @@ class RabbitMQBackend:
 
     def _check(self) -> None:
         if self.closed:
-            raise ClosedError("bus is closed; connect again")
+            raise ClosedError(_BUS_CLOSED)
 
     # declarations
 
@@ -2271,7 +2241,7 @@ class RabbitMQBackend:
         self._loop.submit(lambda: self._publisher.add(job))
         while not job.done.wait(0.25):
             if self.closed:
-                raise ClosedError("bus is closed; connect again")
+                raise ClosedError(_BUS_CLOSED)
         if job.error is not None:
             raise job.error
         return [Receipt(topic, 0, _message_id(record)) for record in records]
@@ -2311,7 +2281,7 @@ class RabbitMQBackend:
             if sub._error is not None:
                 raise sub._error
             if group is None and start == "earliest":
-                sub._start_replay(_Replay("first", None, None))
+                sub._start_replay(_Replay("first"))
         except BaseException:
             sub.close()
             raise
@@ -2343,11 +2313,7 @@ class RabbitMQBackend:
             sub.close()
         self.closed = True
         try:
-            self._loop.submit(
-                lambda: self._publisher.fail_all(
-                    lambda: ClosedError("bus is closed; connect again")
-                )
-            )
+            self._loop.submit(self._publisher.close)
         except ClosedError:
             pass
         if self._consumer_link is not None:
