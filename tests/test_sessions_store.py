@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from polybus.sessions import SessionManager, SessionStoreUnavailable, open_store
 from polybus.testing import servers
+from polybus.testing.plugin import require_server, with_options
 from polybus.testing.sessions import *  # noqa: F403
 from polybus.testing.sessions import record, wait_until
 
@@ -231,3 +233,31 @@ def test_native_sessions_survive_a_crash_mid_write(tmp_path: Path) -> None:
             assert not session.is_new, "a session whose save returned was lost"
         listed = sum(len(manager.sessions_of(f"user-{u}")) for u in range(7))
         assert listed >= len(saved)
+
+
+def test_rabbitmq_without_streams_catches_up_from_a_snapshot() -> None:
+    """history=false: no stream to replay, so a new instance asks the running ones."""
+    require_server("rabbitmq", servers.rabbitmq_unavailable())
+    topic = f"sessions-{uuid.uuid4().hex[:12]}"
+    url = with_options(servers.rabbitmq_url(), topic=topic, history="false", snapshot_wait=0.3)
+    first = open_store(url)
+    try:
+        assert not first.linearizable
+        recs = [record("alice", n=i) for i in range(3)]
+        for rec in recs:
+            first.save(rec)
+        first.delete(recs[2].id)
+        second = open_store(with_options(url, snapshot_wait=5))  # caught up when it returns
+        try:
+            assert second.load(recs[0].id) == recs[0]
+            assert [r.id for r in second.user_sessions("alice")] == [recs[0].id, recs[1].id]
+            second.save(recs[1]._replace(version=2, data={"n": 10}))
+            wait_until(
+                lambda: (r := first.load(recs[1].id)) is not None and r.data == {"n": 10},
+                "the second instance's save to reach the first",
+            )
+        finally:
+            second.close()
+    finally:
+        first.close()
+        servers.rabbitmq_delete_topic(topic, ())

@@ -223,7 +223,9 @@ class SessionStore(Protocol):
         deleted or expired session counts as 0; the manager never reuses an id).
 
         Raises SessionConflict (with the version found) otherwise, EncodeError
-        when the data cannot be encoded; nothing is written then.
+        when the data cannot be encoded; nothing is written then. After
+        SessionStoreUnavailable the write may still have been stored (the
+        reply was lost): a later save from the old version then conflicts.
         """
         ...
 

@@ -32,7 +32,7 @@ from polybus.sessions import (
 )
 
 from . import servers
-from .plugin import require_server, with_options
+from .plugin import BACKENDS, require_server, with_options
 
 __all__ = [
     "STORES",
@@ -47,6 +47,7 @@ __all__ = [
     "test_round_trip_keeps_every_field",
     "test_save_is_compare_and_set",
     "test_store_down_raises_session_store_unavailable",
+    "test_store_lost_mid_use_fails_closed_then_recovers",
     "test_user_index_lists_and_ends_a_users_sessions",
     "wait_until",
 ]
@@ -105,6 +106,8 @@ class StoreCase:
     #: a URL of this store whose server does not answer (None: the store has no server)
     dead_url: Callable[[], str] | None = None
     cleanup: Callable[[str], None] | None = None
+    #: URL options that put one test's sessions apart (given a name unique to the test)
+    options: Callable[[str], dict[str, str]] = lambda name: {}
 
 
 STORES: list[StoreCase] = [
@@ -116,12 +119,15 @@ STORES: list[StoreCase] = [
         servers.redis_unavailable,
         lambda: f"redis://127.0.0.1:{servers.free_port()}/0",
         _redis_cleanup,
+        lambda name: {"prefix": f"test-{name}", "socket_timeout": "1"},
     ),
     StoreCase(
         "kafka",
         lambda tmp, name: f"kafka://{servers.kafka_bootstrap()}?topic=sessions-{name}",
         servers.kafka_unavailable,
         lambda: f"kafka://127.0.0.1:{servers.free_port()}?reconnect_timeout=1",
+        None,
+        lambda name: {"topic": f"sessions-{name}", "reconnect_timeout": "1", "write_timeout": "3"},
     ),
     StoreCase(
         "rabbitmq",
@@ -129,6 +135,7 @@ STORES: list[StoreCase] = [
         servers.rabbitmq_unavailable,
         lambda: f"amqp://guest:guest@127.0.0.1:{servers.free_port()}/?reconnect_timeout=1",
         _rabbitmq_cleanup,
+        lambda name: {"topic": f"sessions-{name}", "reconnect_timeout": "1"},
     ),
 ]
 
@@ -377,3 +384,46 @@ def _open_and_save(url: str) -> None:
         store.save(record(a=1))
     finally:
         store.close()
+
+
+def test_store_lost_mid_use_fails_closed_then_recovers(store_case: StoreCase) -> None:
+    """The connection to the store's server is cut while in use: the manager raises
+    SessionStoreUnavailable (fail closed: no request runs on a session it cannot keep),
+    never a client library's error, and works again once the server is back."""
+    proxied = next(b.proxied for b in BACKENDS if b.name == store_case.name)
+    if proxied is None:
+        pytest.skip(f"the {store_case.name} store has no connection to cut")
+    name = uuid.uuid4().hex[:12]
+    with proxied() as (url, proxy):
+        manager = SessionManager(with_options(url, **store_case.options(name)))
+        try:
+            session = manager.login(manager.load(None), "alice")
+            session["n"] = 0
+            assert manager.save(session)
+            proxy.block()
+            started = time.monotonic()
+            with pytest.raises(SessionStoreUnavailable):
+                _bump(manager, session.id)  # a load may still be served by a local view
+            assert time.monotonic() - started < DEADLINE
+            proxy.unblock()
+            wait_until(lambda: _bumped(manager, session.id), "a save after the server is back")
+        finally:
+            proxy.unblock()
+            manager.close()
+    if store_case.cleanup is not None:
+        store_case.cleanup(name)
+
+
+def _bump(manager: SessionManager, sid: str) -> None:
+    s = manager.load(sid)
+    assert not s.is_new, "the session was lost"
+    s["n"] += 1
+    assert manager.save(s)
+
+
+def _bumped(manager: SessionManager, sid: str) -> bool:
+    try:
+        _bump(manager, sid)
+    except (SessionStoreUnavailable, SessionConflict):
+        return False  # a save that raised may still land later: then the next one conflicts
+    return True

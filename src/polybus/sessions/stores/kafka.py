@@ -104,6 +104,7 @@ class KafkaStore:
                 with self._cond:
                     self._failure = exc
                     self._cond.notify_all()
+                    self._cond.wait(0.2)  # back off; close() wakes it
                 continue
             now = time.time()
             with self._cond:

@@ -19,7 +19,9 @@ within an instance, not between them (``linearizable`` is False).
 A new instance catches up by replaying the topic's history stream (RabbitMQ
 3.9+ streams, the adapter's default), and otherwise (``history=false``) by
 asking the running instances for a snapshot: each sends every session it
-holds, with its stamps. Opening returns once caught up.
+holds, with its stamps. Opening returns once caught up. After a lost
+connection an instance catches up the same way (the adapter replays the
+history; without one, the instance asks for snapshots again).
 
 Reads are local: an instance reads its own writes at once, and others'
 within milliseconds (the broadcast's latency).
@@ -99,7 +101,7 @@ class RabbitMQStore:
         self._last_stamp = 0
         self._seen_markers: set[str] = set()
         self._closed = False
-        streams = Capability.SEEK in bus.capabilities
+        streams = self._streams = Capability.SEEK in bus.capabilities
         try:
             if streams:
                 bus.declare(topic, retention=retention)
@@ -134,6 +136,7 @@ class RabbitMQStore:
     def _pump(self) -> None:
         sub = self._sub
         next_sweep = time.time() + self._sweep_interval
+        lost = False
         while not self._closed:
             try:
                 batch = sub.fetch(1, 0.2)
@@ -143,7 +146,18 @@ class RabbitMQStore:
                 return
             except PolybusError as exc:
                 log.warning("session replication interrupted: %s", exc)
+                lost = True
+                with self._cond:
+                    self._cond.wait(0.2)  # back off; close() wakes it
                 continue
+            if lost and not self._streams:
+                # without a history, changes broadcast while the connection was down are
+                # gone for this instance: ask the others for their sessions again
+                lost = False
+                try:
+                    self._broadcast([_HELLO, self.instance, uuid.uuid4().hex, False], key=None)
+                except SessionStoreUnavailable:
+                    lost = True
             now = time.time()
             snapshot_for: list[str] = []
             with self._cond:
