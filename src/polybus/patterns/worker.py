@@ -11,10 +11,10 @@ gracefully: it takes no new messages, lets the handlers finish what they
 started (up to ``stop_timeout``), commits and leaves the groups.
 
 A handler takes a :class:`~polybus.Delivery`; settling it is the worker's job.
-It may return an :class:`Output` (or several) to publish as a consequence of
-the message; each output's id is derived from the input's id and position, so
-a handler run twice for one input publishes the same ids twice, which an inbox
-downstream drops.
+It may return an :class:`Output` (or a list of them) to publish as a
+consequence of the message; any other return value is ignored. Each output's
+id is derived from the input's id and position, so a handler run twice for
+one input publishes the same ids twice, which an inbox downstream drops.
 
 Delivery guarantees, per consumer:
 
@@ -84,17 +84,17 @@ def derived_id(parent: str, n: int) -> str:
 
 
 def _outputs(result: Any, cause: Message) -> list[tuple[str, OutRecord]]:
-    if result is None:
+    """The records of the Outputs a handler returned; any other result is ignored."""
+    if isinstance(result, Output):
+        items: list[Any] | tuple[Any, ...] = [result]
+    elif isinstance(result, list | tuple) and any(isinstance(i, Output) for i in result):
+        items = result
+        if not all(isinstance(i, Output) for i in items):
+            raise ConfigurationError("a handler's list of Outputs holds something else too")
+    else:
         return []
-    items = [result] if isinstance(result, Output) else result
-    if not isinstance(items, list | tuple):
-        items = [items]
     out = []
     for n, item in enumerate(items):
-        if not isinstance(item, Output):
-            raise ConfigurationError(
-                f"a handler returns None, an Output or a list of Outputs, not {type(item).__name__}"
-            )
         message = Message(
             item.value,
             key=item.key,

@@ -1,0 +1,152 @@
+"""What the reliability patterns cost, per backend, measured side by side in one run.
+
+* Request-reply round trip: one :class:`Requester` against a responder worker
+  on the same bus, sequential (each request answered before the next) and
+  with 100 in flight (each latency is submit to reply); p50 and p99. Beside
+  it, the backend's one-way latency measured the way ``compare.py`` does
+  (publish one message every millisecond, each confirmed, receive time minus
+  creation time). Target: round-trip p50 <= 2.5x one-way p50.
+* The machinery: the same :class:`Consumer` processes ``--count`` messages
+  with no failures, once bare (no retries, no dead-letter topic, no inbox)
+  and once with a retry policy, a dead-letter topic and a memory inbox.
+  Target: with them >= 0.85x the speed without.
+
+    python benchmarks/patterns.py [--count 20000] [--seconds 2] [--backends native,redis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import polybus
+from compare import BACKENDS, latency  # the one-way figure, measured alike
+from polybus.patterns.inbox import MemoryInbox
+from polybus.patterns.request_reply import Requester
+from polybus.patterns.retry import NO_RETRY, RetryPolicy
+from polybus.patterns.worker import App, Consumer, Worker
+
+WARMUP = 50
+RR_TARGET = 2.5
+MACHINERY_TARGET = 0.85
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    kept = sorted(samples)
+    return kept[len(kept) // 2] * 1e6, kept[int(len(kept) * 0.99)] * 1e6
+
+
+def round_trips(url: str, seconds: float) -> tuple[float, float, float, float]:
+    """(sequential p50, p99, 100-in-flight p50, p99) in µs."""
+    topic = f"rr-{uuid.uuid4().hex[:8]}"
+    app = App()
+    app.responder(topic)(lambda d: d.message.value)
+    with polybus.connect(url) as bus:
+        worker = Worker(app, bus).start()
+        try:
+            with Requester(bus, topic, timeout=60) as requester:
+                for _ in range(WARMUP):  # the responder's group join, the reader's start
+                    requester.request(b"warm-up")
+                sequential: list[float] = []
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    started = time.perf_counter()
+                    requester.request(b"x")
+                    sequential.append(time.perf_counter() - started)
+                parallel: list[float] = []
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    started = time.perf_counter()
+                    futures = [requester.submit(b"x") for _ in range(100)]
+                    for f in futures:
+                        f.result()
+                        parallel.append(time.perf_counter() - started)
+        finally:
+            worker.stop()
+    return (*_percentiles(sequential), *_percentiles(parallel))
+
+
+def machinery(url: str, count: int) -> tuple[float, float]:
+    """Messages per second through a bare Consumer and through one with everything on."""
+    speeds = []
+    for full in (False, True):
+        topic = f"mach-{uuid.uuid4().hex[:8]}"
+        with polybus.connect(url) as bus:
+            bus.declare(topic, partitions=1, groups=["g"])
+            for start in range(0, count, 1000):
+                bus.publish_many(topic, [b"x" * 100] * min(1000, count - start))
+            consumer = Consumer(
+                bus,
+                topic,
+                lambda d: d.message.value,
+                group="g",
+                retry=RetryPolicy() if full else NO_RETRY,
+                dead_letters=full,
+                inbox=MemoryInbox() if full else None,
+                batch=1000,
+            ).start()
+            while not consumer.poll(1.0):  # the group join is not part of the work
+                pass
+            started = time.perf_counter()
+            end = time.monotonic() + 300
+            while consumer.stats.processed < count:
+                if time.monotonic() > end or consumer.stats.failed:
+                    raise RuntimeError(f"processed {consumer.stats} of {count}")
+                consumer.poll(1.0)
+            speeds.append((count - 1000) / (time.perf_counter() - started))
+            consumer.stop()
+    return speeds[0], speeds[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    args = parser.parse_args()
+    rows = []
+    failed = False
+    for name in args.backends.split(","):
+        make_url, unavailable = BACKENDS[name]
+        reason = unavailable()
+        if reason:
+            print(f"{name}: skipped ({reason})", file=sys.stderr)
+            continue
+        try:
+            url = make_url()
+            one_way = latency(url, args.seconds)
+            rr = round_trips(url, args.seconds)
+            bare, full = machinery(url, args.count)
+        except Exception as exc:  # report the backend and go on with the others
+            failed = True
+            print(f"{name}: FAILED {exc!r}", file=sys.stderr)
+            continue
+        rows.append((name, one_way, rr, bare, full))
+    print("\nlatency in µs (p50 / p99); round trip ratio = sequential p50 / one-way p50")
+    print(
+        f"{'backend':9} {'one-way':>15} {'round trip':>15} {'ratio':>6}  {'100 in flight':>17}"
+        f"   {'bare msg/s':>10} {'with all':>10} {'ratio':>6}"
+    )
+    for name, (o50, o99), (s50, s99, p50, p99), bare, full in rows:
+        rr_ratio, m_ratio = s50 / o50, full / bare
+        rr_flag = "" if rr_ratio <= RR_TARGET else " ✗"
+        m_flag = "" if m_ratio >= MACHINERY_TARGET else " ✗"
+        print(
+            f"{name:9} {o50:7,.0f} / {o99:5,.0f} {s50:7,.0f} / {s99:5,.0f} "
+            f"{rr_ratio:6.2f}{rr_flag:2} {p50:8,.0f} / {p99:6,.0f}   "
+            f"{bare:10,.0f} {full:10,.0f} {m_ratio:6.2f}{m_flag}"
+        )
+    print(
+        f"targets: round trip p50 <= {RR_TARGET}x one-way p50; "
+        f"with retries, DLQ and inbox >= {MACHINERY_TARGET}x bare (✗ marks a miss)"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
