@@ -168,10 +168,15 @@ def open_session_store(
         store_case.cleanup(name)
 
 
+_last_created = [0.0]
+
+
 def record(
     user_id: str | None = None, *, version: int = 1, ttl: float = 600.0, **data: Any
 ) -> SessionRecord:
-    now = time.time()
+    """A new session's record; each is created strictly after the one before (lists are
+    sorted by creation time)."""
+    now = _last_created[0] = max(time.time(), _last_created[0] + 0.001)
     return SessionRecord(
         new_session_id(user_id),
         user_id,
@@ -276,7 +281,11 @@ def test_user_index_lists_and_ends_a_users_sessions(
     wait_until(lambda: len(second.user_sessions("erin")) == 3, "the index on the second instance")
     assert second.delete_user("erin", keep=mine[0].id) == 2
     assert [r.id for r in second.user_sessions("erin")] == [mine[0].id]
-    wait_until(lambda: first.load(mine[1].id) is None, "the deletes to reach the first instance")
+    wait_until(
+        lambda: [r.id for r in first.user_sessions("erin")] == [mine[0].id],
+        "the deletes to reach the first instance",
+    )
+    assert first.load(mine[1].id) is None
     assert first.load(mine[0].id) is not None
     assert first.delete_user("erin") == 1
     assert first.user_sessions("erin") == []
