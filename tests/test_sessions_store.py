@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import polybus
 from polybus.sessions import SessionManager, SessionStoreUnavailable, open_store
 from polybus.testing import servers
 from polybus.testing.plugin import require_server, with_options
@@ -261,3 +262,27 @@ def test_rabbitmq_without_streams_catches_up_from_a_snapshot() -> None:
     finally:
         first.close()
         servers.rabbitmq_delete_topic(topic, ())
+
+
+def test_kafka_store_deletes_what_expired_so_compaction_can_shrink_it() -> None:
+    require_server("kafka", servers.kafka_unavailable())
+    topic = f"sessions-{uuid.uuid4().hex[:12]}"
+    writer = open_store(f"kafka://{servers.kafka_bootstrap()}?topic={topic}", sweep_interval=0.1)
+    try:
+        rec = record("alice", ttl=0.3, a=1)
+        writer.save(rec)
+        with polybus.connect(f"kafka://{servers.kafka_bootstrap()}") as bus:
+            reader = bus.subscribe(topic, None, start="earliest")
+            values: list[bytes | None] = []
+
+            def deleted() -> bool:
+                values.extend(
+                    d.message.payload for d in reader.fetch(1, 0.1) if d.message.key == rec.id
+                )
+                return values[-1:] == [b""]
+
+            wait_until(deleted, "a deletion of the expired session in the topic")
+        assert len(values) == 2  # the save, then its deletion
+        assert writer.load(rec.id) is None
+    finally:
+        writer.close()

@@ -21,8 +21,10 @@ returns once its instance has read its own record and knows which it was;
 the loser gets SessionConflict and appends the winner's record again, so
 that compaction (which keeps the last record per key) keeps the winner.
 
-Expired sessions are never returned and are dropped from the view; their
-last record stays in the topic until compaction meets a later one.
+Expired sessions are never returned. Every ``sweep_interval`` seconds an
+instance forgets them and appends a deletion for those it wrote last (and
+for any nobody deleted within an hour of expiry), so compaction shrinks them
+to a small deletion record.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, ClassVar
 
 from ...bus import Bus, Subscriber, connect
 from ...errors import ClosedError, ConnectionLost, DecodeError, PolybusError
-from ...message import Delivery
+from ...message import Delivery, Message
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
 from . import check_codec
 from ._view import Item, View
@@ -45,6 +47,7 @@ __all__ = ["KafkaStore", "from_bus", "from_url"]
 log = logging.getLogger("polybus.sessions")
 
 MARKER = "polybus:marker"  #: key of the records an instance appends to learn it has caught up
+ORIGIN = "session-origin"  #: header naming the instance that wrote a record
 _DELETED = b""
 _TOMBSTONE_KEEP = 24 * 3600.0  # how long a deleted id is remembered, so late saves stay refused
 
@@ -75,6 +78,8 @@ class KafkaStore:
         self._applied = -1  # offset of the last record applied
         self._cond = threading.Condition()
         self._failure: PolybusError | None = None
+        self.instance = uuid.uuid4().hex
+        self._origin = {ORIGIN: self.instance}
         # session id -> (saves waiting, {offset of one of their records: accepted?})
         self._watch: dict[str, tuple[int, dict[int, bool]]] = {}
         self._closed = False
@@ -113,11 +118,31 @@ class KafkaStore:
                     self._apply(d)
                 if batch:
                     self._cond.notify_all()
+                doomed: list[str] = []
                 if now >= next_sweep:
                     next_sweep = now + self._sweep_interval
-                    for sid in self._view.expired(now):
-                        self._view.drop(sid)
+                    doomed = self._sweep(now)
             sub.ack(batch)
+            if doomed:
+                try:
+                    self._bus.publish_many(
+                        self.topic, [Message(_DELETED, key=sid) for sid in doomed]
+                    )
+                except PolybusError as exc:  # the next sweep tries again
+                    log.warning("could not delete expired sessions from %s: %s", self.topic, exc)
+
+    def _sweep(self, now: float) -> list[str]:
+        """Under the lock: forget what expired; return the expired sessions whose
+        deletion this instance writes to the topic (so compaction can shrink them): those
+        it wrote last, and those nobody deleted within an hour of their expiry."""
+        doomed = []
+        for sid in self._view.expired(now):
+            item = self._view.items[sid]
+            if item.payload and (item.extra == self.instance or now > item.expires_at + 3600):
+                doomed.append(sid)  # dropped when its deletion is read back
+            else:
+                self._view.drop(sid)
+        return doomed
 
     def _apply(self, d: Delivery) -> None:
         """Under the condition's lock: apply one record by the compare-and-set rule."""
@@ -132,12 +157,8 @@ class KafkaStore:
         payload = message.payload or _DELETED
         if payload == _DELETED:
             if current is not None and current.payload:
-                view.put(
-                    sid,
-                    current._replace(
-                        payload=_DELETED, extra=offset, expires_at=time.time() + _TOMBSTONE_KEEP
-                    ),
-                )
+                keep = time.time() + _TOMBSTONE_KEEP
+                view.put(sid, current._replace(payload=_DELETED, expires_at=keep))
             return
         try:
             rec = self.codec.decode(payload)
@@ -146,14 +167,16 @@ class KafkaStore:
             return
         accepted = current is None or (bool(current.payload) and current.version == rec.version - 1)
         if accepted:
-            view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, payload, offset))
+            origin = message.headers.get(ORIGIN)
+            view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, payload, origin))
         watch = self._watch.get(sid)
         if watch is not None:
             watch[1][offset] = accepted
 
     def _publish(self, key: str, payload: bytes) -> int:
         try:
-            return int(self._bus.publish(self.topic, payload, key=key).offset)
+            receipt = self._bus.publish(self.topic, payload, key=key, headers=self._origin)
+            return int(receipt.offset)
         except ConnectionLost as exc:
             raise _unavailable(exc) from exc
         except ClosedError:
