@@ -104,7 +104,6 @@ def store_url(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "memory":
         yield f"memory://{name}"
         return
-    pytest.importorskip("polybus.sessions.stores.redis", reason="no Redis session store yet")
     require_server("redis", servers.redis_unavailable())
     yield f"{servers.redis_url()}?prefix=polybus-test:{name}"
 

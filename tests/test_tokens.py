@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from polybus.sessions.tokens import (
     Revocations,
     RevocationUnavailable,
     SharedRevocations,
+    StoreNonces,
     TokenExpired,
     TokenNotYetValid,
     TokenReplayed,
@@ -38,7 +40,8 @@ from polybus.sessions.tokens import (
     b64decode,
     b64encode,
 )
-from polybus.testing.plugin import BackendCase, Proxied
+from polybus.testing import servers
+from polybus.testing.plugin import BackendCase, Proxied, require_server
 
 ISSUER, AUDIENCE = "https://auth.example", "api"
 
@@ -336,34 +339,55 @@ def test_v9_2_2_one_time_and_access_tokens_are_not_interchangeable(tokens: Token
 
 def test_one_time_token_is_accepted_once_even_under_a_race(tokens: Tokens) -> None:
     once = tokens.issue_one_time("user-1", {"purpose": "confirm-email"})
-    results: list[str] = []
-    barrier = threading.Barrier(8)
-
-    def redeem() -> None:
-        barrier.wait()
-        try:
-            tokens.redeem(once)
-            results.append("ok")
-        except TokenReplayed:
-            results.append("replayed")
-
-    threads = [threading.Thread(target=redeem) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == ["ok"] + ["replayed"] * 7
+    assert redeem_at_once([tokens] * 8, once) == ["ok"] + ["replayed"] * 7
     with pytest.raises(TokenReplayed):
         tokens.redeem(once)
 
 
-def test_one_time_tokens_need_no_revocation_list(key: HMACKey | Ed25519Key, clock: Clock) -> None:
-    tokens = Tokens(Keyring(key), issuer=ISSUER, audience=AUDIENCE, clock=clock)
-    first, second = tokens.issue_one_time("user-1"), tokens.issue_one_time("user-1")
-    assert tokens.redeem(first)["sub"] == "user-1"
-    with pytest.raises(TokenReplayed):
-        tokens.redeem(first)
-    assert tokens.redeem(second)["sub"] == "user-1"  # each token once, independently
+@pytest.fixture(params=["memory", "redis"])
+def nonce_store_url(request: pytest.FixtureRequest) -> str:
+    """A session store that several instances share."""
+    name = f"nonces-{uuid.uuid4().hex[:8]}"
+    if request.param == "memory":
+        return f"memory://{name}"
+    require_server("redis", servers.redis_unavailable())
+    return f"{servers.redis_url()}?prefix=polybus-test:{name}"
+
+
+def redeem_at_once(instances: list[Tokens], token: str) -> list[str]:
+    """Every instance redeems ``token`` at the same moment; what each got."""
+    results: list[str] = []
+    barrier = threading.Barrier(len(instances))
+
+    def redeem(tokens: Tokens) -> None:
+        barrier.wait()
+        try:
+            tokens.redeem(token)
+            results.append("ok")
+        except TokenReplayed:
+            results.append("replayed")
+
+    threads = [threading.Thread(target=redeem, args=(t,)) for t in instances]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(results)
+
+
+def test_one_time_token_is_accepted_once_across_instances_sharing_a_store(
+    nonce_store_url: str,
+) -> None:
+    keys = Keyring(HMACKey.generate("k"))
+    nonces = [StoreNonces(nonce_store_url) for _ in range(4)]  # one per instance
+    instances = [Tokens(keys, issuer=ISSUER, audience=AUDIENCE, nonces=n) for n in nonces]
+    try:
+        for _ in range(5):
+            once = instances[0].issue_one_time("user-1")
+            assert redeem_at_once(instances, once) == ["ok", "replayed", "replayed", "replayed"]
+    finally:
+        for n in nonces:
+            n.store.close()
 
 
 def test_v7_4_1_a_revoked_token_is_refused_and_others_are_not(tokens: Tokens) -> None:

@@ -51,6 +51,7 @@ from ..errors import (
     DecodeError,
     PolybusError,
 )
+from .base import ClientInfo, SessionConflict, SessionRecord, SessionStore
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -73,6 +74,7 @@ __all__ = [
     "RevocationUnavailable",
     "Revocations",
     "SharedRevocations",
+    "StoreNonces",
     "TokenError",
     "TokenExpired",
     "TokenNotYetValid",
@@ -643,6 +645,32 @@ class MemoryNonces:
                 return False
             self._used[nonce] = expires_at
             return True
+
+
+class StoreNonces:
+    """A :class:`NonceStore` kept in a session store, so every instance on the store shares
+    it: the claim is the store's compare-and-set of a new record, atomic across instances
+    on a linearizable store (memory, Redis), and the record expires with the token.
+
+    ``store`` is a URL for :func:`~polybus.sessions.open_store` or a store. Raises
+    SessionStoreUnavailable when the store is down (the token is then not accepted).
+    """
+
+    def __init__(self, store: SessionStore | str) -> None:
+        from .stores import open_store
+
+        self.store: SessionStore = open_store(store)
+
+    def claim(self, nonce: str, expires_at: float) -> bool:
+        now = time.time()
+        record = SessionRecord(
+            f"once.{nonce}", None, 1, now, now, expires_at, ClientInfo(), None, {}
+        )
+        try:
+            self.store.save(record)
+        except SessionConflict:
+            return False
+        return True
 
 
 # -- tokens -------------------------------------------------------------------------
