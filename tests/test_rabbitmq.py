@@ -220,6 +220,71 @@ def test_deliveries_cut_from_the_stream_match_what_pika_decodes(
     }
 
 
+def test_deliveries_are_cut_only_when_whole() -> None:
+    """Split a stream of frames at every byte: each delivery comes out once, whole, in order,
+    and every other frame is left to pika."""
+
+    def deliver(channel: int, tag: int, routing_key: str, body: bytes) -> bytes:
+        _, content = rabbitmq._content(OutRecord(body, headers=(("polybus-id", f"m{tag}"),)))
+        method = pika.spec.Basic.Deliver(f"ctag{channel}", tag, tag % 2 == 0, "ex", routing_key)
+        head = rabbitmq._HEADER_FRAME.pack(2, channel, len(content) + 12, 60, 0, len(body))
+        bodies = [
+            pika.frame.Body(channel, body[i : i + 100]).marshal() for i in range(0, len(body), 100)
+        ]
+        return (
+            pika.frame.Method(channel, method).marshal()
+            + head
+            + content
+            + b"\xce"
+            + b"".join(bodies)
+        )
+
+    stream = b"".join(
+        [
+            deliver(1, 1, "k", b""),
+            pika.frame.Heartbeat().marshal(),
+            deliver(1, 2, "", b"x" * 10),
+            deliver(2, 1, "ünï", b"y" * 250),  # three body frames
+            deliver(3, 1, "other", b"z"),  # no sink: pika's
+            deliver(1, 3, "", b"w" * 5),
+        ]
+    )
+    got: list[tuple[Any, ...]] = []
+
+    def sink(channel: int) -> Callable[..., None]:
+        def take(tag: int, redelivered: bool, key: bytes, data: bytes, p: int, body: bytes) -> None:
+            properties = pika.BasicProperties()
+            properties.decode(data, p)
+            got.append((channel, tag, redelivered, key, properties.message_id, body))
+
+        return take
+
+    sinks = {b"ctag1": sink(1), b"ctag2": sink(2)}
+    for cut in range(len(stream) + 1):
+        got.clear()
+        for_pika = []
+        buf = b""
+        for chunk in (stream[:cut], stream[cut:]):
+            buf += chunk
+            while buf:  # as _Connection._on_data_available does
+                used = rabbitmq._cut_deliveries(buf, sinks)
+                if used == rabbitmq._WAIT:
+                    break
+                if not used:
+                    used, frame = pika.frame.decode_frame(buf)
+                    if frame is None:
+                        break
+                    for_pika.append(frame.NAME)
+                buf = buf[used:]
+        assert got == [
+            (1, 1, False, b"k", "m1", b""),
+            (1, 2, True, b"", "m2", b"x" * 10),
+            (2, 1, False, "ünï".encode(), "m1", b"y" * 250),
+            (1, 3, False, b"", "m3", b"w" * 5),
+        ], cut
+        assert for_pika == ["Heartbeat", "METHOD", "Header", "Body"], cut
+
+
 def test_keys_that_are_not_routing_keys_round_trip(
     connect: Callable[..., polybus.Bus], topic: str
 ) -> None:
