@@ -31,9 +31,11 @@ unknown key is refused before any store call, logged, and cleared in the
 response; the request continues with a new anonymous session, never an error
 page.
 
-``__Host-`` cookies need ``Secure``, which browsers accept only over HTTPS
-(Chromium also on ``http://localhost``). For plain-HTTP development on another
-host, pass ``CookieSettings(name="session", secure=False)``; never in production.
+``__Host-`` cookies need ``Secure``, which browsers accept over HTTPS; Chromium
+(checked with 156) also accepts them from ``http://localhost`` and
+``http://127.0.0.1``, other browsers and versions may not. For plain-HTTP
+development elsewhere, pass ``CookieSettings(name="session", secure=False)``;
+never in production.
 
 In ``async`` endpoints, ``await request.session.aload()`` first keeps the store
 read off the event loop (a first access from the loop blocks it otherwise); the
