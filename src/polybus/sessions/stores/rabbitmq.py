@@ -99,7 +99,8 @@ class RabbitMQStore:
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()  # one save at a time: check, broadcast, apply
         self._last_stamp = 0
-        self._seen_markers: set[str] = set()
+        self._seen_markers: set[str] = set()  # our hellos read back, snapshots done for us
+        self._asked: set[str] = set()  # nonces of our hellos
         self._closed = False
         streams = self._streams = Capability.SEEK in bus.capabilities
         try:
@@ -118,6 +119,7 @@ class RabbitMQStore:
             # Our own hello comes back after everything the history held before it; without
             # a history it asks the running instances for their sessions.
             nonce = uuid.uuid4().hex
+            self._asked.add(nonce)
             self._broadcast([_HELLO, self.instance, nonce, streams], key=None)
             self._wait(lambda: nonce in self._seen_markers, catch_up_timeout, "catch up")
             if not streams:
@@ -154,8 +156,10 @@ class RabbitMQStore:
                 # without a history, changes broadcast while the connection was down are
                 # gone for this instance: ask the others for their sessions again
                 lost = False
+                nonce = uuid.uuid4().hex
+                self._asked.add(nonce)
                 try:
-                    self._broadcast([_HELLO, self.instance, uuid.uuid4().hex, False], key=None)
+                    self._broadcast([_HELLO, self.instance, nonce, False], key=None)
                 except SessionStoreUnavailable:
                     lost = True
             now = time.time()
@@ -192,10 +196,11 @@ class RabbitMQStore:
             self._view.put(sid, Item(0, time.time() + _TOMBSTONE_KEEP, user, b"", None))
         elif kind == _HELLO:
             _, origin, nonce, streams = msg
-            self._seen_markers.add(nonce)
-            if origin != self.instance and not streams:
+            if origin == self.instance:
+                self._seen_markers.add(nonce)
+            elif not streams:
                 return str(nonce)
-        elif kind == _SNAPSHOT_DONE:
+        elif kind == _SNAPSHOT_DONE and msg[1] in self._asked:
             self._seen_markers.add(f"done:{msg[1]}")
         return None
 
