@@ -223,6 +223,19 @@ def session_cookie(driver: Any) -> dict[str, Any] | None:
     return next((c for c in driver.get_cookies() if c["name"] == COOKIE), None)
 
 
+def press(driver: Any, button_id: str) -> None:
+    """Click a form's button and wait until the page it leads to has loaded."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    button = driver.find_element(By.ID, button_id)
+    button.click()
+    wait = WebDriverWait(driver, 20)
+    wait.until(expected_conditions.staleness_of(button))  # the old page is gone
+    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def test_v7_browser_logs_in_is_rotated_and_logs_out(server: Server, browser: Any) -> None:
     from selenium.webdriver.common.by import By
 
@@ -231,7 +244,7 @@ def test_v7_browser_logs_in_is_rotated_and_logs_out(server: Server, browser: Any
     assert session_cookie(browser) is None  # nothing stored, nothing set
 
     browser.find_element(By.ID, "user").send_keys("alice")
-    browser.find_element(By.ID, "login").click()
+    press(browser, "login")
     assert browser.find_element(By.ID, "who").text == "alice"
     cookie = session_cookie(browser)
     assert cookie is not None, "the browser kept the __Host- cookie"
@@ -248,14 +261,14 @@ def test_v7_browser_logs_in_is_rotated_and_logs_out(server: Server, browser: Any
     assert first_id is not None
     assert server.manager.load(first_id).user_id == "alice"
 
-    browser.find_element(By.ID, "rotate").click()
+    press(browser, "rotate")
     assert browser.find_element(By.ID, "who").text == "alice"
     rotated = session_cookie(browser)
     assert rotated is not None
     assert rotated["value"] != cookie["value"]
     assert server.manager.load(first_id).is_new  # V7.2.4: the old id is dead
 
-    browser.find_element(By.ID, "logout").click()
+    press(browser, "logout")
     assert browser.find_elements(By.ID, "login"), "logged out: the login form again"
     assert session_cookie(browser) is None  # the browser dropped the cookie
     rotated_id = signer.unsign(rotated["value"])
