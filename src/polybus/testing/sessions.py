@@ -41,6 +41,7 @@ __all__ = [
     "store_case",
     "test_delete_ends_the_session_on_every_instance",
     "test_expired_session_is_never_returned",
+    "test_login_rotation_ends_the_old_id_on_every_instance",
     "test_other_instances_see_a_save",
     "test_parallel_writers_of_different_keys_lose_no_update",
     "test_parallel_writers_of_one_key_lose_no_update",
@@ -291,6 +292,25 @@ def test_user_index_lists_and_ends_a_users_sessions(
     assert first.user_sessions("erin") == []
     assert first.load(other.id) is not None  # another user's session is untouched
     assert first.delete_user("nobody") == 0
+
+
+def test_login_rotation_ends_the_old_id_on_every_instance(
+    open_session_store: Callable[..., SessionStore],
+) -> None:
+    """ASVS 7.2.4, with the fixation attempt made on another instance than the login."""
+    here, there = SessionManager(open_session_store()), SessionManager(open_session_store())
+    anonymous = here.load(None)
+    anonymous["cart"] = ["book"]
+    assert here.save(anonymous)
+    planted = anonymous.id  # known to an attacker
+    wait_until(lambda: not there.load(planted).is_new, "the session to reach the other instance")
+    session = here.login(here.load(planted), "alice")
+    wait_until(lambda: there.load(planted).is_new, "the old id to die on the other instance")
+    attacker = there.load(planted)
+    assert attacker.user_id is None
+    assert attacker.id != planted
+    wait_until(lambda: there.load(session.id).user_id == "alice", "the new id elsewhere")
+    assert there.load(session.id)["cart"] == ["book"]
 
 
 def _run_writers(count: int, work: Callable[[int], None]) -> None:
