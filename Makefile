@@ -16,6 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python examples/order_workflow.py
+	$(BIN)/python examples/payments.py
 
 test: $(STAMP) lint services
 	scripts/ensure-browser
