@@ -550,3 +550,34 @@ def test_the_cookie_value_is_the_signed_id_and_nothing_else(site: Site) -> None:
     assert record is not None
     assert record.user_id == "alice"
     assert "alice" not in json.dumps(browser.cookie)
+
+
+def test_a_websocket_sees_the_session_of_its_handshake() -> None:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.routing import WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocket
+
+    async def who(websocket: WebSocket) -> None:
+        await websocket.accept()
+        session = await session_of(websocket.scope).aload()
+        await websocket.send_json({"user": session.user_id})
+        await websocket.close()
+
+    manager = SessionManager(f"memory://{uuid.uuid4().hex}")
+    keys = Keyring(HMACKey.generate("k"))
+    session = manager.login(manager.new(), "alice")
+    app = Starlette(
+        routes=[WebSocketRoute("/ws", who)],
+        middleware=[Middleware(SessionMiddleware, manager=manager, keys=keys)],
+    )
+    cookie = f"{COOKIE}={CookieSigner(keys).sign(session.id)}"
+    with (
+        TestClient(app, base_url="https://testserver") as client,
+        client.websocket_connect("/ws", headers={"Cookie": cookie}) as ws,
+    ):
+        assert ws.receive_json() == {"user": "alice"}
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        assert ws.receive_json() == {"user": None}
+    manager.close()
