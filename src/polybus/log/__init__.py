@@ -1,6 +1,7 @@
 """The native log engine: segments, CRC-checked batches, recovery, groups.
 
-It imports no broker client. See :class:`Log` for the entry point.
+It imports no broker client. See :class:`Log` for the entry point, and
+:meth:`Consumer.transaction` for appends and acks committed together.
 """
 
 from .engine import Log, Topic, TopicConfig

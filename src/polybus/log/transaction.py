@@ -27,7 +27,9 @@ any batch missing (at the current end if other producers appended there
 since), sets the offsets from the intent, and writes the state file naming the
 transaction. A torn intent is dropped: its writer died before appending
 anything. Because each intent holds the whole commit state, a later intent
-includes the effects of every earlier one, whoever applied them.
+includes the effects of every earlier one, whoever applied them. (Should
+retention or compaction have removed a batch's offset before anyone locked
+the group again, the batch is appended again: a duplicate, never a loss.)
 
 Why this shape: an intent holds its payloads, not only offsets, so that a
 transaction with outputs in several partitions can always be finished (once the
