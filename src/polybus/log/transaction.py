@@ -312,9 +312,11 @@ class Transaction:
         """Append the staged records and commit the staged acks, atomically; blocks.
 
         On return the records are visible to every process and the acks
-        committed (both fsync'd under ``fsync="always"``). Raises FencedError if this member
-        lost the partition of an acked record (nothing takes effect; the other
-        acked records are delivered again, attempt + 1), MessageTooLarge if a
+        committed (both fsync'd under ``fsync="always"``). Raises FencedError if
+        this member lost the partition of an acked record, or the group's state
+        was reset (nothing takes effect; the other acked records are delivered
+        again, attempt + 1), ConfigurationError for an acked record settled
+        outside the transaction meanwhile, MessageTooLarge if a
         partition's records exceed one batch, ClosedError once spent or after the
         consumer closed. After an OSError (a full disk) the transaction may have
         been recorded: it then completes at the next lock of the group.
