@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from polybus import EncodeError
+from polybus import DecodeError, EncodeError
 from polybus.sessions import (
     ClientInfo,
     SessionConflict,
@@ -26,6 +28,7 @@ from polybus.sessions import (
     open_store,
 )
 from polybus.sessions import base as session_base
+from polybus.sessions.base import CODECS
 from polybus.sessions.stores.memory import MemoryStore
 from polybus.testing import servers
 from polybus.testing.plugin import require_server
@@ -426,3 +429,36 @@ def test_open_store_names_what_is_wrong() -> None:
         open_store("memory://?codec=pickle")
     with pytest.raises(ValueError, match="unknown option"):
         open_store("memory://?ttl=5")
+
+
+@given(st.binary(max_size=200))
+def test_any_stored_bytes_decode_to_a_record_or_a_decode_error(payload: bytes) -> None:
+    for codec in CODECS.values():
+        try:
+            codec.decode(payload)
+        except DecodeError:
+            pass
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=11) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=30,
+)
+
+
+@given(st.lists(_json_values, min_size=11, max_size=11))
+def test_any_record_shaped_data_decodes_or_fails_cleanly(fields: list[Any]) -> None:
+    """A stored array of the right length but wrong contents is a DecodeError, and a record
+    that does decode has the types the manager relies on."""
+    fields[0] = 1
+    for codec in CODECS.values():
+        try:
+            record = codec.decode(codec.dump(fields))
+        except DecodeError:
+            continue
+        except EncodeError:  # NaN and friends are not JSON: such bytes cannot be stored
+            continue
+        assert isinstance(record.id, str)
+        assert isinstance(record.data, dict)
+        assert isinstance(record.expires_at, float)

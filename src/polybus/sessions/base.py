@@ -123,17 +123,25 @@ class RecordCodec:
         try:
             if type(f) is not list or len(f) != 11 or f[0] != 1:
                 raise ValueError("not a version 1 array of 11 fields")
-            client = f[8]
+            client, data, user, fingerprint = f[8], f[10], f[2], f[9]
+            if type(data) is not dict:
+                raise TypeError(f"session data is a {type(data).__name__}, not a dict")
+            if not (
+                type(f[1]) is str
+                and (user is None or type(user) is str)
+                and (fingerprint is None or type(fingerprint) is str)
+            ):
+                raise TypeError("id, user id or fingerprint is not a str")
             return SessionRecord(
                 f[1],
-                f[2],
+                user,
                 int(f[3]),
                 float(f[4]),
                 float(f[5]),
                 float(f[6]),
                 ClientInfo(str(client[0]), str(client[1])),
-                f[9],
-                _check_data(f[10]),
+                fingerprint,
+                data,
             )
         except (ValueError, TypeError, IndexError, KeyError) as exc:
             raise DecodeError(
@@ -173,12 +181,6 @@ def _fields(r: SessionRecord) -> list[Any]:
         r.fingerprint,
         r.data,
     ]
-
-
-def _check_data(data: Any) -> dict[str, Any]:
-    if type(data) is not dict:
-        raise TypeError(f"session data is a {type(data).__name__}, not a dict")
-    return data
 
 
 CODECS: dict[str, RecordCodec] = {"json": RecordCodec(), "msgpack": _MsgpackCodec()}

@@ -236,32 +236,44 @@ class SessionManager:
             session._data,
         )
         try:
-            for _ in range(MAX_MERGE_ATTEMPTS):
-                try:
-                    self.store.save(record)
-                except SessionConflict:
-                    current = self.store.load(session.id) if session.version else None
-                    if current is None:
-                        session.ended = True
-                        return False
-                    session._data = self._merge(session, current)
-                    session.version = current.version
-                    record = record._replace(version=current.version + 1, data=session._data)
-                    continue
-                session.version = record.version
-                session.last_seen = now
-                session.expires_at = expires_at
-                session._original.clear()
-                return True
+            try:
+                self.store.save(record)
+            except SessionConflict:
+                return self._save_merging(session, record)
         except SessionStoreUnavailable as exc:
             if self.on_unavailable == "fail_closed":
                 raise
             log.warning("session store unavailable, session changes not saved: %s", exc)
             return False
-        except DecodeError:
-            session.ended = True  # the stored copy is damaged: it is not ours to merge into
-            self._forget(session.id)
-            return False
+        session.version = record.version
+        session.last_seen = now
+        session.expires_at = expires_at
+        session._original.clear()
+        return True
+
+    def _save_merging(self, session: Session, record: SessionRecord) -> bool:
+        """Reload, merge and save again until the compare-and-set holds."""
+        for _ in range(MAX_MERGE_ATTEMPTS):
+            try:
+                current = self.store.load(session.id) if session.version else None
+            except DecodeError:
+                current = None  # the stored copy is damaged: it is not ours to merge into
+                self._forget(session.id)
+            if current is None:  # destroyed meanwhile (logged out elsewhere): not revived
+                session.ended = True
+                return False
+            session._data = self._merge(session, current)
+            session.version = current.version
+            record = record._replace(version=current.version + 1, data=session._data)
+            try:
+                self.store.save(record)
+            except SessionConflict:
+                continue
+            session.version = record.version
+            session.last_seen = record.last_seen
+            session.expires_at = record.expires_at
+            session._original.clear()
+            return True
         raise SessionConflict(
             f"session kept changing under {MAX_MERGE_ATTEMPTS} save attempts; try again",
             session_id=session.id,

@@ -158,9 +158,11 @@ class NativeStore:
             except OSError as exc:  # disk full, directory gone: nothing was stored
                 raise _unavailable(self, exc) from exc
             self._next = offset + 1
-            self._view.put(
-                record.id, Item(record.version, record.expires_at, record.user_id, payload)
-            )
+            new = Item(record.version, record.expires_at, record.user_id, payload)
+            if item is None:
+                self._view.put(record.id, new)
+            else:  # same id, same user: the index stays as it is
+                self._view.items[record.id] = new
             if now >= self._next_sweep:
                 self._next_sweep = now + self._sweep_interval
                 self._tombstones(self._view.expired(now))
