@@ -6,7 +6,8 @@ time). The raw baseline is the same work done by hand with redis-py: ``GET``,
 ``json.loads``, change the key, ``json.dumps``, ``SET ... PX`` (no version
 check, no index, no timeouts checked). The session holds a user id and about
 200 bytes of data. Each case runs ``--rounds`` times; the best round counts
-(the machine is shared), every round is printed.
+(the machine is shared), every round is printed. ``cpu`` is this process's CPU
+time per operation, which other processes' load disturbs less than wall time.
 
     python benchmarks/sessions.py [--stores memory,native,redis,kafka,rabbitmq]
         [--count 20000] [--rounds 3] [--codec json|msgpack]
@@ -46,12 +47,14 @@ class Result:
     ops: float  # load+save per second
     p50_us: float
     p99_us: float
+    cpu_us: float  # this process's CPU time per operation (all threads)
 
 
-def _summary(name: str, latencies: list[float], elapsed: float) -> Result:
+def _summary(name: str, latencies: list[float], elapsed: float, cpu: float) -> Result:
     latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-    return Result(name, len(latencies) / elapsed, statistics.median(latencies) * 1e6, p99 * 1e6)
+    n = len(latencies)
+    p99 = latencies[min(n - 1, int(n * 0.99))]
+    return Result(name, n / elapsed, statistics.median(latencies) * 1e6, p99 * 1e6, cpu / n * 1e6)
 
 
 def through_manager(name: str, url: str, count: int) -> Result:
@@ -66,6 +69,7 @@ def through_manager(name: str, url: str, count: int) -> Result:
             manager.save(s)
         latencies = []
         perf = time.perf_counter
+        cpu = time.process_time()
         started = perf()
         for i in range(count):
             t = perf()
@@ -74,9 +78,10 @@ def through_manager(name: str, url: str, count: int) -> Result:
             manager.save(s)
             latencies.append(perf() - t)
         elapsed = perf() - started
+        cpu = time.process_time() - cpu
         assert manager.load(sid, CLIENT)["n"] == count - 1
         manager.logout(session)
-    return _summary(name, latencies, elapsed)
+    return _summary(name, latencies, elapsed, cpu)
 
 
 def raw_redis(count: int) -> Result:
@@ -87,6 +92,7 @@ def raw_redis(count: int) -> Result:
     client.set(key, json.dumps({"user": "bench-user", **DATA}), px=1_800_000)
     latencies = []
     perf = time.perf_counter
+    cpu = time.process_time()
     started = perf()
     for i in range(count):
         t = perf()
@@ -95,9 +101,10 @@ def raw_redis(count: int) -> Result:
         client.set(key, json.dumps(data), px=1_800_000)
         latencies.append(perf() - t)
     elapsed = perf() - started
+    cpu = time.process_time() - cpu
     client.delete(key)
     client.close()
-    return _summary("redis, raw GET/SET JSON", latencies, elapsed)
+    return _summary("redis, raw GET/SET JSON", latencies, elapsed, cpu)
 
 
 def main() -> None:
@@ -153,7 +160,8 @@ def main() -> None:
                     result = run()
                     print(
                         f"  round {r + 1}: {result.name:28} {result.ops:>10,.0f} ops/s  "
-                        f"p50 {result.p50_us:8.1f} us  p99 {result.p99_us:8.1f} us",
+                        f"p50 {result.p50_us:8.1f} us  p99 {result.p99_us:8.1f} us  "
+                        f"cpu {result.cpu_us:6.1f} us",
                         flush=True,
                     )
                     if result.name not in best or result.ops > best[result.name].ops:
@@ -163,9 +171,9 @@ def main() -> None:
         if "rabbitmq" in stores and not servers.rabbitmq_unavailable():
             servers.rabbitmq_delete_topic(topic, ())
     print(f"\nload + save per second, best of {args.rounds} rounds, codec {args.codec}:")
-    print(f"{'store':30} {'ops/s':>10} {'p50 us':>9} {'p99 us':>9}")
-    for result in best.values():
-        print(f"{result.name:30} {result.ops:>10,.0f} {result.p50_us:>9.1f} {result.p99_us:>9.1f}")
+    print(f"{'store':30} {'ops/s':>10} {'p50 us':>9} {'p99 us':>9} {'cpu us/op':>10}")
+    for r in best.values():
+        print(f"{r.name:30} {r.ops:>10,.0f} {r.p50_us:>9.1f} {r.p99_us:>9.1f} {r.cpu_us:>10.1f}")
     raw, ours = best.get("redis, raw GET/SET JSON"), best.get("redis")
     if raw and ours:
         print(
