@@ -9,8 +9,12 @@ Same durability, per backend:
 
 * Kafka (confluent-kafka): idempotent producer, ``acks=all``; N produced in
   chunks of ``--chunk``, each chunk waited for (raw: ``flush()``; polybus:
-  ``publish_many``). Consume: a consumer group, ``consume()`` in batches,
-  every message acked (raw: ``commit(asynchronous=True)`` after each batch).
+  ``publish_many``). The raw records carry headers of the same size as
+  polybus's envelope (an id and a timestamp, made before the clock starts),
+  so the broker and librdkafka store and read the same bytes either way and
+  making the envelope counts as polybus's cost. Consume: a consumer group,
+  ``consume()`` in batches, each record's value and headers read, every
+  message acked (raw: ``commit(asynchronous=True)`` after each batch).
 * RabbitMQ (pika): persistent messages to a durable exchange bound to the
   group's queue and to the topic's history stream (the topology polybus
   declares by default, so the broker does the same work), publisher confirms with a window
@@ -19,18 +23,25 @@ Same durability, per backend:
   ``multiple=True`` every 100 messages).
 * Redis (redis-py): ``XADD`` pipelined per chunk; consume ``XREADGROUP``
   ``COUNT 1000`` and ``XACK`` per batch.
-* polybus: every message read (``d.message.value``), each batch acked with
-  one ``Subscriber.ack(batch)`` call, as the raw consumers commit per batch.
+* polybus: plain values published with ``publish_many`` (each gets the
+  envelope: a UUIDv7 id and a timestamp); every message read
+  (``d.message.value``), each batch acked with one ``Subscriber.ack(batch)``
+  call, as the raw consumers commit per batch, and a final blocking
+  ``commit()``, as the raw consumers end with a synchronous commit.
 * native: the engine's own API (``Topic.append_batch`` / ``Consumer.poll`` +
   ``ack``) against the Bus on ``native://``.
 
-Consume time runs from the first message received to the last acked, so
-group joins (seconds on some brokers) are not counted on either side. Every
-case uses a fresh topic and group. Servers come from
+Consume time runs from the first message received to the last ack
+committed, so group joins and leaves (seconds on some brokers) are not
+counted on either side. Besides wall time, each side's process CPU time per
+message is shown (the client library's threads included, the broker's not):
+it is what polybus adds, and varies much less than the wall time, which
+follows the broker. Every case uses a fresh topic and group. Servers come from
 ``polybus.testing.servers`` (POLYBUS_*_URL / POLYBUS_KAFKA_BOOTSTRAP, local
 ports, or a Tansu broker started for the run).
 
-    python benchmarks/overhead.py [--count 200000] [--backends kafka,rabbitmq,redis,native]
+    python benchmarks/overhead.py [--count 200000] [--repeat 1]
+        [--backends kafka,rabbitmq,redis,native]
 """
 
 from __future__ import annotations
@@ -44,9 +55,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import polybus
-from polybus import Message
 from polybus.testing import servers
 
 PAYLOAD = os.urandom(100)
@@ -57,6 +68,22 @@ def _name(kind: str) -> str:
     return f"bench-{kind}-{uuid.uuid4().hex[:8]}"
 
 
+class Timing(NamedTuple):
+    wall: float  #: seconds
+    cpu: float  #: process CPU seconds, the client library's threads included
+
+
+Start = tuple[float, float]
+
+
+def now() -> Start:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: Start) -> Timing:
+    return Timing(time.perf_counter() - start[0], time.process_time() - start[1])
+
+
 @dataclass
 class Case:
     """One backend: how to publish and consume N messages raw, and its polybus URL."""
@@ -64,40 +91,41 @@ class Case:
     name: str
     url: Callable[[], str]
     unavailable: Callable[[], str | None]
-    raw_publish: Callable[[str, int, int], float]  # (topic, count, chunk) -> seconds
-    raw_consume: Callable[[str, int], float]  # (topic, count) -> seconds
+    raw_publish: Callable[[str, int, int], Timing]  # (topic, count, chunk)
+    raw_consume: Callable[[str, int], Timing]  # (topic, count)
     setup_raw: Callable[[str], None] = lambda topic: None
 
 
 # -- polybus (the same code for every backend) --------------------------------
 
 
-def bus_publish(url: str, topic: str, count: int, chunk: int) -> float:
+def bus_publish(url: str, topic: str, count: int, chunk: int) -> Timing:
     with polybus.connect(url) as bus:
         bus.declare(topic, partitions=1, groups=["g"])
-        started = time.perf_counter()
+        started = now()
         for start in range(0, count, chunk):
-            bus.publish_many(topic, [Message(PAYLOAD) for _ in range(min(chunk, count - start))])
-        return time.perf_counter() - started
+            bus.publish_many(topic, [PAYLOAD] * min(chunk, count - start))
+        return since(started)
 
 
-def bus_consume(url: str, topic: str, count: int) -> float:
+def bus_consume(url: str, topic: str, count: int) -> Timing:
     with polybus.connect(url) as bus, bus.subscribe(topic, "g") as sub:
         got = 0
-        started = 0.0
+        started: Start | None = None
         end = time.monotonic() + DEADLINE
         while got < count:
             if time.monotonic() > end:
                 raise RuntimeError(f"polybus consumed only {got} of {count}")
             batch = sub.fetch(1000, timeout=1.0)
             if batch and not started:
-                started = time.perf_counter()
+                started = now()
             for d in batch:
                 d.message.value  # read each message, as the raw consumers do  # noqa: B018
             sub.ack(batch)  # one ack per batch, as the raw consumers commit
             got += len(batch)
-        sub.close()  # commits what was acked: part of the work
-        return time.perf_counter() - started
+        sub.commit()  # the acks durable: part of the work (leaving the group is not)
+        assert started is not None
+        return since(started)
 
 
 # -- Kafka ----------------------------------------------------------------------
@@ -115,34 +143,41 @@ def kafka_setup(topic: str) -> None:
         future.result()
 
 
-def kafka_raw_publish(topic: str, count: int, chunk: int) -> float:
+def kafka_headers(count: int) -> list[list[tuple[str, str | bytes | None]]]:
+    """Headers the size of polybus's envelope (an id and a millisecond timestamp)."""
+    stamp = str(int(time.time() * 1000))
+    return [[("polybus-id", str(uuid.uuid4())), ("polybus-timestamp", stamp)] for _ in range(count)]
+
+
+def kafka_raw_publish(topic: str, count: int, chunk: int) -> Timing:
     from confluent_kafka import Producer
 
     producer = Producer({**kafka_config(), "enable.idempotence": True, "acks": "all"})
     failures: list[object] = []
+    headers = kafka_headers(count)
 
     def on_delivery(err: object, _msg: object) -> None:
         if err is not None:
             failures.append(err)
 
-    started = time.perf_counter()
+    started = now()
     for start in range(0, count, chunk):
-        for _ in range(min(chunk, count - start)):
+        for i in range(start, min(start + chunk, count)):
             while True:
                 try:
-                    producer.produce(topic, PAYLOAD, on_delivery=on_delivery)
+                    producer.produce(topic, PAYLOAD, on_delivery=on_delivery, headers=headers[i])
                     break
                 except BufferError:
                     producer.poll(0.01)
         producer.flush()
-    elapsed = time.perf_counter() - started
+    elapsed = since(started)
     if failures:
         raise RuntimeError(f"raw Kafka deliveries failed: {failures[:3]}")
     return elapsed
 
 
-def kafka_raw_consume(topic: str, count: int) -> float:
-    from confluent_kafka import Consumer
+def kafka_raw_consume(topic: str, count: int) -> Timing:
+    from confluent_kafka import Consumer, KafkaError, KafkaException
 
     consumer = Consumer(
         {
@@ -155,7 +190,7 @@ def kafka_raw_consume(topic: str, count: int) -> float:
         }
     )
     consumer.subscribe([topic])
-    got, started = 0, 0.0
+    got, started = 0, None
     end = time.monotonic() + DEADLINE
     while got < count and time.monotonic() < end:
         # read each record, as any consumer does (polybus decodes value and headers)
@@ -163,15 +198,19 @@ def kafka_raw_consume(topic: str, count: int) -> float:
             (m.value(), m.headers()) for m in consumer.consume(1000, timeout=1.0) if not m.error()
         ]
         if batch and not started:
-            started = time.perf_counter()
+            started = now()
         if batch:
             got += len(batch)
             consumer.commit(asynchronous=True)
-    consumer.commit(asynchronous=False)
-    elapsed = time.perf_counter() - started
-    consumer.close()
-    if got < count:
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as exc:  # the last asynchronous commit already took everything
+        if exc.args[0].code() != KafkaError._NO_OFFSET:
+            raise
+    if got < count or started is None:
         raise RuntimeError(f"raw Kafka consumed only {got} of {count}")
+    elapsed = since(started)
+    consumer.close()
     return elapsed
 
 
@@ -205,13 +244,13 @@ def rabbit_setup(topic: str) -> None:
     conn.close()
 
 
-def rabbit_raw_publish(topic: str, count: int, chunk: int, window: int = 1000) -> float:
+def rabbit_raw_publish(topic: str, count: int, chunk: int, window: int = 1000) -> Timing:
     import pika
 
     sent = confirmed = 0
     nacked: list[int] = []
-    started = 0.0
-    elapsed = 0.0
+    started = now()
+    elapsed: Timing | None = None
 
     def publish_more(ch: pika.channel.Channel) -> None:
         nonlocal sent
@@ -228,14 +267,14 @@ def rabbit_raw_publish(topic: str, count: int, chunk: int, window: int = 1000) -
                 nacked.append(method.delivery_tag)
             confirmed = method.delivery_tag if method.multiple else confirmed + 1
             if confirmed >= count:
-                elapsed = time.perf_counter() - started
+                elapsed = since(started)
                 conn.close()
             else:
                 publish_more(ch)
 
         def on_select(_frame: object) -> None:
             nonlocal started
-            started = time.perf_counter()
+            started = now()
             publish_more(ch)
 
         ch.confirm_delivery(ack_nack_callback=on_confirm, callback=on_select)
@@ -246,7 +285,7 @@ def rabbit_raw_publish(topic: str, count: int, chunk: int, window: int = 1000) -
         on_close_callback=lambda c, reason: c.ioloop.stop(),
     )
     conn.ioloop.start()
-    if nacked or confirmed < count:
+    if nacked or confirmed < count or elapsed is None:
         raise RuntimeError(f"raw RabbitMQ: {confirmed} of {count} confirmed, nacks {nacked[:3]}")
     return elapsed
 
@@ -257,25 +296,25 @@ def rabbitmq_routing_key() -> str:
     return rabbitmq.BINDING_KEY
 
 
-def rabbit_raw_consume(topic: str, count: int) -> float:
+def rabbit_raw_consume(topic: str, count: int) -> Timing:
     import pika
 
     conn = pika.BlockingConnection(pika.URLParameters(servers.rabbitmq_url()))
     ch = conn.channel()
     ch.basic_qos(prefetch_count=1000)
-    got, started, last_tag = 0, 0.0, 0
+    got, started, last_tag = 0, now(), 0
     for method, _props, _body in ch.consume(rabbit_queue(topic), inactivity_timeout=10):
         if method is None:
             break
-        if not started:
-            started = time.perf_counter()
+        if not got:
+            started = now()
         got += 1
         last_tag = method.delivery_tag
         if got % 100 == 0 or got == count:
             ch.basic_ack(last_tag, multiple=True)
         if got == count:
             break
-    elapsed = time.perf_counter() - started
+    elapsed = since(started)
     ch.cancel()
     conn.close()
     if got < count:
@@ -300,38 +339,38 @@ def redis_setup(topic: str) -> None:
     client.close()
 
 
-def redis_raw_publish(topic: str, count: int, chunk: int) -> float:
+def redis_raw_publish(topic: str, count: int, chunk: int) -> Timing:
     import redis
 
     client = redis.Redis.from_url(servers.redis_url())
     stream = redis_stream(topic)
-    started = time.perf_counter()
+    started = now()
     for start in range(0, count, chunk):
         pipe = client.pipeline(transaction=False)
         for _ in range(min(chunk, count - start)):
             pipe.xadd(stream, {"value": PAYLOAD})
         pipe.execute()
-    elapsed = time.perf_counter() - started
+    elapsed = since(started)
     client.close()
     return elapsed
 
 
-def redis_raw_consume(topic: str, count: int) -> float:
+def redis_raw_consume(topic: str, count: int) -> Timing:
     import redis
 
     client = redis.Redis.from_url(servers.redis_url())
     stream = redis_stream(topic)
-    got, started = 0, 0.0
+    got, started = 0, now()
     while got < count:
         reply = client.xreadgroup("g", "raw", {stream: ">"}, count=1000, block=1000)
         if not reply:
             raise RuntimeError(f"raw Redis consumed only {got} of {count}")
-        if not started:
-            started = time.perf_counter()
+        if not got:
+            started = now()
         ids = [entry_id for entry_id, _fields in reply[0][1]]
         client.xack(stream, "g", *ids)
         got += len(ids)
-    elapsed = time.perf_counter() - started
+    elapsed = since(started)
     client.close()
     return elapsed
 
@@ -341,32 +380,34 @@ def redis_raw_consume(topic: str, count: int) -> float:
 _native_dir = tempfile.mkdtemp(prefix="polybus-overhead-")
 
 
-def native_raw_publish(topic: str, count: int, chunk: int) -> float:
+def native_raw_publish(topic: str, count: int, chunk: int) -> Timing:
     from polybus.log import Log
 
     with Log(os.path.join(_native_dir, "raw")) as log:
         append_batch = log.create_topic(topic, 1).partitions[0].append_batch
         log.create_group(topic, "g")
-        started = time.perf_counter()
+        started = now()
         for start in range(0, count, chunk):
             append_batch([PAYLOAD] * min(chunk, count - start))
-        return time.perf_counter() - started
+        return since(started)
 
 
-def native_raw_consume(topic: str, count: int) -> float:
+def native_raw_consume(topic: str, count: int) -> Timing:
     from polybus.log import Log
 
     with Log(os.path.join(_native_dir, "raw")) as log:
         consumer = log.consumer(topic, "g")
-        got, started = 0, time.perf_counter()
+        got, started = 0, now()
         while got < count:
             records = consumer.poll(max_records=1000, timeout=1.0)
             if not records:
                 raise RuntimeError(f"raw native consumed only {got} of {count}")
             consumer.ack(records)
             got += len(records)
+        consumer.commit()
+        elapsed = since(started)
         consumer.close()
-        return time.perf_counter() - started
+        return elapsed
 
 
 CASES = [
@@ -406,7 +447,7 @@ CASES = [
 TARGET = 1.15
 
 
-def run(case: Case, count: int, chunk: int) -> tuple[float, float, float, float]:
+def run(case: Case, count: int, chunk: int) -> tuple[Timing, Timing, Timing, Timing]:
     raw_topic, bus_topic = _name("raw"), _name("bus")
     case.setup_raw(raw_topic)
     raw_pub = case.raw_publish(raw_topic, count, chunk)
@@ -425,6 +466,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--chunk", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per backend, one row each")
     parser.add_argument("--backends", default=",".join(c.name for c in CASES))
     args = parser.parse_args()
     wanted = args.backends.split(",")
@@ -437,24 +479,32 @@ def main() -> int:
         if reason:
             print(f"{case.name}: skipped ({reason})", file=sys.stderr)
             continue
-        try:
-            rows.append((case.name, *run(case, args.count, args.chunk)))
-        except Exception as exc:  # report the case and go on with the others
-            failed = True
-            print(f"{case.name}: FAILED {exc!r}", file=sys.stderr)
+        for _ in range(args.repeat):
+            try:
+                rows.append((case.name, *run(case, args.count, args.chunk)))
+            except Exception as exc:  # report the case and go on with the others
+                failed = True
+                print(f"{case.name}: FAILED {exc!r}", file=sys.stderr)
     n = args.count
-    print(f"\n{n} messages of {len(PAYLOAD)} bytes; msg/s; ratio = polybus time / raw time")
     print(
-        f"{'backend':10} {'raw pub':>10} {'polybus':>10} {'ratio':>6}   "
-        f"{'raw cons':>10} {'polybus':>10} {'ratio':>6}"
+        f"\n{n} messages of {len(PAYLOAD)} bytes; msg/s; ratio = polybus time / raw time; "
+        "cpu = process CPU µs per message, raw / polybus"
+    )
+    print(
+        f"{'backend':10} {'raw pub':>10} {'polybus':>10} {'ratio':>6}  {'cpu':>11}   "
+        f"{'raw cons':>10} {'polybus':>10} {'ratio':>6}  {'cpu':>11}"
     )
     for name, raw_pub, bus_pub, raw_con, bus_con in rows:
-        pub_ratio, con_ratio = bus_pub / raw_pub, bus_con / raw_con
-        pub_flag = "" if pub_ratio <= TARGET else " ✗"
-        con_flag = "" if con_ratio <= TARGET else " ✗"
+        pub_ratio, con_ratio = bus_pub.wall / raw_pub.wall, bus_con.wall / raw_con.wall
+        pub_flag = "  " if pub_ratio <= TARGET else " ✗"
+        con_flag = "  " if con_ratio <= TARGET else " ✗"
+        pub_cpu = f"{raw_pub.cpu / n * 1e6:.1f} / {bus_pub.cpu / n * 1e6:.1f}"
+        con_cpu = f"{raw_con.cpu / n * 1e6:.1f} / {bus_con.cpu / n * 1e6:.1f}"
         print(
-            f"{name:10} {n / raw_pub:10,.0f} {n / bus_pub:10,.0f} {pub_ratio:6.2f}{pub_flag} "
-            f"{n / raw_con:10,.0f} {n / bus_con:10,.0f} {con_ratio:6.2f}{con_flag}"
+            f"{name:10} {n / raw_pub.wall:10,.0f} {n / bus_pub.wall:10,.0f} "
+            f"{pub_ratio:6.2f}{pub_flag}{pub_cpu:>11}   "
+            f"{n / raw_con.wall:10,.0f} {n / bus_con.wall:10,.0f} "
+            f"{con_ratio:6.2f}{con_flag}{con_cpu:>11}"
         )
     print(f"target: ratio ≤ {TARGET} (✗ marks a miss)")
     shutil.rmtree(_native_dir, ignore_errors=True)

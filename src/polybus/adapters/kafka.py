@@ -43,8 +43,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from itertools import repeat
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -108,6 +109,7 @@ _COMMIT_INTERVAL = 0.2  # seconds between commits of acked prefixes from fetch()
 _DELIVERY_GRACE = 5.0  # seconds past message.timeout.ms a delivery report may take to arrive
 _MAX_CONSUME = 100_000  # records per consume() call
 _METADATA_TTL = 30.0  # seconds a topic's partition count is reused before a new lookup
+_new_tuple = tuple.__new__  # builds NamedTuples without their Python-level __new__
 
 
 # -- errors -------------------------------------------------------------------
@@ -689,9 +691,11 @@ class KafkaBackend:
         setitem = reports.__setitem__
         scan = 0
 
-        def on_delivery(err: KafkaError | None, msg: Any) -> None:
+        stored = [o.append for o in offsets]
+
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:  # one call per record
             if err is None:
-                offsets[msg.partition()].append(msg.offset())
+                stored[msg.partition()](msg.offset())
             else:
                 failures.append(err)
 
@@ -749,8 +753,13 @@ class KafkaBackend:
             raise self._failed(producer, topic, failures[0])
         if not ordered:
             return [Receipt(topic, msg.partition(), msg.offset()) for msg in reports]
-        next_offset = [iter(o).__next__ for o in offsets]
-        return [Receipt(topic, p, next_offset[p]()) for p in chosen]
+        # Receipts built in C: Receipt's own __new__ is a Python call per record.
+        if count == 1:
+            in_order: Iterable[int] = offsets[0]
+        else:
+            in_order = map(next, map([iter(o) for o in offsets].__getitem__, chosen))
+        receipts = map(_new_tuple, repeat(Receipt), zip(repeat(topic), chosen, in_order))
+        return cast(list[Receipt], list(receipts))
 
     def _failed(self, producer: Producer, topic: str, err: KafkaError) -> PolybusError:
         """The error to raise for a failed delivery, recovering the producer if needed."""
@@ -888,9 +897,17 @@ class _Partition:
         pending, settled = self.pending, self.settled
         if pending:
             self.next = pending[-1] + 1
-        while pending and pending[0] in settled:
-            settled.discard(pending.popleft())
+            if len(settled) >= len(pending) and settled.issuperset(pending):
+                settled.difference_update(pending)  # the usual case, in C: all were settled
+                pending.clear()
+            else:
+                while pending and pending[0] in settled:
+                    settled.discard(pending.popleft())
         return pending[0] if pending else self.next
+
+
+def _ignore(offset: object) -> None:
+    """Stands in for settling a record whose partition is no longer this member's."""
 
 
 def _str_headers(headers: list[tuple[str, bytes | None]]) -> tuple[tuple[str, str], ...]:
@@ -1138,6 +1155,7 @@ class KafkaSubscription:
         last = -1
         state: _Partition | None = None
         track: Callable[[Any], None] = out.append  # placeholder: set with ``state`` below
+        skip_before = 0
         with self._lock:
             for m in messages:
                 if m.error() is not None:
@@ -1148,19 +1166,24 @@ class KafkaSubscription:
                     last, state = p, states.get(p)
                     if state is not None:
                         track = state.pending.append
+                        skip_before = state.skip_before_ms
                 if state is None:
                     continue  # fetched before its partition was revoked
                 ts = m.timestamp()[1]
                 if ts < 0:  # TIMESTAMP_NOT_AVAILABLE
                     ts = 0
-                if state.skip_before_ms:
-                    if ts < state.skip_before_ms:
+                if skip_before:
+                    if ts < skip_before:
                         continue
-                    state.skip_before_ms = 0
+                    skip_before = state.skip_before_ms = 0
                 headers = m.headers()
                 if headers:
                     try:
-                        headers = tuple([(k, v.decode()) for k, v in headers])
+                        if len(headers) == 2:  # the envelope of bytes: no comprehension needed
+                            (k0, v0), (k1, v1) = headers
+                            headers = ((k0, v0.decode()), (k1, v1.decode()))
+                        else:
+                            headers = tuple([(k, v.decode()) for k, v in headers])
                     except (UnicodeDecodeError, AttributeError):  # not UTF-8, or no value
                         headers = _str_headers(headers)
                 else:
@@ -1186,11 +1209,15 @@ class KafkaSubscription:
         self._commit(None, asynchronous=False, strict=True)
 
     def ack(self, records: Sequence[InRecord]) -> None:
+        last: _Partition | None = None
+        settle: Callable[[Any], None] = _ignore
         with self._lock:
             for r in records:
                 state: _Partition = r.handle  # type: ignore[assignment]
-                if state.live:
-                    state.settled.add(r.offset)  # type: ignore[arg-type]
+                if state is not last:  # records come in runs per partition
+                    last = state
+                    settle = state.settled.add if state.live else _ignore
+                settle(r.offset)
 
     def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
         with self._lock:
