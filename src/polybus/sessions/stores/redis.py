@@ -13,9 +13,9 @@ Lua script updates them atomically on one node:
 
 - ``<prefix>:{<tag>}:s:<id>``: the session, ``<version>:<record>``, expiring (PXAT) at the
   record's ``expires_at``: Redis itself forgets an expired session;
-- ``<prefix>:{<tag>}:u:<user_id>``: sorted set of the user's session ids by expiry (ms);
-  expired members are dropped when the user's next session is created,
-  deleted ones by the next listing;
+- ``<prefix>:{<tag>}:u:<user_id>``: sorted set of the user's session ids, each scored at or
+  past its session's expiry (ms); expired members are dropped when the user's next session
+  is created, deleted ones by the next listing;
 - ``<prefix>:s:{<id>}``: an anonymous session (it has no index).
 
 A save is one ``EVALSHA`` that compares the stored version and writes the
@@ -33,6 +33,8 @@ import redis
 import redis.cluster
 import redis.sentinel
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from ...errors import ConfigurationError, DecodeError
@@ -48,7 +50,9 @@ from . import check_codec
 
 __all__ = ["RedisStore", "from_url"]
 
-# KEYS: session [, index]; ARGV: expected version, value, expire-at ms, id, now ms
+# KEYS: session [, index]; ARGV: expected version, value, expire-at ms, id, now ms, index-until ms
+# An index member's score (and the index's own expiry) is kept at or past its session's
+# expiry, moved ahead by a whole idle window at a time, so most saves only read it.
 _SAVE = """
 local cur = redis.call('GET', KEYS[1])
 local v = 0
@@ -56,10 +60,13 @@ if cur then v = tonumber(string.match(cur, '^(%d+):')) end
 if v ~= tonumber(ARGV[1]) then return v end
 redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
 if KEYS[2] then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-  if v == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5]) end
-  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) - tonumber(ARGV[5]) then
-    redis.call('PEXPIREAT', KEYS[2], ARGV[3])  -- the index outlives its last session
+  local score = redis.call('ZSCORE', KEYS[2], ARGV[4])
+  if not score or tonumber(score) < tonumber(ARGV[3]) then
+    if v == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5]) end
+    redis.call('ZADD', KEYS[2], ARGV[6], ARGV[4])
+    if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[6]) - tonumber(ARGV[5]) then
+      redis.call('PEXPIREAT', KEYS[2], ARGV[6])
+    end
   end
 end
 return -1
@@ -104,6 +111,15 @@ class RedisStore:
         self._save = client.register_script(_SAVE)
         self._delete_user = client.register_script(_DELETE_USER)
 
+    def _run(self, script: Script, keys: list[str], args: list[bytes | int | str]) -> Any:
+        """EVALSHA, loading the script first if the server lost it (a restart, a failover).
+
+        Called directly rather than through ``Script.__call__``: a save makes this call."""
+        try:
+            return self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return script(keys=keys, args=args)
+
     def _key(self, session_id: str) -> str:
         tag, dot, _ = session_id.partition(".")
         if dot:
@@ -132,9 +148,18 @@ class RedisStore:
         if record.user_id is not None and "." in record.id:
             keys.append(self._index(record.id, record.user_id))
         now_ms = int(time.time() * 1000)
-        args: list[bytes | int | str] = [record.version - 1, value, expire_ms, record.id, now_ms]
+        # the index entry is good for one more idle window past this expiry
+        until_ms = expire_ms + max(0, int((record.expires_at - record.last_seen) * 1000))
+        args: list[bytes | int | str] = [
+            record.version - 1,
+            value,
+            expire_ms,
+            record.id,
+            now_ms,
+            until_ms,
+        ]
         try:
-            found = self._save(keys=keys, args=args)
+            found = self._run(self._save, keys, args)
         except redis.RedisError as exc:
             raise _unavailable(exc) from exc
         if found != -1:
@@ -188,7 +213,7 @@ class RedisStore:
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
         index, prefix = self._user_index(user_id)
         try:
-            return int(self._delete_user(keys=[index], args=[prefix, keep or ""]))
+            return int(self._run(self._delete_user, [index], [prefix, keep or ""]))
         except redis.RedisError as exc:
             raise _unavailable(exc) from exc
 
