@@ -698,9 +698,12 @@ class _Link:
         name: str,
         reconnect_timeout: float,
         declarations: _Declarations,
+        *,
+        consumes: bool = False,
     ) -> None:
         self.loop = loop
         self.name = name
+        self._consumes = consumes  # reads in bulk (see _Connection)
         self.reconnect_timeout = reconnect_timeout
         self.connection: Any = None
         self.users: list[_LinkUser] = []
@@ -761,7 +764,7 @@ class _Link:
             return
         try:
             self._attempt = _Connection(
-                bulk=self.name == "consume",
+                bulk=self._consumes,
                 parameters=self._parameters,
                 on_open_callback=self._on_open,
                 on_open_error_callback=self._on_open_error,
@@ -2295,6 +2298,7 @@ class RabbitMQBackend:
                     "consume",
                     self.reconnect_timeout,
                     self._declarations,
+                    consumes=True,
                 )
                 self._consumer_link.start()
             return self._consumer_link
