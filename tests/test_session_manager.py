@@ -462,3 +462,17 @@ def test_any_record_shaped_data_decodes_or_fails_cleanly(fields: list[Any]) -> N
         assert isinstance(record.id, str)
         assert isinstance(record.data, dict)
         assert isinstance(record.expires_at, float)
+
+
+def test_a_store_opens_on_a_bus_it_shares(tmp_path: Any) -> None:
+    import polybus
+
+    with polybus.connect(f"native://{tmp_path / 'log'}") as bus:
+        store = open_store(bus)
+        manager = SessionManager(store)
+        session = manager.login(manager.load(None), "alice")
+        assert manager.load(session.id).user_id == "alice"
+        store.close()
+        assert "sessions" in bus.backend.log.topics()  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="cannot open a session store on a object"):
+        open_store(object())

@@ -109,11 +109,13 @@ def _from_object(target: Any, options: dict[str, Any]) -> SessionStore:
     backend = getattr(target, "backend", None)  # a polybus.Bus
     if backend is not None:
         kind = type(backend).__module__.rpartition(".")[2]
+        if kind == "redis":  # the bus's own client: sessions keep their own keys
+            return _from_object(backend.client, options)
         if kind in ("native", "kafka", "rabbitmq"):
             module = importlib.import_module(f"polybus.sessions.stores.{kind}")
             store: SessionStore = module.from_bus(target, **options)
             return store
     raise ConfigurationError(
         f"cannot open a session store on a {type(target).__name__}: pass a URL, a store, "
-        "a redis client or a polybus.Bus on the native, Kafka or RabbitMQ backend"
+        "a redis client or a polybus.Bus"
     )
