@@ -311,10 +311,6 @@ def from_url(url: str, **options: Any) -> KafkaStore:
     for option, value in _DEFAULTS.items():
         if option not in given:
             theirs.append((option, value))
-    if not any("." in k for k in given):
-        # librdkafka warns that fetch.wait.max.ms means nothing to the producer; with no
-        # option of the user's to check, that warning would be the only one
-        theirs.append(("log.configuration.warnings", "false"))
     try:
         bus = connect(parts._replace(query=urlencode(theirs)).geturl())
     except PolybusError as exc:
