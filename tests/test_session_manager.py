@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polybus import DecodeError, EncodeError
@@ -447,6 +447,7 @@ _json_values = st.recursive(
 )
 
 
+@settings(max_examples=50)
 @given(st.lists(_json_values, min_size=11, max_size=11))
 def test_any_record_shaped_data_decodes_or_fails_cleanly(fields: list[Any]) -> None:
     """A stored array of the right length but wrong contents is a DecodeError, and a record
