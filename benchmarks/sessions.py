@@ -13,7 +13,9 @@ time per operation, which other processes' load disturbs less than wall time.
         [--count 20000] [--rounds 3] [--codec json|msgpack]
 
 Targets: Redis through the manager <= 1.3x the raw Redis time per operation;
-the native store >= 100k load+save per second in one process.
+the native store >= 100k load+save per second in one process. The native
+store appends one record per save, so the engine's own single append of a
+record that size is printed beside it as its floor.
 """
 
 from __future__ import annotations
@@ -82,6 +84,27 @@ def through_manager(name: str, url: str, count: int) -> Result:
         assert manager.load(sid, CLIENT)["n"] == count - 1
         manager.logout(session)
     return _summary(name, latencies, elapsed, cpu)
+
+
+def engine_append(path: str, count: int) -> Result:
+    """The native store's floor: one append of a session-sized record per operation."""
+    from polybus.log import Log
+
+    with Log(path) as log:
+        partition = log.create_topic("floor", 1, compact=True).partitions[0]
+        value = json.dumps({"user": "bench-user", **DATA}).encode()
+        key = b"k" * 48
+        latencies = []
+        perf = time.perf_counter
+        cpu = time.process_time()
+        started = perf()
+        for _ in range(count):
+            t = perf()
+            partition.append(value, key=key)
+            latencies.append(perf() - t)
+        elapsed = perf() - started
+        cpu = time.process_time() - cpu
+    return _summary("native, engine append alone", latencies, elapsed, cpu)
 
 
 def raw_redis(count: int) -> Result:
@@ -155,6 +178,8 @@ def main() -> None:
                 # raw Redis runs right before the manager in each round, so both see the
                 # same machine load; the ratio is taken per round
                 results = [raw_redis(count)] if name == "redis" else []
+                if name == "native":
+                    results.append(engine_append(f"{tmp}/floor{r}", count))
                 results.append(through_manager(name, url(), count))
                 for result in results:
                     print(
