@@ -19,8 +19,12 @@ API (stable; the middleware is built on it)::
     manager.logout_everywhere("user-42")                   # also: a disabled user
     manager.logout_others(session)                         # every session but this one
 
-Every method blocks on the store and is thread-safe; one :class:`Session` is
-used by one request (thread) at a time. Store failures follow
+Every method blocks on the store and is thread-safe (an asyncio server calls
+them in a worker thread); one :class:`Session` is used by one request at a
+time. The store decides how fast other instances see a change: at once on
+memory, native and Redis, within milliseconds on Kafka and RabbitMQ, whose
+instances read from a local view (``store.linearizable`` tells whether
+compare-and-set holds across instances). Store failures follow
 ``on_unavailable``: ``"fail_closed"`` (default) raises
 :class:`SessionStoreUnavailable`; ``"fail_open"`` serves a new, unsaved session
 and logs a warning. Logout, rotation and revocation always raise when the
