@@ -165,7 +165,9 @@ class KafkaStore:
         except DecodeError:
             log.warning("undecodable session record at offset %d of %s skipped", offset, self.topic)
             return
-        accepted = current is None or (bool(current.payload) and current.version == rec.version - 1)
+        accepted = rec.id == sid and (
+            current is None or (bool(current.payload) and current.version == rec.version - 1)
+        )
         if accepted:
             origin = message.headers.get(ORIGIN)
             view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, payload, origin))

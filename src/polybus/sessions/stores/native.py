@@ -95,6 +95,9 @@ class NativeStore:
         except DecodeError:
             self._view.drop(sid)  # a damaged record reads as absent
             return
+        if rec.id != sid:  # not written by a session store: a record of another id
+            self._view.drop(sid)
+            return
         self._view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, r.value))
 
     # -- writing under the cross-process lock -------------------------------------------
