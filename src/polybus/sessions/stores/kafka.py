@@ -242,11 +242,16 @@ class KafkaStore:
         now = time.time()
         with self._cond:
             known = [sid for sid in ids if self._view.live(sid, now) is not None]
-        last = -1
-        for sid in known:
-            last = self._publish(sid, _DELETED)
-        if known:
-            self._wait_for(last)
+        if not known:
+            return 0
+        messages = [Message(_DELETED, key=sid, headers=self._origin) for sid in known]
+        try:
+            receipts = self._bus.publish_many(self.topic, messages)
+        except ClosedError:
+            raise
+        except PolybusError as exc:
+            raise _unavailable(exc) from exc
+        self._wait_for(max(int(r.offset) for r in receipts))
         return len(known)
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
