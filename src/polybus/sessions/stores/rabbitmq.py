@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 from ...adapters.base import Capability
 from ...bus import Bus, Subscriber, connect
 from ...errors import ClosedError, DecodeError, PolybusError
+from ...message import Message
 from ..base import (
     CODECS,
     ClientInfo,
@@ -347,19 +348,26 @@ class RabbitMQStore:
 
     def _delete(self, ids: list[str]) -> int:
         now = time.time()
-        n = 0
         with self._write_lock:
-            for sid in ids:
+            with self._cond:
+                messages = [
+                    [_DELETE, sid, item.user_id]
+                    for sid in ids
+                    if (item := self._view.live(sid, now)) is not None
+                ]
+            if messages:
+                try:
+                    self._bus.publish_many(
+                        self.topic, [Message(self.codec.dump(m), key=m[1]) for m in messages]
+                    )
+                except ClosedError:
+                    raise
+                except PolybusError as exc:
+                    raise _unavailable(exc) from exc
                 with self._cond:
-                    item = self._view.live(sid, now)
-                if item is None:
-                    continue
-                msg = [_DELETE, sid, item.user_id]
-                self._broadcast(msg, key=sid)
-                with self._cond:
-                    self._apply(msg)
-                n += 1
-        return n
+                    for m in messages:
+                        self._apply(m)
+        return len(messages)
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
         now = time.time()
