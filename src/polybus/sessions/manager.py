@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import random
 import re
 import time
 from collections.abc import Callable
@@ -257,7 +258,9 @@ class SessionManager:
 
     def _save_merging(self, session: Session, record: SessionRecord) -> bool:
         """Reload, merge and save again until the compare-and-set holds."""
-        for _ in range(MAX_MERGE_ATTEMPTS):
+        for attempt in range(MAX_MERGE_ATTEMPTS):
+            if attempt:  # lost again: step aside a random moment, so writers do not convoy
+                time.sleep(random.random() * min(0.01, 0.0002 * 2**attempt))
             try:
                 current = self.store.load(session.id) if session.version else None
             except DecodeError:
