@@ -5,6 +5,10 @@
 ...     _ = bus.publish("greetings", {"hello": "world"}, key="user-1")
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .adapters.base import Capability, Receipt
 from .bus import Bus, Subscriber, connect
 from .errors import (
@@ -24,6 +28,9 @@ from .errors import (
     TopicNotFound,
 )
 from .message import Delivery, Message
+
+if TYPE_CHECKING:
+    from .sessions import SessionManager
 
 __all__ = [
     "BackendUnavailable",
@@ -47,5 +54,15 @@ __all__ = [
     "Subscriber",
     "TopicNotFound",
     "connect",
+    "open_sessions",
 ]
 __version__ = "0.1.0"
+
+
+def open_sessions(store: str | object, **options: Any) -> SessionManager:
+    """A session manager on the store ``store`` names, e.g. ``redis://...`` or
+    ``native:///var/lib/app/sessions`` (see :mod:`polybus.sessions`); ``options``
+    are :class:`~polybus.sessions.SessionManager`'s. Imported on first use."""
+    from .sessions import SessionManager
+
+    return SessionManager(store, **options)  # type: ignore[arg-type]

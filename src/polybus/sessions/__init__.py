@@ -23,22 +23,61 @@ from .base import (
     new_session_id,
 )
 from .manager import SessionInfo, SessionManager, handle_of
+from .middleware import CookieSettings, SessionMiddleware, WSGISessionMiddleware, session_of
+from .sticky import HashRing, NoLiveInstance, StickyRouter
 from .stores import open_store
+from .tokens import (
+    Ed25519Key,
+    HMACKey,
+    InvalidToken,
+    Keyring,
+    Revocations,
+    RevocationUnavailable,
+    SharedRevocations,
+    StoreNonces,
+    TokenError,
+    TokenExpired,
+    TokenNotYetValid,
+    TokenReplayed,
+    TokenRevoked,
+    Tokens,
+)
 
 __all__ = [
     "ClientInfo",
+    "CookieSettings",
+    "Ed25519Key",
+    "HMACKey",
+    "HashRing",
+    "InvalidToken",
+    "Keyring",
+    "NoLiveInstance",
+    "RevocationUnavailable",
+    "Revocations",
     "Session",
     "SessionConflict",
     "SessionError",
     "SessionInfo",
     "SessionManager",
+    "SessionMiddleware",
     "SessionRecord",
     "SessionStore",
     "SessionStoreUnavailable",
+    "SharedRevocations",
+    "StickyRouter",
+    "StoreNonces",
+    "TokenError",
+    "TokenExpired",
+    "TokenNotYetValid",
+    "TokenReplayed",
+    "TokenRevoked",
+    "Tokens",
+    "WSGISessionMiddleware",
     "handle_of",
     "new_session_id",
     "open_sessions",
     "open_store",
+    "session_of",
 ]
 
 
