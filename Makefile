@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP) lint services
 	scripts/ensure-browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 4
 
 # Redis and RabbitMQ reachable (started if installed and stopped); the tests start Kafka.
 services:
