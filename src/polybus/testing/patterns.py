@@ -366,7 +366,8 @@ def test_graceful_stop_finishes_started_work_and_loses_nothing(
     connect: Connect, topic: str
 ) -> None:
     bus = connect()
-    bus.declare(topic, partitions=2, groups=["workers"])
+    group = topic  # Kafka group ids are global: a group of its own, whatever ran before
+    bus.declare(topic, partitions=2, groups=[group])
     started: set[int] = set()
     finished: Counter[int] = Counter()
     running = threading.Event()
@@ -378,7 +379,7 @@ def test_graceful_stop_finishes_started_work_and_loses_nothing(
         finished[d.message.value] += 1
 
     app = App()
-    app.consumer(topic, group="workers", concurrency=2)(slow)
+    app.consumer(topic, group=group, concurrency=2)(slow)
     worker = Worker(app, connect(), stop_timeout=DEADLINE).start()
     bus.publish_many(topic, [Message(i, key=str(i)) for i in range(20)])
     assert running.wait(DEADLINE)
@@ -389,7 +390,7 @@ def test_graceful_stop_finishes_started_work_and_loses_nothing(
     assert len(started) < 20, "stop() did not stop taking work"
 
     rest = App()
-    rest.consumer(topic, group="workers")(lambda d: finished.update([d.message.value]))
+    rest.consumer(topic, group=group)(lambda d: finished.update([d.message.value]))
     second = Worker(rest, connect()).start()
     end = time.monotonic() + DEADLINE
     while set(finished) != set(range(20)) and time.monotonic() < end:
