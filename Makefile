@@ -39,6 +39,9 @@ bench: $(STAMP) services
 	$(BIN)/python benchmarks/native_engine.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/patterns.py
+	$(BIN)/python benchmarks/sessions.py
+	$(BIN)/python benchmarks/tokens.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
