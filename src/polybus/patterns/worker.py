@@ -184,6 +184,11 @@ class Consumer:
                 "with transactions"
             )
         if transactional:
+            if guarantee == "at-most-once":
+                raise ConfigurationError(
+                    "transactional=True commits the input with the outputs: it gives "
+                    "exactly-once, not at-most-once"
+                )
             if concurrency != 1 or strict_order:
                 raise ConfigurationError(
                     "a transactional consumer runs one transaction at a time: "
