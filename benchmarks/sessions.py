@@ -5,17 +5,24 @@ change one key, ``manager.save(session)`` (a compare-and-set write, every
 time). The raw baseline is the same work done by hand with redis-py: ``GET``,
 ``json.loads``, change the key, ``json.dumps``, ``SET ... PX`` (no version
 check, no index, no timeouts checked). The session holds a user id and about
-200 bytes of data. Each case runs ``--rounds`` times; the best round counts
-(the machine is shared), every round is printed. ``cpu`` is this process's CPU
-time per operation, which other processes' load disturbs less than wall time.
+200 bytes of data.
+
+The machine is shared, so the variants of one store (raw Redis, the manager
+with each codec, the engine's floor) run in turns: each round runs every
+variant for ``--count`` operations, in an order that rotates from round to
+round, so that all of them see the same load. Figures are the median of the
+rounds with the range beside it; the Redis ratio is taken per round. ``cpu``
+is this process's CPU time per operation, which other processes disturb less
+than wall time.
 
     python benchmarks/sessions.py [--stores memory,native,redis,kafka,rabbitmq]
-        [--count 20000] [--rounds 3] [--codec json|msgpack]
+        [--codecs json,msgpack] [--count 5000] [--rounds 7] [--breakdown]
 
 Targets: Redis through the manager <= 1.3x the raw Redis time per operation;
 the native store >= 100k load+save per second in one process. The native
 store appends one record per save, so the engine's own single append of a
-record that size is printed beside it as its floor.
+record that size is run beside it as its floor; ``--breakdown`` also runs the
+store's load + save without the manager, and the codec's encode + decode alone.
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from polybus.sessions import ClientInfo, SessionManager
+from polybus.sessions.base import CODECS, SessionRecord
 from polybus.testing import servers
 
 CLIENT = ClientInfo("Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0", "")
@@ -45,168 +53,226 @@ DATA: dict[str, Any] = {
 
 @dataclass
 class Result:
-    name: str
-    ops: float  # load+save per second
+    ops: float  # operations per second
     p50_us: float
     p99_us: float
     cpu_us: float  # this process's CPU time per operation (all threads)
 
 
-def _summary(name: str, latencies: list[float], elapsed: float, cpu: float) -> Result:
-    latencies.sort()
-    n = len(latencies)
-    p99 = latencies[min(n - 1, int(n * 0.99))]
-    return Result(name, n / elapsed, statistics.median(latencies) * 1e6, p99 * 1e6, cpu / n * 1e6)
+@dataclass
+class Variant:
+    """One way of doing the operation: ``op(i)`` does operation ``i``."""
+
+    name: str
+    op: Callable[[int], None]
+    close: Callable[[], None] = lambda: None
+    results: list[Result] = field(default_factory=list)
 
 
-def through_manager(name: str, url: str, count: int) -> Result:
-    with SessionManager(url) as manager:
-        session = manager.load(None, CLIENT)
-        session.update(DATA)
-        session = manager.login(session, "bench-user")
-        sid = session.id
-        for i in range(min(200, count)):  # warm up
-            s = manager.load(sid, CLIENT)
-            s["n"] = i
-            manager.save(s)
-        latencies = []
-        perf = time.perf_counter
-        cpu = time.process_time()
-        started = perf()
-        for i in range(count):
-            t = perf()
-            s = manager.load(sid, CLIENT)
-            s["n"] = i
-            manager.save(s)
-            latencies.append(perf() - t)
-        elapsed = perf() - started
-        cpu = time.process_time() - cpu
-        assert manager.load(sid, CLIENT)["n"] == count - 1
-        manager.logout(session)
-    return _summary(name, latencies, elapsed, cpu)
-
-
-def engine_append(path: str, count: int) -> Result:
-    """The native store's floor: one append of a session-sized record per operation."""
-    from polybus.log import Log
-
-    with Log(path) as log:
-        partition = log.create_topic("floor", 1, compact=True).partitions[0]
-        value = json.dumps({"user": "bench-user", **DATA}).encode()
-        key = b"k" * 48
-        latencies = []
-        perf = time.perf_counter
-        cpu = time.process_time()
-        started = perf()
-        for _ in range(count):
-            t = perf()
-            partition.append(value, key=key)
-            latencies.append(perf() - t)
-        elapsed = perf() - started
-        cpu = time.process_time() - cpu
-    return _summary("native, engine append alone", latencies, elapsed, cpu)
-
-
-def raw_redis(count: int) -> Result:
-    import redis
-
-    client = redis.Redis.from_url(servers.redis_url())
-    key = f"bench-raw:{uuid.uuid4().hex}"
-    client.set(key, json.dumps({"user": "bench-user", **DATA}), px=1_800_000)
-    latencies = []
+def run(op: Callable[[int], None], start: int, count: int) -> Result:
+    latencies = [0.0] * count
     perf = time.perf_counter
     cpu = time.process_time()
     started = perf()
     for i in range(count):
         t = perf()
+        op(start + i)
+        latencies[i] = perf() - t
+    elapsed = perf() - started
+    cpu = time.process_time() - cpu
+    latencies.sort()
+    p99 = latencies[min(count - 1, int(count * 0.99))]
+    return Result(count / elapsed, statistics.median(latencies) * 1e6, p99 * 1e6, cpu / count * 1e6)
+
+
+def through_manager(name: str, url: str) -> Variant:
+    manager = SessionManager(url)
+    session = manager.load(None, CLIENT)
+    session.update(DATA)
+    session = manager.login(session, "bench-user")
+    sid = session.id
+    last = [0]
+
+    def op(i: int) -> None:
+        s = manager.load(sid, CLIENT)
+        s["n"] = i
+        manager.save(s)
+        last[0] = i
+
+    def close() -> None:
+        assert manager.load(sid, CLIENT)["n"] == last[0], "a save was lost"
+        manager.logout(session)
+        manager.close()
+
+    return Variant(name, op, close)
+
+
+def store_alone(name: str, url: str) -> Variant:
+    """The store's load + save of one session, without the manager around them."""
+    from polybus.sessions import open_store
+
+    store = open_store(url)
+    manager = SessionManager(store)
+    session = manager.login(manager.load(None, CLIENT), "bench-user")
+    stored = manager.store.load(session.record().id)
+    assert stored is not None
+    record = stored._replace(data=dict(DATA))
+    version = [stored.version]
+
+    def op(i: int) -> None:
+        current = store.load(record.id)
+        assert current is not None
+        version[0] += 1
+        store.save(record._replace(version=version[0]))
+
+    return Variant(name, op, store.close)
+
+
+def codec_alone(codec: str) -> Variant:
+    """Encode + decode of the session's record: the codec's share of a load + save."""
+    c = CODECS[codec]
+    now = time.time()
+    record = SessionRecord(
+        "ab12." + "0" * 64, "bench-user", 1, now, now, now + 1800, CLIENT, None, dict(DATA)
+    )
+
+    def op(i: int) -> None:
+        c.decode(c.encode(record))
+
+    return Variant(f"{codec} encode + decode alone", op)
+
+
+def engine_append(path: str) -> Variant:
+    """The native store's floor: one append of a session-sized record per operation."""
+    from polybus.log import Log
+
+    log = Log(path)
+    partition = log.create_topic("floor", 1, compact=True).partitions[0]
+    value = json.dumps({"user": "bench-user", **DATA}).encode()
+    key = b"k" * 48
+
+    def op(i: int) -> None:
+        partition.append(value, key=key)
+
+    return Variant("engine append alone", op, log.close)
+
+
+def raw_redis() -> Variant:
+    import redis
+
+    client = redis.Redis.from_url(servers.redis_url())
+    key = f"bench-raw:{uuid.uuid4().hex}"
+    client.set(key, json.dumps({"user": "bench-user", **DATA}), px=1_800_000)
+
+    def op(i: int) -> None:
         data = json.loads(client.get(key))  # type: ignore[arg-type]
         data["n"] = i
         client.set(key, json.dumps(data), px=1_800_000)
-        latencies.append(perf() - t)
-    elapsed = perf() - started
-    cpu = time.process_time() - cpu
-    client.delete(key)
-    client.close()
-    return _summary("redis, raw GET/SET JSON", latencies, elapsed, cpu)
+
+    def close() -> None:
+        client.delete(key)
+        client.close()
+
+    return Variant("raw GET/SET JSON", op, close)
+
+
+def _range(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--stores", default="memory,native,redis,kafka,rabbitmq")
-    parser.add_argument("--count", type=int, default=20000, help="operations per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--codec", default="json", choices=["json", "msgpack"])
+    parser.add_argument("--codecs", default="json,msgpack")
+    parser.add_argument("--count", type=int, default=5000, help="operations per variant per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--breakdown", action="store_true", help="also the store and codec alone")
     args = parser.parse_args()
-    stores = args.stores.split(",")
+    stores, codecs = args.stores.split(","), args.codecs.split(",")
     tmp = tempfile.mkdtemp(prefix="bench-sessions-")
-    codec = f"codec={args.codec}"
     topic = f"bench-sessions-{uuid.uuid4().hex[:8]}"
-    # (name, url, operations: the network stores that wait for a broker per save run fewer)
-    cases: list[tuple[str, Callable[[], str], Callable[[], str | None], int]] = [
-        ("memory", lambda: f"memory://?{codec}", lambda: None, args.count),
-        ("native", lambda: f"native://{tmp}/log?{codec}", lambda: None, args.count),
-        (
-            "redis",
-            lambda: f"{servers.redis_url()}?prefix=bench-{topic}&{codec}",
-            servers.redis_unavailable,
-            args.count,
+    # (codec, a name for the variant's own log directory) -> URL
+    urls: dict[str, Callable[[str, str], str]] = {
+        "memory": lambda codec, _: f"memory://?codec={codec}",
+        "native": lambda codec, name: f"native://{tmp}/{name}?codec={codec}",
+        "redis": lambda codec, _: f"{servers.redis_url()}?prefix=bench-{topic}&codec={codec}",
+        "kafka": lambda codec, _: (
+            f"kafka://{servers.kafka_bootstrap()}?topic={topic}-{codec}&codec={codec}"
         ),
-        (
-            "kafka",
-            lambda: f"kafka://{servers.kafka_bootstrap()}?topic={topic}&{codec}",
-            servers.kafka_unavailable,
-            max(1, args.count // 40),
+        "rabbitmq": lambda codec, _: (
+            f"{servers.rabbitmq_url()}?topic={topic}-{codec}&codec={codec}"
         ),
-        (
-            "rabbitmq",
-            lambda: f"{servers.rabbitmq_url()}?topic={topic}&{codec}",
-            servers.rabbitmq_unavailable,
-            max(1, args.count // 10),
-        ),
-    ]
-    best: dict[str, Result] = {}
-    ratios: list[tuple[float, float]] = []  # per round: (mean, p50) manager time / raw time
+    }
+    unavailable: dict[str, Callable[[], str | None]] = {
+        "redis": servers.redis_unavailable,
+        "kafka": servers.kafka_unavailable,
+        "rabbitmq": servers.rabbitmq_unavailable,
+    }
+    # the network stores that wait for a broker on every save run fewer operations
+    divisor = {"kafka": 40, "rabbitmq": 10}
+    report: list[tuple[str, Variant]] = []
+    ratios: dict[str, list[tuple[float, float]]] = {}  # codec -> per round (mean, p50) ratios
     try:
-        for name, url, unavailable, count in cases:
-            if name not in stores:
-                continue
-            why = unavailable()
+        for store in stores:
+            why = unavailable.get(store, lambda: None)()
             if why:
-                print(f"{name}: skipped ({why})")
+                print(f"{store}: skipped ({why})")
                 continue
-            for r in range(args.rounds):
-                # raw Redis runs right before the manager in each round, so both see the
-                # same machine load; the ratio is taken per round
-                results = [raw_redis(count)] if name == "redis" else []
-                if name == "native":
-                    results.append(engine_append(f"{tmp}/floor{r}", count))
-                results.append(through_manager(name, url(), count))
-                for result in results:
-                    print(
-                        f"  round {r + 1}: {result.name:28} {result.ops:>10,.0f} ops/s  "
-                        f"p50 {result.p50_us:8.1f} us  p99 {result.p99_us:8.1f} us  "
-                        f"cpu {result.cpu_us:6.1f} us",
-                        flush=True,
-                    )
-                    if result.name not in best or result.ops > best[result.name].ops:
-                        best[result.name] = result
-                if name == "redis":
-                    raw, ours = results
-                    ratios.append((raw.ops / ours.ops, ours.p50_us / raw.p50_us))
+            variants: list[Variant] = []
+            if store == "redis":
+                variants.append(raw_redis())
+            if store == "native":
+                variants.append(engine_append(f"{tmp}/floor"))
+            for codec in codecs:
+                url = urls[store]
+                variants.append(through_manager(f"manager, {codec}", url(codec, codec)))
+                if args.breakdown and store in ("memory", "native", "redis"):
+                    variants.append(store_alone(f"store alone, {codec}", url(codec, f"s{codec}")))
+            if args.breakdown and store == "memory":
+                variants.extend(codec_alone(codec) for codec in codecs)
+            count = max(1, args.count // divisor.get(store, 1))
+            print(f"{store}: {len(variants)} variants in turns, {count} operations each")
+            try:
+                for v in variants:
+                    run(v.op, 0, min(200, count))  # warm up
+                for r in range(args.rounds):
+                    shift = r % len(variants)
+                    for v in variants[shift:] + variants[:shift]:
+                        v.results.append(run(v.op, (r + 1) * count, count))
+                    line = "  ".join(f"{v.name} {v.results[-1].ops:,.0f}/s" for v in variants)
+                    print(f"  round {r + 1}: {line}", flush=True)
+            finally:
+                for v in variants:
+                    v.close()
+            report.extend((store, v) for v in variants)
+            if store == "redis":
+                raw = variants[0]
+                for v in variants[1:]:
+                    if v.name.startswith("manager, "):
+                        ratios[v.name.removeprefix("manager, ")] = [
+                            (a.ops / b.ops, b.p50_us / a.p50_us)
+                            for a, b in zip(raw.results, v.results, strict=True)
+                        ]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if "rabbitmq" in stores and not servers.rabbitmq_unavailable():
-            servers.rabbitmq_delete_topic(topic, ())
-    print(f"\nload + save per second, best of {args.rounds} rounds, codec {args.codec}:")
-    print(f"{'store':30} {'ops/s':>10} {'p50 us':>9} {'p99 us':>9} {'cpu us/op':>10}")
-    for r in best.values():
-        print(f"{r.name:30} {r.ops:>10,.0f} {r.p50_us:>9.1f} {r.p99_us:>9.1f} {r.cpu_us:>10.1f}")
-    if ratios:
-        mean = statistics.median(r[0] for r in ratios)
-        p50 = statistics.median(r[1] for r in ratios)
+            for codec in codecs:
+                servers.rabbitmq_delete_topic(f"{topic}-{codec}", ())
+    print(f"\nload + save, median [min-max] of {args.rounds} rounds:")
+    print(f"{'store':9}{'variant':32}{'ops/s':>26}{'p50 us':>22}{'p99 us':>24}{'cpu us':>8}")
+    for store, v in report:
+        res = v.results
         print(
-            f"\nredis through the manager / raw GET+SET, time per op, median of {len(ratios)} "
-            f"rounds: {mean:.2f}x mean, {p50:.2f}x p50 (target <= 1.3x)"
+            f"{store:9}{v.name:32}{_range([x.ops for x in res], ',.0f'):>26}"
+            f"{_range([x.p50_us for x in res], '.1f'):>22}"
+            f"{_range([x.p99_us for x in res], '.1f'):>24}"
+            f"{statistics.median(x.cpu_us for x in res):>8.1f}"
+        )
+    for codec, per_round in ratios.items():
+        print(
+            f"\nredis, manager ({codec}) / raw GET+SET JSON, time per operation, per round: "
+            f"{_range([m for m, _ in per_round], '.2f')} mean, "
+            f"{_range([p for _, p in per_round], '.2f')} p50 (target <= 1.3)"
         )
 
 
