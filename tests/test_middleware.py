@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from polybus.errors import ConfigurationError
-from polybus.sessions import SessionManager, SessionRecord, SessionStore, open_store
+from polybus.sessions import SessionManager, SessionRecord, SessionStore, open_store, store_key
 from polybus.sessions.middleware import (
     MAX_COOKIE_SIZE,
     CookieSettings,
@@ -546,7 +546,8 @@ def test_the_cookie_value_is_the_signed_id_and_nothing_else(site: Site) -> None:
     assert browser.cookie is not None
     session_id = CookieSigner(site.keys).unsign(browser.cookie)
     assert session_id is not None
-    record = site.store.inner.load(session_id)
+    assert site.store.inner.load(session_id) is None  # the store holds no cookie value
+    record = site.store.inner.load(store_key(session_id))
     assert record is not None
     assert record.user_id == "alice"
     assert "alice" not in json.dumps(browser.cookie)

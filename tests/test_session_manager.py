@@ -26,6 +26,7 @@ from polybus.sessions import (
     new_session_id,
     open_sessions,
     open_store,
+    store_key,
 )
 from polybus.sessions import base as session_base
 from polybus.sessions.base import CODECS
@@ -115,7 +116,7 @@ def test_v7_2_1_an_id_the_server_never_issued_is_refused(
     assert session.id != planted
     session["cart"] = ["book"]
     assert manager.save(session)
-    assert store.load(planted) is None
+    assert store.load(store_key(planted)) is None
     assert manager.load(planted).id != planted
 
 
@@ -233,11 +234,11 @@ def test_v7_4_1_logout_destroys_the_session_server_side(
     session = logged_in(manager)
     other_request = manager.load(session.id)  # a request still running during the logout
     manager.logout(session)
-    assert store.load(session.id) is None
+    assert store.load(store_key(session.id)) is None
     assert manager.load(session.id).is_new
     other_request["late"] = True
     assert manager.save(other_request) is False  # a late save does not bring it back
-    assert store.load(session.id) is None
+    assert store.load(store_key(session.id)) is None
 
 
 def test_v7_4_2_and_7_4_5_end_every_session_of_a_disabled_user(manager: SessionManager) -> None:
@@ -326,7 +327,7 @@ def test_an_empty_anonymous_session_is_not_stored(
 ) -> None:
     session = manager.load(None)
     assert manager.save(session) is False
-    assert store.load(session.id) is None
+    assert store.load(store_key(session.id)) is None
 
 
 def test_data_is_json_or_msgpack_never_pickle(manager: SessionManager) -> None:
@@ -345,8 +346,9 @@ def test_an_undecodable_session_yields_a_new_session_and_a_warning(
     manager: SessionManager, store: CountingStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     session = logged_in(manager)
-    item = store._table.view.items[session.id]
-    store._table.view.put(session.id, item._replace(payload=b"\x80garbage"))  # damaged bytes
+    key = store_key(session.id)
+    item = store._table.view.items[key]
+    store._table.view.put(key, item._replace(payload=b"\x80garbage"))  # damaged bytes
     with caplog.at_level(logging.WARNING, logger="polybus.sessions"):
         fresh = manager.load(session.id)
     assert fresh.is_new
@@ -363,7 +365,7 @@ def test_an_undecodable_session_in_redis(caplog: pytest.LogCaptureFixture) -> No
     with SessionManager(f"{servers.redis_url()}?prefix={prefix}") as manager:
         session = logged_in(manager)
         raw = redis.Redis.from_url(servers.redis_url())
-        key = f"{prefix}:{{{session.id.partition('.')[0]}}}:s:{session.id}"
+        key = f"{prefix}:{{{session.id.partition('.')[0]}}}:s:{store_key(session.id)}"
         assert raw.exists(key)
         raw.set(key, b"1:[1,2,3]")  # a plain client wrote something else there
         with caplog.at_level(logging.WARNING, logger="polybus.sessions"):
@@ -477,3 +479,50 @@ def test_a_store_opens_on_a_bus_it_shares(tmp_path: Any) -> None:
         assert "sessions" in bus.backend.log.topics()  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="cannot open a session store on a object"):
         open_store(object())
+
+
+@pytest.mark.parametrize("kind", ["memory", "native", "redis"])
+def test_v7_2_what_a_store_holds_is_no_cookie(kind: str, tmp_path: Any) -> None:
+    """A leaked store (the native log's files, a Redis dump) holds no session id that
+    works: each session is kept under a digest of its id, which the manager refuses as a
+    cookie."""
+    prefix = f"test-{new_session_id()[:8]}"
+    if kind == "redis":
+        require_server("redis", servers.redis_unavailable())
+    url = {
+        "memory": "memory://",
+        "native": f"native://{tmp_path / 'log'}",
+        "redis": f"{servers.redis_url()}?prefix={prefix}",
+    }[kind]
+    with SessionManager(url) as manager:
+        session = logged_in(manager, cart=["book"])
+        anonymous = manager.load(None)
+        anonymous["a"] = 1
+        assert manager.save(anonymous)
+        held = _everything_held(kind, manager, tmp_path, prefix)
+        for sid in (session.id, anonymous.id):
+            token = sid.rpartition(".")[2].encode()
+            assert not any(token in h for h in held), "a session id is stored in clear"
+            key = store_key(sid)
+            assert any(key.encode() in h for h in held)  # kept under the digest instead
+            assert manager.load(key).is_new  # which does not work as a cookie
+        assert manager.load(session.id)["cart"] == ["book"]
+        assert manager.load(anonymous.id)["a"] == 1
+        (listed,) = manager.sessions_of("alice")
+        assert manager.end_session("alice", listed.handle) is True
+        assert manager.load(session.id).is_new
+        manager.logout(manager.load(anonymous.id))
+
+
+def _everything_held(kind: str, manager: SessionManager, tmp_path: Any, prefix: str) -> list[bytes]:
+    if kind == "memory":
+        items = manager.store._table.view.items  # type: ignore[attr-defined]
+        return [k.encode() for k in items] + [i.payload for i in items.values()]
+    if kind == "native":
+        return [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    import redis
+
+    with redis.Redis.from_url(servers.redis_url()) as client:
+        keys = list(client.scan_iter(match=f"{prefix}:*"))
+        held = [*keys, *(client.dump(k) for k in keys)]
+    return [h for h in held if isinstance(h, bytes)]

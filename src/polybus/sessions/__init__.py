@@ -21,6 +21,7 @@ from .base import (
     SessionStore,
     SessionStoreUnavailable,
     new_session_id,
+    store_key,
 )
 from .manager import SessionInfo, SessionManager, handle_of
 from .middleware import CookieSettings, SessionMiddleware, WSGISessionMiddleware, session_of
@@ -78,6 +79,7 @@ __all__ = [
     "open_sessions",
     "open_store",
     "session_of",
+    "store_key",
 ]
 
 

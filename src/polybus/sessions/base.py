@@ -1,7 +1,10 @@
 """The session store protocol, the records stores keep, and the session errors.
 
-A :class:`SessionStore` keeps :class:`SessionRecord` values by id, with a
-per-user index and expiry it enforces itself. Every write is a
+A :class:`SessionStore` keeps :class:`SessionRecord` values by key, with a
+per-user index and expiry it enforces itself. The key is :func:`store_key` of
+the session id (a SHA-256 digest), never the id itself: what a store holds (a
+Redis dump, a Kafka topic, the native log's files) cannot be presented as a
+cookie (OWASP ASVS 5.0, 7.2: session tokens are not stored in clear). Every write is a
 compare-and-set on the record's version, so two instances never silently
 overwrite each other; the :class:`~polybus.sessions.manager.SessionManager`
 merges on a conflict. Stores never pickle: records are JSON or msgpack.
@@ -30,6 +33,7 @@ __all__ = [
     "SessionStore",
     "SessionStoreUnavailable",
     "new_session_id",
+    "store_key",
     "user_tag",
 ]
 
@@ -49,8 +53,9 @@ class SessionStoreUnavailable(SessionError, ConnectionLost):
 class SessionConflict(SessionError):
     """A compare-and-set write found another version than the one it was based on.
 
-    Stores raise it from :meth:`SessionStore.save` (``current_version`` is what
-    they found, 0 when the session no longer exists); the manager merges and
+    Stores raise it from :meth:`SessionStore.save` (``session_id`` is the
+    session's :func:`store_key`, ``current_version`` what they found, 0 when
+    the session no longer exists); the manager merges and
     retries, and raises it itself only for a real conflict (one key changed by
     two requests) under ``on_conflict="raise"``.
     """
@@ -76,7 +81,7 @@ class SessionRecord(NamedTuple):
     the idle and the absolute deadline); the manager computes it.
     """
 
-    id: str
+    id: str  #: the session's :func:`store_key`, never its id
     user_id: str | None
     version: int
     created_at: float
@@ -201,8 +206,25 @@ def new_session_id(user_id: str | None = None) -> str:
     return token if user_id is None else f"{user_tag(user_id)}.{token}"
 
 
+def store_key(session_id: str) -> str:
+    """The key a store keeps the session ``session_id`` under: the id's user tag (if any),
+    a dot, then the SHA-256 of the id in hex.
+
+    Not a credential: a digest cannot be turned back into the id, and it never
+    has an id's shape, so the manager refuses it as a cookie before asking the
+    store. The tag stays in front, where the Redis store finds it.
+    """
+    digest = hashlib.sha256(session_id.encode()).hexdigest()
+    tag, dot, _ = session_id.partition(".")
+    return f"{tag}.{digest}" if dot else digest
+
+
 class SessionStore(Protocol):
     """Where sessions live. Methods block; all are thread-safe.
+
+    A store names a session by its :func:`store_key` (``SessionRecord.id``,
+    and every ``session_id`` argument): the manager hashes the id the client
+    holds, so a store never sees it.
 
     Every method raises :class:`SessionStoreUnavailable` when the store
     cannot be reached, never a client library's exception.
@@ -272,13 +294,15 @@ class Session(MutableMapping[str, Any]):
         "fingerprint",
         "id",
         "last_seen",
+        "store_key",
         "transient",
         "user_id",
         "version",
     )
 
-    def __init__(self, record: SessionRecord, *, transient: bool = False) -> None:
-        self.id = record.id
+    def __init__(self, record: SessionRecord, session_id: str, *, transient: bool = False) -> None:
+        self.id = session_id  #: the id the client holds: a credential, never logged or stored
+        self.store_key = record.id  #: :func:`store_key` of the id: what the store holds
         self.user_id = record.user_id
         self.version = record.version  #: 0 until first stored
         self.created_at = record.created_at
@@ -342,7 +366,7 @@ class Session(MutableMapping[str, Any]):
     def record(self, **changes: Any) -> SessionRecord:
         """This session as a store record, with ``changes`` applied."""
         record = SessionRecord(
-            self.id,
+            self.store_key,
             self.user_id,
             self.version,
             self.created_at,

@@ -30,6 +30,11 @@ compare-and-set holds across instances). Store failures follow
 and logs a warning. Logout, rotation and revocation always raise when the
 store is down: they cannot be confirmed otherwise.
 
+A store never holds a session id: it keeps each session under
+:func:`~polybus.sessions.base.store_key` of the id (a SHA-256 digest), so a
+leaked store (a Redis dump, a topic, log files) holds no cookie that works.
+:attr:`SessionInfo.handle` and :func:`handle_of` name a session by that key.
+
 Concurrent requests on one session: a save is a compare-and-set on the
 session's version. When another request saved first, the manager reloads the
 session and merges by key: keys changed by only one side keep that change. A
@@ -60,6 +65,7 @@ from .base import (
     SessionStore,
     SessionStoreUnavailable,
     new_session_id,
+    store_key,
 )
 from .stores import open_store
 
@@ -91,7 +97,12 @@ class SessionInfo(NamedTuple):
 
 def handle_of(session_id: str) -> str:
     """A short, non-secret name of a session, safe to show and to log."""
-    return hashlib.blake2b(session_id.encode(), digest_size=8).hexdigest()
+    return _handle(store_key(session_id))
+
+
+def _handle(key: str) -> str:
+    """The handle of the session a store keeps under ``key``."""
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
 class SessionManager:
@@ -153,9 +164,10 @@ class SessionManager:
         """A new anonymous session with a fresh id, not stored until saved."""
         client = client or ClientInfo()
         now = self._clock()
+        session_id = new_session_id()
         return Session(
             SessionRecord(
-                new_session_id(),
+                store_key(session_id),
                 None,
                 0,
                 now,
@@ -164,7 +176,8 @@ class SessionManager:
                 client,
                 self._fingerprint(client),
                 {},
-            )
+            ),
+            session_id,
         )
 
     def load(self, session_id: str | None, client: ClientInfo | None = None) -> Session:
@@ -179,15 +192,16 @@ class SessionManager:
         client = client or ClientInfo()
         if not session_id or not SESSION_ID.fullmatch(session_id):
             return self.new(client)
+        key = store_key(session_id)
         try:
-            record = self.store.load(session_id)
+            record = self.store.load(key)
         except DecodeError as exc:
             log.warning(
                 "session %s could not be decoded (%s); starting a new session",
-                handle_of(session_id),
+                _handle(key),
                 exc,
             )
-            self._forget(session_id)
+            self._forget(key)
             return self.new(client)
         except SessionStoreUnavailable as exc:
             return self._unavailable(exc, client)
@@ -199,15 +213,13 @@ class SessionManager:
             or now >= record.last_seen + self.idle_timeout
             or now >= record.created_at + self.absolute_timeout
         ):
-            self._forget(session_id)
+            self._forget(key)
             return self.new(client)
         if record.fingerprint is not None and record.fingerprint != self._fingerprint(client):
-            log.warning(
-                "session %s presented by another client; it is ended", handle_of(session_id)
-            )
-            self._forget(session_id)
+            log.warning("session %s presented by another client; it is ended", _handle(key))
+            self._forget(key)
             return self.new(client)
-        return Session(record)
+        return Session(record, session_id)
 
     def save(self, session: Session) -> bool:
         """Store the session's changes; True if it is stored afterwards (set the cookie).
@@ -230,7 +242,7 @@ class SessionManager:
             return True
         expires_at = min(now + self.idle_timeout, session.created_at + self.absolute_timeout)
         record = SessionRecord(
-            session.id,
+            session.store_key,
             session.user_id,
             session.version + 1,
             session.created_at,
@@ -262,10 +274,10 @@ class SessionManager:
             if attempt:  # lost again: step aside a random moment, so writers do not convoy
                 time.sleep(random.random() * min(0.01, 0.0002 * 2**attempt))
             try:
-                current = self.store.load(session.id) if session.version else None
+                current = self.store.load(session.store_key) if session.version else None
             except DecodeError:
                 current = None  # the stored copy is damaged: it is not ours to merge into
-                self._forget(session.id)
+                self._forget(session.store_key)
             if current is None:  # destroyed meanwhile (logged out elsewhere): not revived
                 session.ended = True
                 return False
@@ -283,7 +295,7 @@ class SessionManager:
             return True
         raise SessionConflict(
             f"session kept changing under {MAX_MERGE_ATTEMPTS} save attempts; try again",
-            session_id=session.id,
+            session_id=session.store_key,
             current_version=session.version,
         )
 
@@ -308,7 +320,7 @@ class SessionManager:
                     raise SessionConflict(
                         f"session key {key!r} was changed by another request at the same time; "
                         "reload the session and try again",
-                        session_id=session.id,
+                        session_id=session.store_key,
                         current_version=current.version,
                     )
                 if self.on_conflict == "theirs":
@@ -332,8 +344,9 @@ class SessionManager:
             raise ConfigurationError(f"user_id must be a non-empty str, not {user_id!r}")
         now = self._clock()
         client = client or session.client
+        session_id = new_session_id(user_id)
         record = SessionRecord(
-            new_session_id(user_id),
+            store_key(session_id),
             user_id,
             1,
             now,
@@ -343,7 +356,7 @@ class SessionManager:
             self._fingerprint(client),
             dict(session._data),
         )
-        return self._replace(session, record)
+        return self._replace(session, record, session_id)
 
     def rotate(self, session: Session) -> Session:
         """The same session (user, data, absolute deadline) under a new id, stored.
@@ -352,33 +365,34 @@ class SessionManager:
         before this returns.
         """
         now = self._clock()
+        session_id = new_session_id(session.user_id)
         record = session.record(
-            id=new_session_id(session.user_id),
+            id=store_key(session_id),
             version=1,
             last_seen=now,
             expires_at=min(now + self.idle_timeout, session.created_at + self.absolute_timeout),
             data=dict(session._data),
         )
-        return self._replace(session, record)
+        return self._replace(session, record, session_id)
 
-    def _replace(self, old: Session, record: SessionRecord) -> Session:
+    def _replace(self, old: Session, record: SessionRecord, session_id: str) -> Session:
         self.store.save(record)
         if old.version:
-            self.store.delete(old.id)
+            self.store.delete(old.store_key)
         old.ended = True
-        return Session(record)
+        return Session(record, session_id)
 
     def logout(self, session: Session) -> None:
         """Destroy the session in the store; its id stops working at once. Idempotent."""
         if session.version:
-            self.store.delete(session.id)
+            self.store.delete(session.store_key)
         session.ended = True
 
     def sessions_of(self, user_id: str) -> list[SessionInfo]:
         """The user's live sessions, oldest first."""
         now = self._clock()
         return [
-            SessionInfo(handle_of(r.id), r.created_at, r.last_seen, r.expires_at, r.client)
+            SessionInfo(_handle(r.id), r.created_at, r.last_seen, r.expires_at, r.client)
             for r in self.store.user_sessions(user_id)
             if now < r.expires_at
             and now < r.last_seen + self.idle_timeout
@@ -388,7 +402,7 @@ class SessionManager:
     def end_session(self, user_id: str, handle: str) -> bool:
         """End the session of ``user_id`` that :attr:`SessionInfo.handle` names."""
         for record in self.store.user_sessions(user_id):
-            if handle_of(record.id) == handle:
+            if _handle(record.id) == handle:
                 return self.store.delete(record.id)
         return False
 
@@ -400,7 +414,7 @@ class SessionManager:
         """End every session of this session's user except this one."""
         if session.user_id is None:
             return 0
-        return self.store.delete_user(session.user_id, keep=session.id)
+        return self.store.delete_user(session.user_id, keep=session.store_key)
 
     def close(self) -> None:
         """Close the store if this manager opened it (from a URL); idempotent."""
@@ -428,10 +442,10 @@ class SessionManager:
                 parts.append(client.ip)
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
-    def _forget(self, session_id: str) -> None:
+    def _forget(self, key: str) -> None:
         """Delete a session found dead; a store failure here changes nothing for the caller."""
         try:
-            self.store.delete(session_id)
+            self.store.delete(key)
         except SessionStoreUnavailable:
             pass
 
