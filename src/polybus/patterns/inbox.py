@@ -106,53 +106,50 @@ class MemoryInbox:
         self._ttl_ms = _ttl_ms(ttl)
         self._lock = threading.Lock()
         self._finished = threading.Condition(self._lock)
-        # keyed by "group NUL id": a str caches its hash, a tuple would hash on every use
+        # Keyed by "group NUL id": a str caches its hash, a tuple would hash on every use.
         self._done: dict[str, int] = {}  #: entry -> forget at (ms)
-        self._running: set[str] = set()
-        self._waiting = 0  #: threads waiting for a running copy to finish
+        self._running: dict[str, object] = {}  #: entry -> the call handling it
+        self._waiting = 0  #: calls waiting for a running copy to finish
         self._next_sweep = 0
 
     def process(
         self, group: str, message_id: str, handler: Callable[[], T]
     ) -> tuple[bool, T | None]:
         entry = f"{group}\0{message_id}"
+        claim = object()
         running = self._running
-        with self._lock:  # taken once per message: this is every message's path
-            while entry in running:  # a copy is being handled: wait for its outcome
+        # Every message takes this path, so it takes no lock: setdefault claims the
+        # entry atomically, and only a copy that finds it claimed waits (locked).
+        while running.setdefault(entry, claim) is not claim:
+            with self._lock:
                 self._waiting += 1
-                self._finished.wait(0.05)  # bounded: the finishing side notifies unlocked
+                if entry in running:
+                    self._finished.wait(0.05)  # bounded: the finishing side may miss us
                 self._waiting -= 1
+        try:
             now = time.time_ns() // 1_000_000
             if now >= self._next_sweep:
                 self._sweep(now)
             forget_at = self._done.get(entry)
             if forget_at is not None and forget_at > now:
                 return False, None
-            running.add(entry)
-        try:
             result = handler()
-        except BaseException:
-            running.discard(entry)
-            self._wake()
-            raise
-        # Unlocked: single dict and set operations are atomic, and the entry is marked
-        # done before it leaves ``running``, so a waiting copy sees the outcome.
-        self._done[entry] = now + self._ttl_ms
-        running.discard(entry)
-        if self._waiting:
-            self._wake()
-        return True, result
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._finished.notify_all()
+            self._done[entry] = now + self._ttl_ms  # before the claim goes: a copy sees it
+            return True, result
+        finally:
+            del running[entry]
+            if self._waiting:
+                with self._lock:
+                    self._finished.notify_all()
 
     def _sweep(self, now: int) -> None:
-        # In place, from a copy taken in one step: finishing threads write unlocked.
-        done = self._done
-        for entry in [k for k, t in list(done.items()) if t <= now]:
-            done.pop(entry, None)
-        self._next_sweep = now + min(self._ttl_ms, 60_000)
+        with self._lock:  # one sweeper; finishing calls write unlocked, so work on a copy
+            if now < self._next_sweep:
+                return
+            self._next_sweep = now + min(self._ttl_ms, 60_000)
+            done = self._done
+            for entry in [k for k, t in list(done.items()) if t <= now]:
+                done.pop(entry, None)
 
     def __len__(self) -> int:
         return len(self._done)
