@@ -32,7 +32,43 @@ How the polybus model maps onto Kafka:
   leaves no trace. Partitions added to the topic later are not read;
 - seek by offset or time moves one partition and forgets its unsettled
   records; lag is the high watermark minus the group's committed offset;
-- no per-message delay (no DELAY): a pattern emulates it above this layer.
+- no per-message delay (no DELAY): a pattern emulates it above this layer;
+- subscribers read with ``isolation.level=read_committed``: records of open or
+  aborted transactions are not delivered.
+
+Transactions (``Capability.TRANSACTIONS``, consume → produce exactly once)
+are Kafka transactions with the consumed offsets in them (EOS v2, KIP-447):
+
+- each subscription that begins one gets a transactional producer of its own
+  (``transactional.id`` ``polybus-<group>-<random>``, so the config may not set
+  one), registered with ``init_transactions`` on its first transaction;
+- ``publish`` and ``ack`` only stage: the records and acks wait in the
+  transaction object, so ``abort()`` (or an exception in the ``with`` block)
+  sends nothing and hands the acked records back to this member with
+  ``attempt + 1``;
+- ``commit()`` first checks that every acked record's partition is still this
+  member's (else FencedError, nothing sent); then ``begin_transaction``,
+  produce the staged records, ``send_offsets_to_transaction`` with the
+  contiguous settled prefix of each acked partition, staged acks counted as
+  settled, and ``consumer_group_metadata()`` (the broker refuses the offsets
+  of a member whose group generation has passed: zombies are fenced), then
+  ``commit_transaction``. Only then do the staged acks count as settled.
+  Acks above an unsettled record wait for it, as plain acks do: should the
+  partition move first, those records are processed again;
+- a failed commit is aborted with ``abort_transaction`` and its acked records
+  delivered again: FencedError when the generation passed or a newer producer
+  took over, ConnectionLost when Kafka did not answer within the transaction
+  timeout (the reconnect timeout + 5 s, ``transaction.timeout.ms``); if even
+  the abort fails the outcome is unknown (its inputs may then be processed
+  twice) and the next transaction's new producer, with the same id, fences
+  the old one and aborts what it left open;
+- before a transaction sends offsets, a synchronous commit waits out any
+  plain asynchronous one still on its way, which could otherwise land after
+  the transaction's and move the committed offsets back;
+- a member that dies during ``commit()`` leaves an open transaction: readers
+  of its output partitions wait until the broker aborts it after
+  ``transaction.timeout.ms``, and the group's next member starts at the
+  offsets committed before it.
 """
 
 from __future__ import annotations
@@ -79,7 +115,7 @@ from ..errors import (
     PolybusError,
     TopicNotFound,
 )
-from .base import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec
+from .base import Capability, InRecord, OutRecord, Receipt, Start, Subscription, TopicSpec
 
 
 def _librdkafka_chooses(key: bytes, partition_count: int) -> int:
@@ -214,6 +250,8 @@ _SESSION_LOST = frozenset(
         _E.INVALID_PRODUCER_ID_MAPPING,
     }
 )
+#: a newer producer with the same transactional.id took over: aborting is pointless
+_PRODUCER_FENCED = frozenset({_E._FENCED, _E.PRODUCER_FENCED})
 _ENCODE = frozenset({_E._KEY_SERIALIZATION, _E._VALUE_SERIALIZATION})
 _DECODE = frozenset({_E._KEY_DESERIALIZATION, _E._VALUE_DESERIALIZATION, _E._BAD_MSG})
 
@@ -406,6 +444,7 @@ class KafkaBackend:
         | Capability.COMPACTION
         | Capability.RETENTION
         | Capability.MULTI_PROCESS
+        | Capability.TRANSACTIONS
     )
 
     def __init__(
@@ -423,6 +462,11 @@ class KafkaBackend:
             raise ConfigurationError(
                 f"{', '.join(owned)} cannot be set in the Kafka config: each subscribe() "
                 "chooses its group, start position and session timeout"
+            )
+        if "transactional.id" in config:
+            raise ConfigurationError(
+                "transactional.id cannot be set in the Kafka config: Bus.transaction() gives "
+                "each subscription a transactional producer of its own"
             )
         if not reconnect_timeout > 0:
             raise ConfigurationError(f"reconnect_timeout must be > 0 s, got {reconnect_timeout}")
@@ -484,6 +528,45 @@ class KafkaBackend:
         except KafkaException as exc:
             raise map_error(exc) from exc
         return producer
+
+    def _transactional_config(
+        self, transactional_id: str, on_failed_delivery: Callable[[KafkaError, Any], None]
+    ) -> dict[str, Any]:
+        """The config of a subscription's transactional producer: the backend's, with
+        what transactions need, and a transaction timeout a little past the delivery
+        timeout (how long a commit may take; a dead member's open transaction is
+        aborted by the broker after it)."""
+        config: dict[str, Any] = {
+            "partitioner": "murmur2_random",
+            "message.timeout.ms": int(self.reconnect_timeout * 1000),
+            **self.config,
+            "enable.idempotence": True,
+            "acks": "all",
+            "transactional.id": transactional_id,
+            "delivery.report.only.error": True,  # failures only: no Python call per record
+            "on_delivery": on_failed_delivery,
+        }
+        message_ms = int(config["message.timeout.ms"])
+        if message_ms > 0:
+            config.setdefault("transaction.timeout.ms", message_ms + int(_DELIVERY_GRACE * 1000))
+        else:  # no delivery limit: librdkafka derives it from the transaction timeout
+            del config["message.timeout.ms"]
+        return config
+
+    def transaction(self, subscription: Subscription) -> KafkaTransaction:
+        """Begin a transaction whose acks settle records ``subscription`` fetched.
+
+        The subscription's transactional producer is made (and registered with
+        the broker) on its first transaction, blocking up to the reconnect
+        timeout. Raises ConfigurationError for a group-less subscription or one
+        of another bus, CapabilityError when the broker has no transactions,
+        ConnectionLost.
+        """
+        self._check()
+        if not isinstance(subscription, KafkaSubscription) or subscription._backend is not self:
+            raise ConfigurationError("a Kafka transaction needs a subscription of the same bus")
+        subscription._start_transactions()
+        return KafkaTransaction(subscription)
 
     def _replace_producer(self, old: Producer) -> None:
         """Publish on a new producer from now on (ours only); ``old`` fails what it holds."""
@@ -822,6 +905,7 @@ class KafkaBackend:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": start,
+            "isolation.level": "read_committed",  # librdkafka's default, said out loud
             **self.config,
         }
         if group is not None:
@@ -905,6 +989,15 @@ class _Partition:
                     settled.discard(pending.popleft())
         return pending[0] if pending else self.next
 
+    def point_with(self, staged: set[int]) -> int | None:
+        """The commit point were ``staged`` settled as well; changes nothing but trims."""
+        self.commit_point()
+        settled = self.settled
+        for offset in self.pending:
+            if offset not in settled and offset not in staged:
+                return offset
+        return self.next
+
 
 def _ignore(offset: object) -> None:
     """Stands in for settling a record whose partition is no longer this member's."""
@@ -946,6 +1039,12 @@ class KafkaSubscription:
         self._joined = False  #: holds an assignment (a join is in flight while False)
         self._session_timeout = int(config.get("session.timeout.ms", 0)) / 1000
         self._closed = False
+        self._commit_lock = threading.Lock()  #: one commit at a time, transactional or not
+        self._sent_async = False  #: an asynchronous commit was sent since the last check
+        self._transactional: Producer | None = None  #: made for the first transaction
+        self._transactional_id = f"polybus-{group}-{uuid.uuid4().hex}"
+        self._transaction_timeout = 0.0  #: seconds, set with the transactional producer
+        self._failed_deliveries: list[KafkaError] = []  #: of the transaction committing
         config = {**config, "error_cb": self._on_error}
         if group is not None:
             config["on_commit"] = self._on_commit
@@ -1044,30 +1143,32 @@ class KafkaSubscription:
         A group-less reader commits nothing but still trims its tracking here. A
         failed commit is logged and retried later, or raised when ``strict``.
         """
-        offsets = []
-        with self._lock:
-            states = self._partitions
-            for number in states if partitions is None else partitions:
-                state = states.get(number)
-                if state is None:
-                    continue
-                point = state.commit_point()
-                if self._group is not None and point is not None and point != state.committed:
-                    state.committed = point
-                    offsets.append(TopicPartition(self._topic, number, point))
-        if not offsets:
-            return
-        try:
-            if asynchronous:
-                self._consumer.commit(offsets=offsets, asynchronous=True)
-            else:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            # Not committed: the records are delivered again (at-least-once).
-            log.info("Kafka commit for group %r failed: %s", self._group, exc)
-            self._forget_commits(offsets)
-            if strict:
-                raise map_error(exc) from exc
+        with self._commit_lock:
+            offsets = []
+            with self._lock:
+                states = self._partitions
+                for number in states if partitions is None else partitions:
+                    state = states.get(number)
+                    if state is None:
+                        continue
+                    point = state.commit_point()
+                    if self._group is not None and point is not None and point != state.committed:
+                        state.committed = point
+                        offsets.append(TopicPartition(self._topic, number, point))
+            if not offsets:
+                return
+            try:
+                if asynchronous:
+                    self._sent_async = True
+                    self._consumer.commit(offsets=offsets, asynchronous=True)
+                else:
+                    self._consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                # Not committed: the records are delivered again (at-least-once).
+                log.info("Kafka commit for group %r failed: %s", self._group, exc)
+                self._forget_commits(offsets)
+                if strict:
+                    raise map_error(exc) from exc
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         failed = partitions if err is not None else [tp for tp in partitions if tp.error]
@@ -1081,6 +1182,235 @@ class KafkaSubscription:
                 state = self._partitions.get(tp.partition)
                 if state is not None and state.committed == tp.offset:
                     state.committed = -1  # try again next time
+
+    # -- transactions -----------------------------------------------------------------
+
+    def _start_transactions(self) -> None:
+        """Make and register this subscription's transactional producer, once."""
+        self._check()
+        if self._group is None:
+            raise ConfigurationError(
+                f"a transaction commits a group's offsets: subscribe to {self._topic!r} with a "
+                "group to use one"
+            )
+        with self._commit_lock:
+            self._transactional_producer()
+
+    def _transactional_producer(self) -> Producer:
+        """The transactional producer, made if missing (under the commit lock)."""
+        if self._transactional is not None:
+            return self._transactional
+        config = self._backend._transactional_config(
+            self._transactional_id, self._on_failed_delivery
+        )
+        self._transaction_timeout = int(config.get("transaction.timeout.ms", 60_000)) / 1000
+        try:
+            producer = Producer(config)
+            # A new producer with this id also aborts what an earlier one left open.
+            producer.init_transactions(self._reconnect_timeout)
+        except KafkaException as exc:
+            raise map_error(exc) from exc
+        self._transactional = producer
+        return producer
+
+    def _await_plain_commits(self) -> None:
+        """Make sure no plain asynchronous commit is still on its way, before a transaction
+        sends offsets: landing after the transaction's, it would move them back.
+
+        A synchronous commit (of what is committed already) queued behind them returns
+        once the broker applied them, as it handles one connection's requests in order.
+        Raises ConnectionLost if that takes longer than the transaction timeout.
+        """
+        if not self._sent_async:
+            return
+        with self._lock:
+            offsets = [
+                TopicPartition(self._topic, p, state.committed)
+                for p, state in self._partitions.items()
+                if state.committed >= 0
+            ]
+        done = threading.Event()
+
+        def commit() -> None:  # in a thread: librdkafka waits for a coordinator for ever
+            try:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+            except (KafkaException, RuntimeError) as exc:  # they failed, or were applied
+                log.info("Kafka commit for group %r failed: %s", self._group, exc)
+            done.set()
+
+        if offsets:
+            threading.Thread(target=commit, name="polybus-kafka-commit", daemon=True).start()
+            if not done.wait(self._transaction_timeout):
+                raise ConnectionLost(
+                    f"Kafka did not confirm group {self._group!r}'s earlier commits within "
+                    f"{self._transaction_timeout:.0f} s; the transaction was not sent"
+                )
+        self._sent_async = False
+
+    def _on_failed_delivery(self, err: KafkaError, msg: Any) -> None:
+        self._failed_deliveries.append(err)
+
+    def _commit_transaction(
+        self, outputs: Sequence[tuple[str, Sequence[OutRecord]]], acks: Sequence[InRecord]
+    ) -> None:
+        """Produce ``outputs`` and commit the settled prefix, counting ``acks``, in one
+        Kafka transaction; on any failure the acked records are given back."""
+        with self._commit_lock:
+            try:
+                self._check()
+                planned = self._planned_offsets(acks)
+                if outputs or planned:
+                    self._run_transaction(outputs, planned)
+            except BaseException:
+                self._give_back(acks)
+                raise
+            with self._lock:
+                for r in acks:
+                    state: _Partition = r.handle  # type: ignore[assignment]
+                    if state.live:
+                        state.settled.add(r.offset)  # type: ignore[arg-type]
+                for state, point in planned:
+                    state.committed = point
+
+    def _planned_offsets(self, acks: Sequence[InRecord]) -> list[tuple[_Partition, int]]:
+        """The partitions whose commit point ``acks`` move, with the new point; raises
+        FencedError if one of them is no longer this member's."""
+        staged: dict[_Partition, set[int]] = {}
+        for r in acks:
+            staged.setdefault(r.handle, set()).add(r.offset)  # type: ignore[arg-type]
+        planned = []
+        with self._lock:
+            lost = sorted(state.number for state in staged if not state.live)
+            if lost:
+                raise FencedError(
+                    f"partition(s) {lost} of {self._topic!r} moved to another member of group "
+                    f"{self._group!r} while the transaction was open; nothing was committed "
+                    "and their records go to the new owner"
+                )
+            for state, offsets in staged.items():
+                point = state.point_with(offsets)
+                if point is not None and point != state.committed:
+                    planned.append((state, point))
+        return planned
+
+    def _run_transaction(
+        self,
+        outputs: Sequence[tuple[str, Sequence[OutRecord]]],
+        planned: Sequence[tuple[_Partition, int]],
+    ) -> None:
+        producer = self._transactional_producer()  # a new one after a failure dropped it
+        if planned:
+            self._await_plain_commits()
+        self._failed_deliveries.clear()
+        try:
+            # Bounded waits, not librdkafka's "remaining transaction time": a broker that
+            # never answers must not hang commit(); a producer left mid-call is replaced.
+            timeout = self._transaction_timeout
+            producer.begin_transaction()
+            for topic, records in outputs:
+                self._produce_all(producer, topic, records)
+            if planned:
+                offsets = [TopicPartition(self._topic, s.number, point) for s, point in planned]
+                metadata = self._consumer.consumer_group_metadata()
+                producer.send_offsets_to_transaction(offsets, metadata, timeout)
+            producer.commit_transaction(timeout)
+        except KafkaException as exc:
+            raise self._transaction_failed(producer, exc) from exc
+        except BaseException:
+            self._abort(producer)
+            raise
+
+    def _produce_all(self, producer: Producer, topic: str, records: Sequence[OutRecord]) -> None:
+        produce = producer.produce
+        deadline = 0.0
+        for r in records:
+            headers: Any = list(r.headers) if r.headers else None
+            while True:
+                try:
+                    produce(topic, r.value, r.key, -1, None, None, r.timestamp_ms, headers)
+                    break
+                except BufferError:  # more records than the local queue holds: send some
+                    now = time.monotonic()
+                    deadline = deadline or now + self._backend._delivery_timeout
+                    if now > deadline:
+                        raise ConnectionLost(
+                            "Kafka producer queue stayed full: the cluster is unreachable or "
+                            "too slow"
+                        ) from None
+                    producer.poll(0.1)
+                except UnicodeEncodeError:
+                    headers = _encoded_headers(r.headers)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigurationError(f"cannot publish to Kafka: {exc}") from exc
+
+    def _transaction_failed(self, producer: Producer, exc: KafkaException) -> PolybusError:
+        """Abort what can still be aborted; the error to raise for a failed transaction."""
+        err = _kafka_error(exc) or KafkaError(KafkaError._FAIL, str(exc))
+        if self._failed_deliveries and err.txn_requires_abort():
+            err = self._failed_deliveries[0]  # the record's own error says more
+        log.info("a Kafka transaction of group %r failed: %s", self._group, err)
+        if err.fatal() or err.code() in _PRODUCER_FENCED:
+            self._drop_transactional()  # done for: the next transaction makes a new one
+            aborted = False
+        else:
+            aborted = self._abort(producer)
+        text = f"Kafka {err.name()}: {err.str()}"
+        if err.code() in _FENCED:
+            return FencedError(
+                f"{text}: the group moved on (the inputs' partitions belong to a newer "
+                "generation) or a newer producer took over; nothing was committed"
+            )
+        if err.code() in _CONNECTION or err.retriable():
+            if aborted:
+                return ConnectionLost(
+                    f"{text}: the transaction was aborted and its acked records are delivered "
+                    "again; retry it"
+                )
+            return ConnectionLost(
+                f"{text}: the transaction's outcome is unknown (it could not be aborted); its "
+                "acked records are delivered again, so they are processed twice if it committed"
+            )
+        return map_error(KafkaException(err))
+
+    def _abort(self, producer: Producer) -> bool:
+        """Abort the open Kafka transaction; False (and the producer dropped) if that fails."""
+        try:
+            producer.abort_transaction(self._transaction_timeout)
+            return True
+        except (KafkaException, RuntimeError) as exc:
+            log.info("aborting a Kafka transaction of group %r failed: %s", self._group, exc)
+            self._drop_transactional()
+            return False
+
+    def _drop_transactional(self) -> None:
+        """Close the transactional producer; the next transaction makes a new one (with the
+        same id, which fences this one and aborts what it left open)."""
+        producer, self._transactional = self._transactional, None
+        if producer is None:
+            return
+
+        def close() -> None:  # holds the last reference: librdkafka's destroy runs here too
+            try:
+                producer.purge()
+                producer.flush(0)
+                close = getattr(producer, "close", None)  # confluent-kafka >= 2.13
+                if close is not None:
+                    close()
+            except (KafkaException, RuntimeError) as exc:
+                log.debug("closing a Kafka transactional producer: %s", exc)
+
+        # In the background: a producer whose transaction is stuck on the broker can
+        # take a transaction timeout or more to let go.
+        threading.Thread(target=close, name="polybus-kafka-txn-close", daemon=True).start()
+
+    def _give_back(self, acks: Sequence[InRecord]) -> None:
+        """Deliver a failed or aborted transaction's acked records again (attempt + 1);
+        those of partitions this member lost go to their new owner."""
+        with self._lock:
+            for r in acks:
+                if cast(_Partition, r.handle).live:
+                    r.attempt += 1
+                    self._requeued.append(r)
 
     # -- errors -------------------------------------------------------------------
 
@@ -1342,6 +1672,7 @@ class KafkaSubscription:
                     state.live = False
                 self._partitions = {}
                 self._requeued.clear()
+            self._drop_transactional()  # not under the commit lock: a stuck commit may hold it
             self._backend._forget(self)
 
     def _reachable(self) -> bool:
@@ -1362,3 +1693,47 @@ class KafkaSubscription:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.info("closing the Kafka consumer of %r: %s", self._topic, exc)
+
+
+class KafkaTransaction:
+    """A :class:`~polybus.adapters.base.Transaction` of one Kafka subscription.
+
+    Records and acks are staged here; :meth:`commit` runs the Kafka
+    transaction from begin to end (see the module docstring), so an abort
+    never reaches the broker. Used from one thread.
+    """
+
+    def __init__(self, subscription: KafkaSubscription) -> None:
+        self._sub = subscription
+        self._outputs: list[tuple[str, Sequence[OutRecord]]] = []
+        self._acks: list[InRecord] = []
+        self._spent = False
+
+    def _check(self) -> None:
+        if self._spent:
+            raise ClosedError("this transaction was committed or aborted; begin a new one")
+
+    def publish(self, topic: str, records: Sequence[OutRecord]) -> None:
+        self._check()
+        if any(r.not_before_ms for r in records):
+            raise CapabilityError("Kafka cannot delay delivery (no DELAY capability)")
+        self._outputs.append((topic, records))
+
+    def ack(self, records: Sequence[InRecord]) -> None:
+        self._check()
+        for r in records:
+            if not isinstance(r.handle, _Partition) or r.topic != self._sub._topic:
+                raise ConfigurationError(
+                    "a transaction can ack only records its own subscription fetched"
+                )
+        self._acks.extend(records)
+
+    def commit(self) -> None:
+        self._check()
+        self._spent = True
+        self._sub._commit_transaction(self._outputs, self._acks)
+
+    def abort(self) -> None:
+        if not self._spent:
+            self._spent = True
+            self._sub._give_back(self._acks)
