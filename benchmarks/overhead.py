@@ -19,8 +19,9 @@ Same durability, per backend:
   group's queue and to the topic's history stream (the topology polybus
   declares by default, so the broker does the same work), publisher confirms with a window
   of 1000 outstanding (raw: ``SelectConnection``, the pika way to keep a
-  window). Consume: prefetch 1000, manual acks (raw: ``basic_ack`` with
-  ``multiple=True`` every 100 messages).
+  window), each chunk confirmed before the next; raw messages carry an id, a
+  timestamp and a header, as polybus's do. Consume: prefetch 1000, manual acks
+  (raw: ``basic_ack`` with ``multiple=True`` every 100 messages).
 * Redis (redis-py): ``XADD`` pipelined per chunk; consume ``XREADGROUP``
   ``COUNT 1000`` and ``XACK`` per batch.
 * polybus: plain values published with ``publish_many`` (each gets the
@@ -247,6 +248,18 @@ def rabbit_setup(topic: str) -> None:
 def rabbit_raw_publish(topic: str, count: int, chunk: int, window: int = 1000) -> Timing:
     import pika
 
+    # The same bytes on the wire as polybus sends: an id, a timestamp and one header,
+    # built before the clock starts.
+    stamp = str(int(time.time() * 1000))
+    props = [
+        pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=str(uuid.uuid4()),
+            timestamp=int(stamp) // 1000,
+            headers={"polybus-timestamp": stamp},
+        )
+        for _ in range(count)
+    ]
     sent = confirmed = 0
     nacked: list[int] = []
     started = now()
@@ -254,9 +267,10 @@ def rabbit_raw_publish(topic: str, count: int, chunk: int, window: int = 1000) -
 
     def publish_more(ch: pika.channel.Channel) -> None:
         nonlocal sent
-        props = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent)
-        while sent - confirmed < window and sent < count:
-            ch.basic_publish(topic, rabbitmq_routing_key(), PAYLOAD, props)
+        # as publish_many does per chunk: the next chunk starts once this one is confirmed
+        limit = min(count, confirmed - confirmed % chunk + chunk)
+        while sent - confirmed < window and sent < limit:
+            ch.basic_publish(topic, rabbitmq_routing_key(), PAYLOAD, props[sent])
             sent += 1
 
     def on_channel(ch: pika.channel.Channel) -> None:
