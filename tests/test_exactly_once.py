@@ -7,9 +7,9 @@ SIGKILLs itself at one step of input 7: before its handler, after its handler
 input's ack but before the ack was committed, and after the commit. A clean
 consumer then finishes the work, and the end state is counted:
 
-- ``transactional``: outputs and the input's commit are one transaction, so
-  ``out`` holds every output exactly once;
-- ``inbox``: at-least-once delivery; a re-run publishes the same output ids
+- ``transactional`` (native engine, Kafka): outputs and the input's commit are
+  one transaction, so ``out`` holds every output exactly once;
+- ``inbox`` (native engine, Redis): at-least-once delivery; a re-run publishes the same output ids
   again (they are derived from the input's id), and a downstream consumer with
   an inbox applies each output exactly once.
 
@@ -132,7 +132,7 @@ def child(url: str, mode: str, step: str, source: str, out: str) -> None:
             bus,
             source,
             crashing_handler,
-            group="g",
+            group=f"{source}-g",
             transactional=mode == "transactional",
             batch=5,
             session_timeout=LEASE,
@@ -144,7 +144,12 @@ def child(url: str, mode: str, step: str, source: str, out: str) -> None:
 
 
 def _cases() -> list[tuple[str, str]]:
-    return [("native", "transactional"), ("native", "inbox"), ("redis", "inbox")]
+    return [
+        ("native", "transactional"),
+        ("native", "inbox"),
+        ("redis", "inbox"),
+        ("kafka", "transactional"),
+    ]
 
 
 @pytest.mark.slow
@@ -156,6 +161,9 @@ def test_each_input_takes_effect_once_whatever_step_the_pipeline_dies_at(
     if backend == "redis":
         require_server("redis", servers.redis_unavailable())
         url = servers.redis_url()
+    elif backend == "kafka":
+        require_server("kafka", servers.kafka_unavailable())
+        url = f"kafka://{servers.kafka_bootstrap()}"
     else:
         url = f"native://{tmp_path / 'log'}"
     source, out = f"eo-{uuid.uuid4().hex[:10]}", f"eo-{uuid.uuid4().hex[:10]}"
@@ -163,8 +171,8 @@ def test_each_input_takes_effect_once_whatever_step_the_pipeline_dies_at(
         with polybus.connect(url) as bus:
             if mode == "transactional" and Capability.TRANSACTIONS not in bus.capabilities:
                 pytest.skip(f"{backend} has no transactions")
-            bus.declare(source, partitions=2, groups=["g"])
-            bus.declare(out, partitions=2, groups=["h"])
+            bus.declare(source, partitions=2, groups=[f"{source}-g"])
+            bus.declare(out, partitions=2, groups=[f"{out}-h"])
             bus.publish_many(source, [polybus.Message(n, key=str(n)) for n in range(INPUTS)])
 
         proc = subprocess.run(
@@ -179,7 +187,7 @@ def test_each_input_takes_effect_once_whatever_step_the_pipeline_dies_at(
                 bus,
                 source,
                 pipeline(out),
-                group="g",
+                group=f"{source}-g",
                 transactional=mode == "transactional",
                 session_timeout=LEASE,
             ).start()
@@ -188,7 +196,7 @@ def test_each_input_takes_effect_once_whatever_step_the_pipeline_dies_at(
                 bus,
                 out,
                 lambda d: effects.update([d.message.value]),
-                group="h",
+                group=f"{out}-h",
                 inbox=MemoryInbox(),
                 guarantee="exactly-once",
             ).start()
