@@ -21,6 +21,7 @@ from polybus.sessions import (
     ClientInfo,
     SessionConflict,
     SessionManager,
+    SessionRecord,
     SessionStoreUnavailable,
     handle_of,
     new_session_id,
@@ -465,6 +466,48 @@ def test_any_record_shaped_data_decodes_or_fails_cleanly(fields: list[Any]) -> N
         assert isinstance(record.id, str)
         assert isinstance(record.data, dict)
         assert isinstance(record.expires_at, float)
+
+
+_records = st.builds(
+    SessionRecord,
+    st.text(max_size=8),
+    st.none() | st.text(max_size=8),
+    st.integers(0, 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.floats(allow_nan=False),
+    st.floats(allow_nan=False),
+    st.builds(ClientInfo, st.text(max_size=8), st.text(max_size=8)),
+    st.none() | st.text(max_size=8),
+    st.dictionaries(st.text(max_size=3), _json_values, max_size=4),
+)
+
+
+@settings(max_examples=50)
+@given(_records)
+def test_a_store_decodes_only_the_data_of_a_record_it_holds(record: SessionRecord) -> None:
+    """The layout stays the one every reader knows (one array, the data last), and the
+    data decoded alone from where encode_split says it starts is the data of the record."""
+    for codec in CODECS.values():
+        try:
+            payload, start = codec.encode_split(record)
+        except EncodeError:  # text msgpack cannot encode (a lone surrogate)
+            continue
+        assert payload == codec.dump(session_base._fields(record))
+        whole = codec.decode(payload)
+        assert codec.decode_data(payload, start) == whole.data == record.data
+        assert codec.data_start(payload, whole) == start
+        assert session_base.with_data(whole[:8], whole.data) == whole
+        listed, start = codec.encode_split(record._replace(data=[1]))
+        with pytest.raises(DecodeError, match="not a dict"):
+            codec.decode_data(listed, start)
+
+
+def test_msgpack_sessions_keep_int_keys() -> None:
+    with open_sessions("memory://?codec=msgpack") as manager:
+        session = manager.load(None)
+        session["by_id"] = {1: "a", 2: "b"}
+        assert manager.save(session)
+        assert manager.load(session.id)["by_id"] == {1: "a", 2: "b"}
 
 
 def test_a_store_opens_on_a_bus_it_shares(tmp_path: Any) -> None:

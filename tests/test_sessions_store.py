@@ -13,10 +13,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import polybus
+from polybus.errors import DecodeError
 from polybus.sessions import SessionManager, SessionStoreUnavailable, open_store
 from polybus.testing import servers
 from polybus.testing.plugin import require_server, with_options
@@ -286,3 +288,121 @@ def test_kafka_store_deletes_what_expired_so_compaction_can_shrink_it() -> None:
         assert writer.load(rec.id) is None
     finally:
         writer.close()
+
+
+_INCREMENTER = """
+import sys
+from polybus.sessions import SessionConflict, SessionManager
+manager = SessionManager(sys.argv[1])
+for _ in range(int(sys.argv[3])):
+    while True:
+        s = manager.load(sys.argv[2])
+        assert not s.is_new, "the session was lost"
+        s["count"] += 1
+        try:
+            assert manager.save(s)
+            break
+        except SessionConflict:
+            continue  # another process came first: read again and redo
+"""
+
+
+@pytest.mark.slow
+def test_native_compare_and_set_holds_between_processes(tmp_path: Path) -> None:
+    """Processes incrementing one counter on one log directory lose no increment."""
+    url = f"native://{tmp_path / 'log'}"
+    with SessionManager(url) as manager:
+        session = manager.load(None)
+        session["count"] = 0
+        assert manager.save(session)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _INCREMENTER, url, session.id, "100"])
+        for _ in range(3)
+    ]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    with SessionManager(url) as manager:
+        assert manager.load(session.id)["count"] == 300
+
+
+def _redis_store(prefix: str) -> Any:
+    require_server("redis", servers.redis_unavailable())
+    return open_store(with_options(servers.redis_url(), prefix=prefix))
+
+
+def test_redis_load_reads_the_stored_bytes_whatever_it_saw_before() -> None:
+    """A load decodes only the data when the fields stored before it are byte for byte the
+    ones this store saw last; a value written over them by others is read as written."""
+    import redis
+
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    store, other = _redis_store(prefix), _redis_store(prefix)
+    raw = redis.Redis.from_url(servers.redis_url())
+    try:
+        rec = record("alice", n=1)
+        store.save(rec)
+        assert store.load(rec.id) == rec
+        other.save(rec._replace(version=2, data={"n": 2}))  # another instance
+        assert store.load(rec.id) == rec._replace(version=2, data={"n": 2})
+        key = store._key(rec.id)  # type: ignore[attr-defined]
+        value = raw.get(key)
+        assert value is not None
+        assert value.endswith(b'{"n":2}]')
+        raw.set(key, value.replace(b'{"n":2}]', b'{"n":3}]'), keepttl=True)  # same fields
+        loaded = store.load(rec.id)
+        assert loaded is not None
+        assert loaded.data == {"n": 3}
+        raw.set(key, value.replace(b'{"n":2}]', b"[3]]"), keepttl=True)
+        with pytest.raises(DecodeError):
+            store.load(rec.id)
+    finally:
+        store.close()
+        other.close()
+        _redis_cleanup_prefix(raw, prefix)
+
+
+def test_redis_index_entry_stays_at_or_past_its_sessions_expiry() -> None:
+    """Saves leave the user's index out while its entry is known to reach past the new
+    expiry, and the entry is always at or past the session's expiry."""
+    import redis
+
+    from polybus.sessions import handle_of
+
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    store = _redis_store(prefix)
+    raw = redis.Redis.from_url(servers.redis_url())
+    keys_sent: list[int] = []
+    run = store._run
+
+    def counting(script: Any, keys: list[str], args: list[Any]) -> Any:
+        keys_sent.append(len(keys))
+        return run(script, keys, args)
+
+    store._run = counting
+    now = [time.time()]
+    manager = SessionManager(store, idle_timeout=600, touch_interval=0, clock=lambda: now[0])
+    try:
+        session = manager.login(manager.load(None), "alice")
+        key = session.store_key
+        stored, index = store._key(key), store._index(key, "alice")
+        for step in range(30):
+            now[0] += 60  # an idle window is ten of these saves
+            s = manager.load(session.id)
+            s["n"] = step
+            assert manager.save(s)
+            score = raw.zscore(index, key)
+            assert score is not None
+            assert score >= raw.pexpiretime(stored)
+        assert keys_sent.count(2) <= 5, keys_sent  # the index moved once per idle window
+        assert keys_sent.count(1) >= 25, keys_sent
+        assert [i.handle for i in manager.sessions_of("alice")] == [handle_of(session.id)]
+        assert manager.logout_everywhere("alice") == 1
+    finally:
+        store.close()
+        _redis_cleanup_prefix(raw, prefix)
+
+
+def _redis_cleanup_prefix(client: Any, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

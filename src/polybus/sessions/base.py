@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 from collections.abc import Iterator, MutableMapping
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -94,12 +95,23 @@ class SessionRecord(NamedTuple):
 
 _json_encode = json.JSONEncoder(separators=(",", ":")).encode
 _json_decode = json.JSONDecoder().decode
+_json_str = json.encoder.encode_basestring_ascii  # what the encoder writes a str with
+_float_repr = float.__repr__  # what the encoder writes a finite float with
+_unpackb = msgpack.unpackb
 
 
 class RecordCodec:
-    """Encodes a whole record as one JSON array (msgpack: :data:`CODECS`). Never pickle."""
+    """Encodes a whole record as one JSON array (msgpack: :data:`CODECS`). Never pickle.
+
+    The record's data is the array's last element, so a store that keeps the
+    encoded bytes can keep the decoded fields before it too (the record's
+    *head*: :meth:`encode_split`, :meth:`data_start`) and decode only the
+    data on a load (:meth:`decode_data`): a load has to hand out a copy of
+    the data of its own, and decoding it is the cheapest copy there is.
+    """
 
     name: str = "json"
+    _end = b"]"  # what follows the data
 
     def dump(self, value: Any) -> bytes:
         """Encode plain data; raises EncodeError naming what is not JSON data."""
@@ -120,7 +132,59 @@ class RecordCodec:
 
     def encode(self, record: SessionRecord) -> bytes:
         """Raises EncodeError naming the value that cannot be encoded."""
-        return self.dump(_fields(record))
+        return self.encode_split(record)[0]
+
+    def encode_split(self, record: SessionRecord) -> tuple[bytes, int]:
+        """The record encoded, and where its data starts in that (for :meth:`decode_data`).
+
+        Raises EncodeError naming the value that cannot be encoded.
+        """
+        head = self._head(record)
+        return head + self.dump(record.data) + self._end, len(head)
+
+    def _head(self, r: SessionRecord) -> bytes:
+        """The array's opening and every field before the data, as :meth:`dump` writes them."""
+        id_, user, version, created, seen, expires, client, fp, _ = r
+        if (
+            # a finite float, as every time the manager makes: x - x is NaN for inf and NaN
+            type(created) is float
+            and type(seen) is float
+            and type(expires) is float
+            and created - created == seen - seen == expires - expires == 0.0
+            and type(version) is int
+        ):
+            try:
+                return (
+                    f"[1,{_json_str(id_)},{'null' if user is None else _json_str(user)},"
+                    f"{version:d},{_float_repr(created)},{_float_repr(seen)},"
+                    f"{_float_repr(expires)},0,[{_json_str(client[0])},{_json_str(client[1])}],"
+                    f"{'null' if fp is None else _json_str(fp)},"
+                ).encode()
+            except TypeError:  # a field of another type: written as the encoder would
+                pass
+        return self.dump(_fields(r)[:10])[:-1] + b","
+
+    def data_start(self, payload: bytes, record: SessionRecord) -> int:
+        """Where the data of ``payload`` starts, given that it decodes to ``record``; -1
+        when ``payload`` was not written by this codec the way it writes ``record`` now
+        (then only :meth:`decode` reads it)."""
+        try:
+            head = self._head(record)
+        except EncodeError:
+            return -1
+        if payload.startswith(head) and payload.endswith(self._end):
+            return len(head)
+        return -1
+
+    def decode_data(self, payload: bytes, start: int) -> dict[str, Any]:
+        """The data of a record whose data starts at ``start`` (:meth:`encode_split`,
+        :meth:`data_start`); raises DecodeError when it is not a dict."""
+        if not payload.endswith(self._end):
+            raise DecodeError(f"stored session of {len(payload)} bytes is not a JSON array")
+        data = self.load(payload[start : len(payload) - len(self._end)])
+        if type(data) is not dict:
+            raise DecodeError(f"session data is a {type(data).__name__}, not a dict")
+        return data
 
     def decode(self, payload: bytes) -> SessionRecord:
         """Raises DecodeError when ``payload`` is not a record of this codec."""
@@ -156,19 +220,53 @@ class RecordCodec:
 
 class _MsgpackCodec(RecordCodec):
     name = "msgpack"
+    _end = b""
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # a Packer per thread: packb makes one per call
 
     def dump(self, value: Any) -> bytes:
         try:
-            out: bytes = msgpack.packb(value)
+            packer = self._local.packer
+        except AttributeError:
+            packer = self._local.packer = msgpack.Packer()
+        try:
+            out: bytes = packer.pack(value)
             return out
         except (TypeError, ValueError, OverflowError) as exc:
+            packer.reset()  # it may hold a part of the value
             raise EncodeError(f"session data must be msgpack data: {exc}") from exc
 
     def load(self, payload: bytes) -> Any:
         try:
-            return msgpack.unpackb(payload)
+            # msgpack keeps a map's int keys: let them come back as they were saved
+            return msgpack.unpackb(payload, strict_map_key=False)
         except (ValueError, TypeError) as exc:  # msgpack.ExtraData, FormatError, StackError
             raise DecodeError(f"{len(payload)} bytes are not msgpack: {exc}") from exc
+
+    def decode_data(self, payload: bytes, start: int) -> dict[str, Any]:
+        try:
+            data = _unpackb(payload[start:], strict_map_key=False)
+        except (ValueError, TypeError) as exc:
+            raise DecodeError(f"session data is not msgpack: {exc}") from exc
+        if type(data) is not dict:
+            raise DecodeError(f"session data is a {type(data).__name__}, not a dict")
+        return data
+
+    def _head(self, r: SessionRecord) -> bytes:
+        # the first ten fields as an array of ten (0x9a), relabelled an array of eleven
+        id_, user, version, created, seen, expires, client, fp, _ = r
+        head = [1, id_, user, version, created, seen, expires, 0, list(client), fp]
+        return b"\x9b" + self.dump(head)[1:]
+
+
+#: a record's fields before its data (``record[:8]``): what a store keeps decoded
+Head = tuple[Any, ...]
+
+
+def with_data(head: Head, data: dict[str, Any]) -> SessionRecord:
+    """The record of ``head`` with ``data``."""
+    return tuple.__new__(SessionRecord, (*head, data))
 
 
 def _fields(r: SessionRecord) -> list[Any]:
@@ -302,15 +400,17 @@ class Session(MutableMapping[str, Any]):
 
     def __init__(self, record: SessionRecord, session_id: str, *, transient: bool = False) -> None:
         self.id = session_id  #: the id the client holds: a credential, never logged or stored
-        self.store_key = record.id  #: :func:`store_key` of the id: what the store holds
-        self.user_id = record.user_id
-        self.version = record.version  #: 0 until first stored
-        self.created_at = record.created_at
-        self.last_seen = record.last_seen
-        self.expires_at = record.expires_at
-        self.client = record.client
-        self.fingerprint = record.fingerprint
-        self._data = record.data
+        (
+            self.store_key,  # :func:`store_key` of the id: what the store holds
+            self.user_id,
+            self.version,  # 0 until first stored
+            self.created_at,
+            self.last_seen,
+            self.expires_at,
+            self.client,
+            self.fingerprint,
+            self._data,
+        ) = record
         self._original: dict[str, Any] = {}  # changed key -> its value before the change
         self.ended = False  #: logged out, rotated away or found gone: never saved again
         self.transient = transient  #: made while the store was down (fail-open): not stored

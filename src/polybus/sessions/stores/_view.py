@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from ..base import Head, RecordCodec, SessionRecord, with_data
+
 
 class Item(NamedTuple):
     """One session in a view: what the store decides on without decoding the record."""
@@ -13,6 +15,25 @@ class Item(NamedTuple):
     user_id: str | None
     payload: bytes  #: the encoded record; b"" for a deleted session
     extra: Any = None  #: the store's own: a log offset, per-key stamps, ...
+    head: Head | None = None  #: the record's fields before its data, decoded
+    data_start: int = -1  #: where the data starts in ``payload``; -1: decode it whole
+
+
+def item_of(record: SessionRecord, payload: bytes, data_start: int, extra: Any = None) -> Item:
+    """The item of ``record``, encoded as ``payload`` with its data at ``data_start``."""
+    return _new(Item, (record[2], record[5], record[1], payload, extra, record[:8], data_start))
+
+
+_new = tuple.__new__  # Item(...) without the Python-level __new__ of a NamedTuple
+
+
+def record_of(codec: RecordCodec, item: Item) -> SessionRecord:
+    """The record ``item`` holds, with a copy of the data of its own (decoded now).
+
+    Raises DecodeError."""
+    if item.head is not None and item.data_start >= 0:
+        return with_data(item.head, codec.decode_data(item.payload, item.data_start))
+    return codec.decode(item.payload)
 
 
 class View:

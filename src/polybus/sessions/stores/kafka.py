@@ -40,7 +40,7 @@ from ...errors import ClosedError, ConnectionLost, DecodeError, PolybusError
 from ...message import Delivery, Message
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
 from . import check_codec
-from ._view import Item, View
+from ._view import View, item_of, record_of
 
 __all__ = ["KafkaStore", "from_bus", "from_url"]
 
@@ -170,7 +170,7 @@ class KafkaStore:
         )
         if accepted:
             origin = message.headers.get(ORIGIN)
-            view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, payload, origin))
+            view.put(sid, item_of(rec, payload, self.codec.data_start(payload, rec), origin))
         watch = self._watch.get(sid)
         if watch is not None:
             watch[1][offset] = accepted
@@ -205,7 +205,7 @@ class KafkaStore:
 
     def load(self, session_id: str) -> SessionRecord | None:
         item = self._view.live(session_id, time.time())
-        return None if item is None else self.codec.decode(item.payload)
+        return None if item is None else record_of(self.codec, item)
 
     def save(self, record: SessionRecord) -> None:
         payload = self.codec.encode(record)
@@ -262,7 +262,7 @@ class KafkaStore:
         for item in items:
             if item is not None:
                 try:
-                    out.append(self.codec.decode(item.payload))
+                    out.append(record_of(self.codec, item))
                 except DecodeError:
                     continue
         out.sort(key=lambda r: r.created_at)

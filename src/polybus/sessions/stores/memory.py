@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from ...errors import DecodeError
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord
 from . import check_codec, url_options
-from ._view import Item, View
+from ._view import View, item_of, record_of
 
 __all__ = ["MemoryStore", "from_url"]
 
@@ -59,10 +59,10 @@ class MemoryStore:
 
     def load(self, session_id: str) -> SessionRecord | None:
         item = self._table.view.live(session_id, time.time())
-        return None if item is None else self.codec.decode(item.payload)
+        return None if item is None else record_of(self.codec, item)
 
     def save(self, record: SessionRecord) -> None:
-        payload = self.codec.encode(record)  # before the lock: it may raise EncodeError
+        payload, start = self.codec.encode_split(record)  # before the lock: EncodeError
         t = self._table
         now = time.time()
         with t.lock:
@@ -74,7 +74,7 @@ class MemoryStore:
                     session_id=record.id,
                     current_version=current,
                 )
-            t.view.put(record.id, Item(record.version, record.expires_at, record.user_id, payload))
+            t.view.put(record.id, item_of(record, payload, start))
             if now >= t.next_sweep:
                 t.next_sweep = now + self._sweep_interval
                 for sid in t.view.expired(now):
@@ -94,7 +94,7 @@ class MemoryStore:
         for item in items:
             if item is not None:
                 try:
-                    out.append(self.codec.decode(item.payload))
+                    out.append(record_of(self.codec, item))
                 except DecodeError:
                     continue
         out.sort(key=lambda r: r.created_at)

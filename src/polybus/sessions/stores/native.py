@@ -25,6 +25,8 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, cast
 from urllib.parse import unquote, urlsplit
 
@@ -32,7 +34,7 @@ from ...errors import ClosedError, ConfigurationError, DecodeError, PolybusError
 from ...log import FsyncPolicy, Log, Record
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
 from . import check_codec, url_options
-from ._view import Item, View
+from ._view import View, item_of, record_of
 
 __all__ = ["NativeStore", "from_bus", "from_url"]
 
@@ -60,7 +62,7 @@ class NativeStore:
         self._partition = log.create_topic(
             topic, 1, segment_bytes=_SEGMENT_BYTES, compact=True
         ).partitions[0]
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the view's; taken before the flock
         self._lock_fd = os.open(
             os.path.join(self._partition.dir, "sessions.lock"), os.O_RDWR | os.O_CREAT, 0o644
         )
@@ -75,7 +77,7 @@ class NativeStore:
     # -- the view ----------------------------------------------------------------------
 
     def _catch_up(self) -> None:
-        """Under the thread lock: apply every record appended since the last call."""
+        """Under the view's lock: apply every record appended since the last call."""
         p = self._partition
         while self._next < p.end_offset:
             records = p.read(self._next, 10_000, 8 << 20)
@@ -98,32 +100,30 @@ class NativeStore:
         if rec.id != sid:  # not written by a session store: a record of another id
             self._view.drop(sid)
             return
-        self._view.put(sid, Item(rec.version, rec.expires_at, rec.user_id, r.value))
+        self._view.put(sid, item_of(rec, r.value, self.codec.data_start(r.value, rec)))
 
     # -- writing under the cross-process lock -------------------------------------------
 
-    def _acquire(self) -> None:
-        """Take the thread lock and the directory's flock, and catch the view up."""
-        if self._closed:
-            raise ClosedError("session store is closed; open it again")
-        self._lock.acquire()
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            self._catch_up()
-        except BaseException as exc:
-            self._release()
-            if isinstance(exc, OSError | ValueError | PolybusError):
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the view's lock and the directory's flock, with the view caught up."""
+        fd = self._lock_fd
+        with self._lock:
+            if self._closed:  # under the lock: close() closes the fd under it
+                raise ClosedError("session store is closed; open it again")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if self._next != self._partition.end_offset:
+                        self._catch_up()
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            except (OSError, ValueError, PolybusError) as exc:
                 raise _unavailable(self, exc) from exc
-            raise
-
-    def _release(self) -> None:
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        finally:
-            self._lock.release()
 
     def _tombstones(self, ids: list[str]) -> None:
-        """Under both locks: append tombstones for ``ids`` and drop them from the view."""
+        """Inside :meth:`_writing`: append tombstones for ``ids``, drop them from the view."""
         if not ids:
             return
         self._partition.append_batch([None] * len(ids), keys=[i.encode() for i in ids])
@@ -141,60 +141,68 @@ class NativeStore:
             except (OSError, ValueError, PolybusError) as exc:
                 raise _unavailable(self, exc) from exc
         item = self._view.live(session_id, time.time())
-        return None if item is None else self.codec.decode(item.payload)
+        return None if item is None else record_of(self.codec, item)
 
     def save(self, record: SessionRecord) -> None:
-        payload = self.codec.encode(record)
+        payload, start = self.codec.encode_split(record)
+        key = record.id.encode()
         now = time.time()
-        self._acquire()
-        try:
-            item = self._view.live(record.id, now)
-            current = 0 if item is None else item.version
-            if current != record.version - 1:
-                raise SessionConflict(
-                    f"session is at version {current}, not {record.version - 1}",
-                    session_id=record.id,
-                    current_version=current,
-                )
+        expected = record.version - 1
+        p = self._partition
+        fd = self._lock_fd
+        # the path of every save, so written out rather than through _writing
+        with self._lock:
+            if self._closed:
+                raise ClosedError("session store is closed; open it again")
             try:
-                offset = self._partition.append(payload, key=record.id.encode())
-            except OSError as exc:  # disk full, directory gone: nothing was stored
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if self._next != p.end_offset:
+                        self._catch_up()
+                    item = self._view.live(record.id, now)
+                    current = 0 if item is None else item.version
+                    if current == expected:
+                        self._next = p.append(payload, key=key) + 1
+                        new = item_of(record, payload, start)
+                        if item is None:
+                            self._view.put(record.id, new)
+                        else:  # same id, same user: the index stays as it is
+                            self._view.items[record.id] = new
+                        if now >= self._next_sweep:
+                            self._next_sweep = now + self._sweep_interval
+                            self._tombstones(self._view.expired(now))
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            except (OSError, ValueError, PolybusError) as exc:  # disk full, directory gone
                 raise _unavailable(self, exc) from exc
-            self._next = offset + 1
-            new = Item(record.version, record.expires_at, record.user_id, payload)
-            if item is None:
-                self._view.put(record.id, new)
-            else:  # same id, same user: the index stays as it is
-                self._view.items[record.id] = new
-            if now >= self._next_sweep:
-                self._next_sweep = now + self._sweep_interval
-                self._tombstones(self._view.expired(now))
-        finally:
-            self._release()
+        if current != expected:
+            raise SessionConflict(
+                f"session is at version {current}, not {expected}",
+                session_id=record.id,
+                current_version=current,
+            )
 
     def delete(self, session_id: str) -> bool:
-        self._acquire()
-        try:
+        with self._writing():
             if session_id not in self._view.items:
                 return False
             live = self._view.live(session_id, time.time()) is not None
             self._tombstones([session_id])
             return live
-        finally:
-            self._release()
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
         now = time.time()
-        self._acquire()
         try:
-            items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
-        finally:
-            self._release()
+            with self._lock:
+                self._catch_up()
+                items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
+        except (OSError, ValueError, PolybusError) as exc:
+            raise _unavailable(self, exc) from exc
         out = []
         for item in items:
             if item is not None:
                 try:
-                    out.append(self.codec.decode(item.payload))
+                    out.append(record_of(self.codec, item))
                 except DecodeError:
                     continue
         out.sort(key=lambda r: r.created_at)
@@ -202,14 +210,11 @@ class NativeStore:
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
         now = time.time()
-        self._acquire()
-        try:
+        with self._writing():
             ids = [sid for sid in self._view.user_ids(user_id) if sid != keep]
             live = sum(self._view.live(sid, now) is not None for sid in ids)
             self._tombstones(ids)
             return live
-        finally:
-            self._release()
 
     def close(self) -> None:
         with self._lock:

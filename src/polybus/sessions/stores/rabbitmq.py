@@ -48,7 +48,7 @@ from ..base import (
     SessionStoreUnavailable,
 )
 from . import check_codec
-from ._view import Item, View
+from ._view import Item, View, item_of, record_of
 
 __all__ = ["RabbitMQStore", "from_bus", "from_url"]
 
@@ -238,13 +238,14 @@ class RabbitMQStore:
             fp,
             replica.data,
         )
-        view.put(sid, Item(version, expires, user_id, self.codec.encode(record), replica))
+        payload, start = self.codec.encode_split(record)
+        view.put(sid, item_of(record, payload, start, replica))
 
     def _send_snapshot(self, nonce: str) -> None:
         now = time.time()
         with self._cond:
             messages = [
-                self._save_message(self.codec.decode(item.payload), item.extra, None)
+                self._save_message(record_of(self.codec, item), item.extra, None)
                 for sid in list(self._view.items)
                 if (item := self._view.live(sid, now)) is not None
             ]
@@ -317,7 +318,7 @@ class RabbitMQStore:
 
     def load(self, session_id: str) -> SessionRecord | None:
         item = self._view.live(session_id, time.time())
-        return None if item is None else self.codec.decode(item.payload)
+        return None if item is None else record_of(self.codec, item)
 
     def save(self, record: SessionRecord) -> None:
         self.codec.encode(record)  # EncodeError before anything is sent
@@ -373,7 +374,7 @@ class RabbitMQStore:
         now = time.time()
         with self._cond:
             items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
-        out = [self.codec.decode(item.payload) for item in items if item is not None]
+        out = [record_of(self.codec, item) for item in items if item is not None]
         out.sort(key=lambda r: r.created_at)
         return out
 

@@ -19,14 +19,16 @@ Lua script updates them atomically on one node:
 - ``<prefix>:s:{<id>}``: an anonymous session (it has no index).
 
 A save is one ``EVALSHA`` that compares the stored version and writes the
-session and the index entry; a load is one ``GET``. Every redis-py error is
-raised as :class:`SessionStoreUnavailable`.
+session and, when due, the index entry; a load is one ``GET``, which decodes
+only the session's data when the fields stored before it are byte for byte
+the ones this store last saved or read (it keeps them decoded, for the last
+4096 sessions). Every redis-py error is raised as :class:`SessionStoreUnavailable`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -40,36 +42,45 @@ from redis.retry import Retry
 from ...errors import ConfigurationError, DecodeError
 from ..base import (
     CODECS,
+    Head,
     RecordCodec,
     SessionConflict,
     SessionRecord,
     SessionStoreUnavailable,
     user_tag,
+    with_data,
 )
 from . import check_codec
 
 __all__ = ["RedisStore", "from_url"]
 
-# KEYS: session [, index]; ARGV: expected version, value, expire-at ms, id, now ms, index-until ms
-# An index member's score (and the index's own expiry) is kept at or past its session's
-# expiry, moved ahead by a whole idle window at a time, so most saves only read it.
+# KEYS: session [, index]; ARGV: value ("<version>:<record>"), expire-at ms [, index-until ms]
+# Returns the version found when it is not the one the value follows; else -1, or with an
+# index the negated score of the session's entry there. The session's id, the index member,
+# ends the session's key. An entry's score (and the index's own expiry) is kept at or past
+# its session's expiry, moved ahead by a whole idle window at a time, so most saves only
+# read it (and a store that has seen the score sends no index at all until it is due).
+# TIME is the server's (scripts replicate their effects, so it may come before a write).
 _SAVE = """
 local cur = redis.call('GET', KEYS[1])
 local v = 0
 if cur then v = tonumber(string.match(cur, '^(%d+):')) end
-if v ~= tonumber(ARGV[1]) then return v end
-redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[3])
-if KEYS[2] then
-  local score = redis.call('ZSCORE', KEYS[2], ARGV[4])
-  if not score or tonumber(score) < tonumber(ARGV[3]) then
-    if v == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[5]) end
-    redis.call('ZADD', KEYS[2], ARGV[6], ARGV[4])
-    if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[6]) - tonumber(ARGV[5]) then
-      redis.call('PEXPIREAT', KEYS[2], ARGV[6])
-    end
+if v ~= tonumber(string.match(ARGV[1], '^(%d+):')) - 1 then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+if not KEYS[2] then return -1 end
+local id = string.match(KEYS[1], ':s:([^:]*)$')
+local score = tonumber(redis.call('ZSCORE', KEYS[2], id))
+if not score or score < tonumber(ARGV[2]) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if v == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+  score = tonumber(ARGV[3])
+  redis.call('ZADD', KEYS[2], score, id)
+  if redis.call('PTTL', KEYS[2]) < score - now then
+    redis.call('PEXPIREAT', KEYS[2], score)
   end
 end
-return -1
+return -score
 """
 
 # KEYS: index; ARGV: session key prefix of this tag, id to keep ('' for none)
@@ -85,6 +96,15 @@ return n
 """
 
 _OPTIONS = {"codec", "prefix", "cluster"}
+_MEMO = 4096  # sessions a store's memos keep (then they start over)
+_T = TypeVar("_T")
+
+
+def _remember(memo: dict[str, _T], session_id: str, value: _T) -> None:
+    """Note what a store saw of a session, in a memo of at most _MEMO sessions."""
+    if len(memo) >= _MEMO:
+        memo.clear()  # start over: what is forgotten costs a decode or an index update
+    memo[session_id] = value
 
 
 def _unavailable(exc: Exception) -> SessionStoreUnavailable:
@@ -109,6 +129,10 @@ class RedisStore:
         self.prefix = prefix
         self._owns_client = owns_client
         self._save = client.register_script(_SAVE)
+        # session id -> (its stored value's bytes before the data, those fields decoded):
+        # a load of a version this instance saved or loaded before decodes only the data
+        self._heads: dict[str, tuple[bytes, Head]] = {}
+        self._indexed: dict[str, int] = {}  # session id -> its index entry's score seen
         self._delete_user = client.register_script(_DELETE_USER)
 
     def _run(self, script: Script, keys: list[str], args: list[bytes | int | str]) -> Any:
@@ -136,40 +160,55 @@ class RedisStore:
             raise _unavailable(exc) from exc
         if value is None:
             return None
-        record = self.codec.decode(cast(bytes, value).partition(b":")[2])
+        value = cast(bytes, value)
+        known = self._heads.get(session_id)
+        if known is not None and value.startswith(known[0]):
+            record = with_data(known[1], self.codec.decode_data(value, len(known[0])))
+        else:
+            body = value.partition(b":")[2]
+            record = self.codec.decode(body)
+            start = self.codec.data_start(body, record)
+            if start >= 0:
+                before_data = value[: len(value) - len(body) + start]
+                _remember(self._heads, session_id, (before_data, record[:8]))
         if record.expires_at <= time.time() or record.id != session_id:
             return None
         return record
 
     def save(self, record: SessionRecord) -> None:
-        value = b"%d:%s" % (record.version, self.codec.encode(record))
+        payload, start = self.codec.encode_split(record)
+        value = b"%d:%s" % (record.version, payload)
         expire_ms = int(record.expires_at * 1000)
-        keys = [self._key(record.id)]
-        if record.user_id is not None and "." in record.id:
-            keys.append(self._index(record.id, record.user_id))
-        now_ms = int(time.time() * 1000)
-        # the index entry is good for one more idle window past this expiry
-        until_ms = expire_ms + max(0, int((record.expires_at - record.last_seen) * 1000))
-        args: list[bytes | int | str] = [
-            record.version - 1,
-            value,
-            expire_ms,
-            record.id,
-            now_ms,
-            until_ms,
-        ]
+        sid = record.id
+        keys = [self._key(sid)]
+        args: list[bytes | int | str] = [value, expire_ms]
+        # The index is sent unless this store saw its entry scored past this expiry: an
+        # entry's score only grows, and it is removed only with its session or once past
+        # (when the session, which expires no later, is gone too). A lost write (a
+        # failover) shows as a conflict, which forgets what was seen.
+        if record.user_id is not None and "." in sid and self._indexed.get(sid, 0) < expire_ms:
+            keys.append(self._index(sid, record.user_id))
+            # the entry is good for one more idle window past this expiry
+            args.append(expire_ms + max(0, int((record.expires_at - record.last_seen) * 1000)))
         try:
-            found = self._run(self._save, keys, args)
+            found = int(self._run(self._save, keys, args))
         except redis.RedisError as exc:
             raise _unavailable(exc) from exc
-        if found != -1:
+        if found >= 0:
+            self._heads.pop(sid, None)
+            self._indexed.pop(sid, None)
             raise SessionConflict(
                 f"session is at version {found}, not {record.version - 1}",
-                session_id=record.id,
-                current_version=int(found),
+                session_id=sid,
+                current_version=found,
             )
+        if found < -1:
+            _remember(self._indexed, sid, -found)
+        _remember(self._heads, sid, (value[: len(value) - len(payload) + start], record[:8]))
 
     def delete(self, session_id: str) -> bool:
+        self._heads.pop(session_id, None)
+        self._indexed.pop(session_id, None)
         try:
             return bool(self.client.delete(self._key(session_id)))
         except redis.RedisError as exc:
