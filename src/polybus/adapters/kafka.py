@@ -1467,7 +1467,14 @@ class KafkaSubscription:
         if room <= 0:
             return out
         try:
-            messages: list[Any] = self._consumer.consume(room, 0.0 if out else timeout)
+            # consume(n, t) waits until n records came or t passed: take what is there,
+            # else wait for one record only, then take whatever came with it.
+            consume = self._consumer.consume
+            messages: list[Any] = consume(room, 0.0)
+            if not messages and not out and timeout > 0:
+                messages = consume(1, timeout)
+                if messages and room > 1:
+                    messages += consume(room - 1, 0.0)
         except KafkaException as exc:
             raise map_error(exc) from exc
         except RuntimeError as exc:  # the consumer was closed by another thread
