@@ -30,7 +30,7 @@ from .message import (
     TIMESTAMP,
     Delivery,
     Message,
-    uuid7,
+    uuid7s,
 )
 from .registry import open_backend
 
@@ -102,14 +102,20 @@ def _to_out(message: Message, not_before_ms: int) -> OutRecord:
     return OutRecord(payload, key, tuple(headers), ts_ms, not_before_ms)
 
 
-def _value_out(value: Any, ts_ms: int, stamp: tuple[str, str], not_before_ms: int) -> OutRecord:
+_new_record = tuple.__new__  # OutRecord(...) through its generated __new__ costs more
+
+
+def _value_out(
+    value: Any, message_id: str, ts_ms: int, stamp: tuple[str, str], not_before_ms: int
+) -> OutRecord:
     """The record of a plain value: what ``_to_out(Message(value))`` gives, without the
     Message (one is built per published value, so this path is kept short)."""
     if type(value) is bytes:
-        return OutRecord(value, None, ((MESSAGE_ID, uuid7()), stamp), ts_ms, not_before_ms)
+        headers: tuple[tuple[str, str], ...] = ((MESSAGE_ID, message_id), stamp)
+        return _new_record(OutRecord, (value, None, headers, ts_ms, not_before_ms))
     payload, content_type = encode(value)
-    headers = ((MESSAGE_ID, uuid7()), (CONTENT_TYPE, content_type), stamp)
-    return OutRecord(payload, None, headers, ts_ms, not_before_ms)
+    headers = ((MESSAGE_ID, message_id), (CONTENT_TYPE, content_type), stamp)
+    return _new_record(OutRecord, (payload, None, headers, ts_ms, not_before_ms))
 
 
 def _to_message(record: InRecord) -> Message:
@@ -446,11 +452,14 @@ class Bus:
         not_before = math.ceil((now + delay) * 1000) if delay else 0
         ts_ms = int(now * 1000)
         stamp = (TIMESTAMP, str(ts_ms))
+        items = messages if isinstance(messages, list) else list(messages)
+        # the plain values' ids in one step: one lock and one clock read for the batch
+        ids = iter(uuid7s(sum(not isinstance(m, Message) for m in items)))
         records = [
             _to_out(m, not_before)
             if isinstance(m, Message)
-            else _value_out(m, ts_ms, stamp, not_before)
-            for m in messages
+            else _value_out(m, next(ids), ts_ms, stamp, not_before)
+            for m in items
         ]
         if not records:
             return []

@@ -26,6 +26,7 @@ __all__ = [
     "Delivery",
     "Message",
     "uuid7",
+    "uuid7s",
 ]
 
 MESSAGE_ID = "polybus-id"
@@ -63,25 +64,38 @@ def uuid7() -> str:
     (RFC 9562 §6.2 method 1), so ids sort in creation order; 60 of the 62
     ``rand_b`` bits come from ``os.urandom``.
     """
-    global _uuid_last_ms, _uuid_seq, _uuid_prefix, _hex, _hex_at
     ms = time.time_ns() // 1_000_000
     with _uuid_lock:
-        at = _hex_at
-        if at + 17 > len(_hex):
-            _hex, at = os.urandom(8192).hex(), 0
-        _hex_at = at + 15
-        if ms > _uuid_last_ms:
-            _hex_at += 2
-            # the counter starts at a random value below 0x800, leaving room to count
-            _uuid_last_ms, _uuid_seq = ms, int(_hex[at + 15 : at + 17], 16) << 3
-            _uuid_prefix = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7"
-        else:
-            _uuid_seq += 1
-            if _uuid_seq > 0xFFF:  # counter spent: borrow the next millisecond
-                _uuid_last_ms += 1
-                _uuid_seq = 0
-                _uuid_prefix = f"{_uuid_last_ms >> 16:08x}-{_uuid_last_ms & 0xFFFF:04x}-7"
-        return f"{_uuid_prefix}{_uuid_seq:03x}-8{_hex[at : at + 3]}-{_hex[at + 3 : at + 15]}"
+        return _next_uuid7(ms)
+
+
+def uuid7s(n: int) -> list[str]:
+    """Return ``n`` new UUIDv7 strings as :func:`uuid7` makes them, with one clock read
+    and one lock for the lot (a batch of plain values is published this way)."""
+    ms = time.time_ns() // 1_000_000
+    with _uuid_lock:
+        return [_next_uuid7(ms) for _ in range(n)]
+
+
+def _next_uuid7(ms: int) -> str:
+    """The next id at time ``ms``; the caller holds ``_uuid_lock``."""
+    global _uuid_last_ms, _uuid_seq, _uuid_prefix, _hex, _hex_at
+    at = _hex_at
+    if at + 17 > len(_hex):
+        _hex, at = os.urandom(8192).hex(), 0
+    _hex_at = at + 15
+    if ms > _uuid_last_ms:
+        _hex_at += 2
+        # the counter starts at a random value below 0x800, leaving room to count
+        _uuid_last_ms, _uuid_seq = ms, int(_hex[at + 15 : at + 17], 16) << 3
+        _uuid_prefix = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7"
+    else:
+        _uuid_seq += 1
+        if _uuid_seq > 0xFFF:  # counter spent: borrow the next millisecond
+            _uuid_last_ms += 1
+            _uuid_seq = 0
+            _uuid_prefix = f"{_uuid_last_ms >> 16:08x}-{_uuid_last_ms & 0xFFFF:04x}-7"
+    return f"{_uuid_prefix}{_uuid_seq:03x}-8{_hex[at : at + 3]}-{_hex[at + 3 : at + 15]}"
 
 
 class Message:
