@@ -25,10 +25,10 @@ Same durability, per backend:
 * Redis (redis-py): ``XADD`` pipelined per chunk; consume ``XREADGROUP``
   ``COUNT 1000`` and ``XACK`` per batch.
 * polybus: plain values published with ``publish_many`` (each gets the
-  envelope: a UUIDv7 id and a timestamp); every message read
-  (``d.message.value``), each batch acked with one ``Subscriber.ack(batch)``
-  call, as the raw consumers commit per batch, and a final blocking
-  ``commit()``, as the raw consumers end with a synchronous commit.
+  envelope: a UUIDv7 id and a timestamp); every message read (``d.value``:
+  the payload decoded by its content type), each batch acked with one
+  ``Subscriber.ack(batch)`` call, as the raw consumers commit per batch, and a
+  final blocking ``commit()``, as the raw consumers end with a synchronous commit.
 * native: the engine's own API (``Topic.append_batch`` / ``Consumer.poll`` +
   ``ack``) against the Bus on ``native://``.
 
@@ -121,7 +121,7 @@ def bus_consume(url: str, topic: str, count: int) -> Timing:
             if batch and not started:
                 started = now()
             for d in batch:
-                d.message.value  # read each message, as the raw consumers do  # noqa: B018
+                d.value  # read each message, as the raw consumers do  # noqa: B018
             sub.ack(batch)  # one ack per batch, as the raw consumers commit
             got += len(batch)
         sub.commit()  # the acks durable: part of the work (leaving the group is not)

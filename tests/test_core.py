@@ -86,7 +86,10 @@ def test_pydantic_models_encode_as_json_and_decode_into_the_model(tmp_path: Path
         bus.publish("orders", {"id": "not-an-int", "items": []}, key="c1")
         with bus.subscribe("orders", "g", model=Order) as sub:
             good, bad = sub.fetch(2, timeout=5)
+            assert good.value == Order(id=7, items=["pen"])
             assert good.message.value == Order(id=7, items=["pen"])
+            with pytest.raises(DecodeError, match="does not match Order"):
+                _ = bad.value
             with pytest.raises(DecodeError, match="does not match Order"):
                 _ = bad.message.value
 

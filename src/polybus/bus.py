@@ -178,6 +178,16 @@ class Subscriber:
             message._decoder = self._model_decoder(message._decoder)
         return message
 
+    def _value(self, record: InRecord) -> Any:
+        content_type = None
+        for name, value in record.headers:
+            if name == CONTENT_TYPE:
+                content_type = value
+        decode = decoder_for(content_type)
+        if self._model is not None:
+            decode = self._model_decoder(decode)
+        return decode(record.value)
+
     def _nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
         self._sub.nack(records, requeue=requeue)
 

@@ -202,12 +202,13 @@ class Delivery:
     message had, through redeliveries and retries alike.
     """
 
-    __slots__ = ("_message", "_owner", "_record", "settled")
+    __slots__ = ("_message", "_owner", "_record", "_value", "settled")
 
     def __init__(self, record: InRecord, owner: DeliveryOwner) -> None:
         self._record = record
         self._owner = owner
         self._message: Message | None = None
+        self._value: Any = Message._MISSING
         self.settled = False
 
     @property
@@ -216,6 +217,18 @@ class Delivery:
         if message is None:
             message = self._message = self._owner._message(self._record)
         return message
+
+    @property
+    def value(self) -> Any:
+        """The message's decoded value: ``message.value``, without building the
+        :class:`Message` when it was not built yet. Raises DecodeError."""
+        value = self._value
+        if value is Message._MISSING:
+            message = self._message
+            value = self._value = (
+                self._owner._value(self._record) if message is None else message.value
+            )
+        return value
 
     @property
     def topic(self) -> str:
@@ -274,6 +287,8 @@ class DeliveryOwner(Protocol):
     def group(self) -> str | None: ...
 
     def _message(self, record: InRecord) -> Message: ...
+
+    def _value(self, record: InRecord) -> Any: ...
 
     def _ack(self, records: Sequence[InRecord]) -> None: ...
 

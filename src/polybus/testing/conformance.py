@@ -97,6 +97,7 @@ def test_round_trip_keeps_value_key_headers_and_envelope(connect: Connect, topic
     assert set(got) == {m.id for m in sent}
     for m in sent:
         d = got[m.id]
+        assert d.value == m.value  # decoded from the record, before the message is built
         assert d.message.value == m.value
         assert d.message.key == m.key
         assert d.message.headers == m.headers
