@@ -317,17 +317,16 @@ class BusTransaction:
         causation_id: str | None = None,
     ) -> None:
         """Stage one message (or a :class:`Message`); visible to consumers only after commit."""
-        if not isinstance(value, Message):
-            value = Message(
-                value,
-                key=key,
-                headers=headers,
-                content_type=content_type,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-            )
+        message = Message.of(
+            value,
+            key=key,
+            headers=headers,
+            content_type=content_type,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
         self._bus._ensure(topic)
-        self._tx.publish(topic, [_to_out(value, 0)])
+        self._tx.publish(topic, [_to_out(message, 0)])
 
     def ack(self, delivery: Delivery) -> None:
         """Stage the ack of ``delivery`` (fetched by this transaction's subscriber)."""
@@ -438,17 +437,14 @@ class Bus:
         back (needs Capability.DELAY). Raises EncodeError, MessageTooLarge,
         ConnectionLost; nothing is stored when it raises.
         """
-        if isinstance(value, Message):
-            message = value
-        else:
-            message = Message(
-                value,
-                key=key,
-                headers=headers,
-                content_type=content_type,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-            )
+        message = Message.of(
+            value,
+            key=key,
+            headers=headers,
+            content_type=content_type,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
         return self.publish_many(topic, [message], delay=delay)[0]
 
     def publish_many(

@@ -146,6 +146,12 @@ class Message:
         self.content_type = content_type
 
     @classmethod
+    def of(cls, value: Any, **fields: Any) -> Message:
+        """``value`` itself if it is a Message (``fields`` are then ignored), else a new
+        Message of ``value`` with ``fields`` (key, headers, content_type, ...)."""
+        return value if isinstance(value, Message) else cls(value, **fields)
+
+    @classmethod
     def received(
         cls,
         payload: bytes,

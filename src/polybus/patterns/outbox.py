@@ -105,15 +105,14 @@ class Outbox:
         EncodeError for a value no codec takes, ConfigurationError for a bad key,
         header or topic, and ConnectionLost when the database fails.
         """
-        if not isinstance(value, Message):
-            value = Message(
-                value,
-                key=key,
-                headers=headers,
-                content_type=content_type,
-                correlation_id=correlation_id,
-                causation_id=causation_id,
-            )
+        value = Message.of(
+            value,
+            key=key,
+            headers=headers,
+            content_type=content_type,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
         if not isinstance(topic, str) or not topic:
             raise ConfigurationError(f"topic must be a non-empty str, not {topic!r}")
         self._check(conn)

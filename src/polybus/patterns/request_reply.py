@@ -107,16 +107,12 @@ class Requester:
         """
         if self._closed.is_set():
             raise ClosedError("requester is closed; create another")
-        message = (
-            value
-            if isinstance(value, Message)
-            else Message(
-                value,
-                key=key,
-                headers=headers,
-                content_type=content_type,
-                correlation_id=correlation_id,
-            )
+        message = Message.of(
+            value,
+            key=key,
+            headers=headers,
+            content_type=content_type,
+            correlation_id=correlation_id,
         )
         message.headers[REPLY_TO] = self.reply_topic
         message.headers[REQUESTER] = self.id
