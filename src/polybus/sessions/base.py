@@ -66,6 +66,15 @@ class SessionConflict(SessionError):
         self.session_id = session_id
         self.current_version = current_version
 
+    @classmethod
+    def stale(cls, session_id: str, *, expected: int, current: int) -> SessionConflict:
+        """The conflict of a save based on version ``expected`` finding ``current``."""
+        return cls(
+            f"session is at version {current}, not {expected}",
+            session_id=session_id,
+            current_version=current,
+        )
+
 
 class ClientInfo(NamedTuple):
     """What the server saw of the client: shown in session lists, optionally bound."""

@@ -18,11 +18,15 @@ document their own options.
 from __future__ import annotations
 
 import importlib
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from ...errors import BackendUnavailable, ConfigurationError
-from ..base import CODECS, SessionStore
+from ...bus import connect
+from ...errors import BackendUnavailable, ConfigurationError, PolybusError
+from ..base import CODECS, SessionStore, SessionStoreUnavailable
+
+T = TypeVar("T")
 
 __all__ = ["open_store"]
 
@@ -47,6 +51,43 @@ def url_options(url: str, known: set[str]) -> dict[str, str]:
             f"unknown option(s) {sorted(unknown)} in {url!r}; known: {', '.join(sorted(known))}"
         )
     return options
+
+
+def bus_store_from_url(
+    url: str,
+    make: Callable[..., T],
+    options: Mapping[str, Callable[[str], Any]],
+    defaults: Mapping[str, str],
+    unavailable: Callable[[BaseException], SessionStoreUnavailable],
+    **given: Any,
+) -> T:
+    """A store on a Bus of its own: ``make(bus, owns_bus=True, **options)``.
+
+    The URL's query options named in ``options`` (name -> parser) go to the
+    store, the others to the bus, with ``defaults`` for bus options the URL
+    does not set. A broker that cannot be reached raises ``unavailable(error)``.
+    """
+    parts = urlsplit(url)
+    ours: dict[str, Any] = {}
+    theirs: list[tuple[str, str]] = []
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k in options:
+            ours[k] = options[k](v)
+        else:
+            theirs.append((k, v))
+    set_ = {k for k, _ in theirs}
+    theirs += [(k, v) for k, v in defaults.items() if k not in set_]
+    try:
+        bus = connect(parts._replace(query=urlencode(theirs)).geturl())
+    except PolybusError as exc:
+        if isinstance(exc, ValueError):  # a bad URL or option, not a broker that is down
+            raise
+        raise unavailable(exc) from exc
+    try:
+        return make(bus, owns_bus=True, **{**ours, **given})
+    except BaseException:
+        bus.close()
+        raise
 
 
 def check_codec(codec: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from ...errors import DecodeError
 from ..base import Head, RecordCodec, SessionRecord, with_data
 
 
@@ -34,6 +35,18 @@ def record_of(codec: RecordCodec, item: Item) -> SessionRecord:
     if item.head is not None and item.data_start >= 0:
         return with_data(item.head, codec.decode_data(item.payload, item.data_start))
     return codec.decode(item.payload)
+
+
+def records_of(codec: RecordCodec, items: list[Item]) -> list[SessionRecord]:
+    """The records of ``items``, oldest first; one that fails to decode is left out."""
+    out = []
+    for item in items:
+        try:
+            out.append(record_of(codec, item))
+        except DecodeError:
+            continue
+    out.sort(key=lambda r: r.created_at)
+    return out
 
 
 class View:
@@ -70,6 +83,11 @@ class View:
 
     def user_ids(self, user_id: str) -> list[str]:
         return list(self.users.get(user_id, ()))
+
+    def live_of(self, user_id: str, now: float) -> list[Item]:
+        """The live items of ``user_id``'s sessions."""
+        live = self.live
+        return [i for sid in self.user_ids(user_id) if (i := live(sid, now)) is not None]
 
     def expired(self, now: float) -> list[str]:
         """Ids of the sessions past their expiry (deleted ones included)."""

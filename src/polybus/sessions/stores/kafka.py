@@ -35,12 +35,12 @@ import time
 import uuid
 from typing import Any, ClassVar
 
-from ...bus import Bus, Subscriber, connect
+from ...bus import Bus, Subscriber
 from ...errors import ClosedError, ConnectionLost, DecodeError, PolybusError
 from ...message import Delivery, Message
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
-from . import check_codec
-from ._view import View, item_of, record_of
+from . import bus_store_from_url, check_codec
+from ._view import View, item_of, record_of, records_of
 
 __all__ = ["KafkaStore", "from_bus", "from_url"]
 
@@ -213,7 +213,7 @@ class KafkaStore:
             item = self._view.live(record.id, time.time())
         current = 0 if item is None else item.version
         if current != record.version - 1:  # refused before it costs a round trip
-            raise _conflict(record, current)
+            raise SessionConflict.stale(record.id, expected=record.version - 1, current=current)
         with self._cond:  # outcomes are noted from before the publish: the record may be
             count, outcomes = self._watch.get(record.id, (0, {}))  # read back before it returns
             self._watch[record.id] = (count + 1, outcomes)
@@ -233,7 +233,8 @@ class KafkaStore:
         # another save of this version came first: put the winner last again for compaction
         if item is not None:
             self._publish(record.id, item.payload)
-        raise _conflict(record, item.version if item is not None and item.payload else 0)
+        current = item.version if item is not None and item.payload else 0
+        raise SessionConflict.stale(record.id, expected=record.version - 1, current=current)
 
     def delete(self, session_id: str) -> bool:
         return self._delete([session_id]) > 0
@@ -255,18 +256,9 @@ class KafkaStore:
         return len(known)
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
-        now = time.time()
         with self._cond:
-            items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
-        out = []
-        for item in items:
-            if item is not None:
-                try:
-                    out.append(record_of(self.codec, item))
-                except DecodeError:
-                    continue
-        out.sort(key=lambda r: r.created_at)
-        return out
+            items = self._view.live_of(user_id, time.time())
+        return records_of(self.codec, items)
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
         with self._cond:
@@ -285,50 +277,18 @@ class KafkaStore:
             self._bus.close()
 
 
-def _conflict(record: SessionRecord, current: int) -> SessionConflict:
-    return SessionConflict(
-        f"session is at version {current}, not {record.version - 1}",
-        session_id=record.id,
-        current_version=current,
-    )
-
-
 def _unavailable(exc: BaseException) -> SessionStoreUnavailable:
     return SessionStoreUnavailable(f"Kafka session store unavailable: {exc}")
 
 
-_OPTIONS = {"topic", "codec", "write_timeout", "sweep_interval"}
+_OPTIONS = {"topic": str, "codec": str, "write_timeout": float, "sweep_interval": float}
+# A session request cannot wait 30 s for a broker, nor a save half a second to read its
+# own record back (brokers may hold a fetch for fetch.wait.max.ms even when data arrives).
 _DEFAULTS = {"reconnect_timeout": "5", "fetch.wait.max.ms": "10", "linger.ms": "0"}
 
 
 def from_url(url: str, **options: Any) -> KafkaStore:
-    from urllib.parse import parse_qsl, urlencode, urlsplit
-
-    parts = urlsplit(url)
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if k in _OPTIONS:
-            ours[k] = float(v) if k in ("write_timeout", "sweep_interval") else v
-        else:
-            theirs.append((k, v))
-    given = {k for k, _ in theirs}
-    # A session request cannot wait 30 s for a broker, nor a save half a second to read its
-    # own record back (brokers may hold a fetch for fetch.wait.max.ms even when data arrives).
-    for option, value in _DEFAULTS.items():
-        if option not in given:
-            theirs.append((option, value))
-    try:
-        bus = connect(parts._replace(query=urlencode(theirs)).geturl())
-    except PolybusError as exc:
-        if isinstance(exc, ValueError):
-            raise
-        raise _unavailable(exc) from exc
-    try:
-        return KafkaStore(bus, owns_bus=True, **{**ours, **options})
-    except BaseException:
-        bus.close()
-        raise
+    return bus_store_from_url(url, KafkaStore, _OPTIONS, _DEFAULTS, _unavailable, **options)
 
 
 def from_bus(bus: Bus, **options: Any) -> KafkaStore:

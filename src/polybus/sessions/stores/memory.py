@@ -13,10 +13,9 @@ import time
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from ...errors import DecodeError
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord
 from . import check_codec, url_options
-from ._view import View, item_of, record_of
+from ._view import View, item_of, record_of, records_of
 
 __all__ = ["MemoryStore", "from_url"]
 
@@ -69,11 +68,7 @@ class MemoryStore:
             item = t.view.live(record.id, now)
             current = 0 if item is None else item.version
             if current != record.version - 1:
-                raise SessionConflict(
-                    f"session is at version {current}, not {record.version - 1}",
-                    session_id=record.id,
-                    current_version=current,
-                )
+                raise SessionConflict.stale(record.id, expected=record.version - 1, current=current)
             t.view.put(record.id, item_of(record, payload, start))
             if now >= t.next_sweep:
                 t.next_sweep = now + self._sweep_interval
@@ -86,19 +81,9 @@ class MemoryStore:
         return item is not None and item.expires_at > time.time()
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
-        now = time.time()
-        view = self._table.view
         with self._table.lock:
-            items = [view.live(sid, now) for sid in view.user_ids(user_id)]
-        out = []
-        for item in items:
-            if item is not None:
-                try:
-                    out.append(record_of(self.codec, item))
-                except DecodeError:
-                    continue
-        out.sort(key=lambda r: r.created_at)
-        return out
+            items = self._table.view.live_of(user_id, time.time())
+        return records_of(self.codec, items)
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
         now = time.time()

@@ -34,7 +34,7 @@ from ...errors import ClosedError, ConfigurationError, DecodeError, PolybusError
 from ...log import FsyncPolicy, Log, Record
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
 from . import check_codec, url_options
-from ._view import View, item_of, record_of
+from ._view import View, item_of, record_of, records_of
 
 __all__ = ["NativeStore", "from_bus", "from_url"]
 
@@ -176,11 +176,7 @@ class NativeStore:
             except (OSError, ValueError, PolybusError) as exc:  # disk full, directory gone
                 raise _unavailable(self, exc) from exc
         if current != expected:
-            raise SessionConflict(
-                f"session is at version {current}, not {expected}",
-                session_id=record.id,
-                current_version=current,
-            )
+            raise SessionConflict.stale(record.id, expected=expected, current=current)
 
     def delete(self, session_id: str) -> bool:
         with self._writing():
@@ -191,22 +187,13 @@ class NativeStore:
             return live
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
-        now = time.time()
         try:
             with self._lock:
                 self._catch_up()
-                items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
+                items = self._view.live_of(user_id, time.time())
         except (OSError, ValueError, PolybusError) as exc:
             raise _unavailable(self, exc) from exc
-        out = []
-        for item in items:
-            if item is not None:
-                try:
-                    out.append(record_of(self.codec, item))
-                except DecodeError:
-                    continue
-        out.sort(key=lambda r: r.created_at)
-        return out
+        return records_of(self.codec, items)
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
         now = time.time()

@@ -36,7 +36,7 @@ import uuid
 from typing import Any, ClassVar
 
 from ...adapters.base import Capability
-from ...bus import Bus, Subscriber, connect
+from ...bus import Bus, Subscriber
 from ...errors import ClosedError, DecodeError, PolybusError
 from ...message import Message
 from ..base import (
@@ -47,8 +47,8 @@ from ..base import (
     SessionRecord,
     SessionStoreUnavailable,
 )
-from . import check_codec
-from ._view import Item, View, item_of, record_of
+from . import bus_store_from_url, check_codec
+from ._view import Item, View, item_of, record_of, records_of
 
 __all__ = ["RabbitMQStore", "from_bus", "from_url"]
 
@@ -327,10 +327,8 @@ class RabbitMQStore:
                 item = self._view.live(record.id, time.time())
                 current = 0 if item is None else item.version
                 if current != record.version - 1:
-                    raise SessionConflict(
-                        f"session is at version {current}, not {record.version - 1}",
-                        session_id=record.id,
-                        current_version=current,
+                    raise SessionConflict.stale(
+                        record.id, expected=record.version - 1, current=current
                     )
                 before: dict[str, Any] = item.extra.data if item is not None else {}
                 changes: dict[str, Any] = {
@@ -371,12 +369,9 @@ class RabbitMQStore:
         return len(messages)
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
-        now = time.time()
         with self._cond:
-            items = [self._view.live(sid, now) for sid in self._view.user_ids(user_id)]
-        out = [record_of(self.codec, item) for item in items if item is not None]
-        out.sort(key=lambda r: r.created_at)
-        return out
+            items = self._view.live_of(user_id, time.time())
+        return records_of(self.codec, items)
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
         with self._cond:
@@ -403,33 +398,19 @@ def _unavailable(exc: BaseException) -> SessionStoreUnavailable:
     return SessionStoreUnavailable(f"RabbitMQ session store unavailable: {exc}")
 
 
-_OPTIONS = {"topic", "codec", "catch_up_timeout", "retention", "snapshot_wait", "sweep_interval"}
+_OPTIONS = {
+    "topic": str,
+    "codec": str,
+    "catch_up_timeout": float,
+    "retention": float,
+    "snapshot_wait": float,
+    "sweep_interval": float,
+}
+_DEFAULTS = {"reconnect_timeout": "5"}  # a session request cannot wait 30 s for a broker
 
 
 def from_url(url: str, **options: Any) -> RabbitMQStore:
-    from urllib.parse import parse_qsl, urlencode, urlsplit
-
-    parts = urlsplit(url)
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if k in _OPTIONS:
-            ours[k] = v if k in ("topic", "codec") else float(v)
-        else:
-            theirs.append((k, v))
-    if "reconnect_timeout" not in {k for k, _ in theirs}:
-        theirs.append(("reconnect_timeout", "5"))  # a session request cannot wait 30 s
-    try:
-        bus = connect(parts._replace(query=urlencode(theirs)).geturl())
-    except PolybusError as exc:
-        if isinstance(exc, ValueError):
-            raise
-        raise _unavailable(exc) from exc
-    try:
-        return RabbitMQStore(bus, owns_bus=True, **{**ours, **options})
-    except BaseException:
-        bus.close()
-        raise
+    return bus_store_from_url(url, RabbitMQStore, _OPTIONS, _DEFAULTS, _unavailable, **options)
 
 
 def from_bus(bus: Bus, **options: Any) -> RabbitMQStore:

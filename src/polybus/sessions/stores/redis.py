@@ -197,11 +197,7 @@ class RedisStore:
         if found >= 0:
             self._heads.pop(sid, None)
             self._indexed.pop(sid, None)
-            raise SessionConflict(
-                f"session is at version {found}, not {record.version - 1}",
-                session_id=sid,
-                current_version=found,
-            )
+            raise SessionConflict.stale(sid, expected=record.version - 1, current=found)
         if found < -1:
             _remember(self._indexed, sid, -found)
         _remember(self._heads, sid, (value[: len(value) - len(payload) + start], record[:8]))
