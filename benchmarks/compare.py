@@ -29,10 +29,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import polybus
 from polybus.testing import servers
 
+T = TypeVar("T")
 PAYLOAD = os.urandom(100)
 WARMUP = 200
 DEADLINE = 120.0
@@ -43,6 +45,24 @@ BACKENDS: dict[str, tuple[Callable[[], str], Callable[[], str | None]]] = {
     "rabbitmq": (servers.rabbitmq_url, servers.rabbitmq_unavailable),
     "redis": (servers.redis_url, servers.redis_unavailable),
 }
+
+
+def each_backend(names: str, measure: Callable[[str, str], T]) -> tuple[list[T], bool]:
+    """``measure(name, url)`` on each backend in the comma-separated ``names`` that is
+    reachable; a failure is reported and the others go on. Returns (rows, failed)."""
+    rows, failed = [], False
+    for name in names.split(","):
+        make_url, unavailable = BACKENDS[name]
+        reason = unavailable()
+        if reason:
+            print(f"{name}: skipped ({reason})", file=sys.stderr)
+            continue
+        try:
+            rows.append(measure(name, make_url()))
+        except Exception as exc:  # report the backend and go on with the others
+            failed = True
+            print(f"{name}: FAILED {exc!r}", file=sys.stderr)
+    return rows, failed
 
 
 def throughput(url: str, count: int) -> tuple[float, float]:
@@ -149,24 +169,14 @@ def main() -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--png", type=Path, default=Path(__file__).parent / "results/compare.png")
     args = parser.parse_args()
-    rows = []
-    failed = False
-    for name in args.backends.split(","):
-        make_url, unavailable = BACKENDS[name]
-        reason = unavailable()
-        if reason:
-            print(f"{name}: skipped ({reason})", file=sys.stderr)
-            continue
-        try:
-            url = make_url()
-            pub, con = throughput(url, args.count)
-            p50, p99 = latency(url, args.seconds)
-        except Exception as exc:  # report the backend and go on with the others
-            failed = True
-            print(f"{name}: FAILED {exc!r}", file=sys.stderr)
-            continue
+
+    def measure(name: str, url: str) -> tuple[str, float, float, float, float]:
+        pub, con = throughput(url, args.count)
+        p50, p99 = latency(url, args.seconds)
         label = "kafka (Tansu)" if name == "kafka" and servers.kafka_is_tansu() else name
-        rows.append((label, pub, con, p50, p99))
+        return label, pub, con, p50, p99
+
+    rows, failed = each_backend(args.backends, measure)
     print(f"\n{args.count} messages of {len(PAYLOAD)} bytes; latency at 1,000 msg/s")
     print(f"{'backend':13} {'publish/s':>11} {'consume/s':>11} {'p50 µs':>9} {'p99 µs':>9}")
     for name, pub, con, p50, p99 in rows:

@@ -24,11 +24,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import polybus
-from compare import BACKENDS, latency  # the one-way figure, measured alike
+from compare import BACKENDS, each_backend, latency  # the one-way figure, measured alike
 from polybus.patterns.inbox import MemoryInbox
 from polybus.patterns.request_reply import Requester
 from polybus.patterns.retry import NO_RETRY, RetryPolicy
@@ -127,24 +128,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--backends", default=",".join(BACKENDS))
     args = parser.parse_args()
-    rows = []
-    failed = False
-    for name in args.backends.split(","):
-        make_url, unavailable = BACKENDS[name]
-        reason = unavailable()
-        if reason:
-            print(f"{name}: skipped ({reason})", file=sys.stderr)
-            continue
-        try:
-            url = make_url()
-            one_way = latency(url, args.seconds)
-            rr = round_trips(url, args.seconds)
-            mach = machinery(url, args.count)
-        except Exception as exc:  # report the backend and go on with the others
-            failed = True
-            print(f"{name}: FAILED {exc!r}", file=sys.stderr)
-            continue
-        rows.append((name, one_way, rr, mach))
+
+    def measure(name: str, url: str) -> tuple[Any, ...]:
+        return (
+            name,
+            latency(url, args.seconds),
+            round_trips(url, args.seconds),
+            machinery(url, args.count),
+        )
+
+    rows, failed = each_backend(args.backends, measure)
     print("\nlatency in µs (p50 / p99); round trip ratio = sequential p50 / one-way p50")
     print(
         f"{'backend':9} {'one-way':>15} {'round trip':>15} {'ratio':>6}  {'100 in flight':>17}"
