@@ -64,6 +64,7 @@ Handler = Callable[[Delivery], Any]
 Invoke = Callable[[Handler, Delivery], Any]
 
 _IDLE_WAIT = 0.25  # seconds a fetch waits when nothing is due sooner
+_RETRY_FETCH_INTERVAL = 0.1  # seconds between reads of an idle retry topic
 
 
 class Output(NamedTuple):
@@ -83,8 +84,9 @@ def derived_id(parent: str, n: int) -> str:
     return f"{h[:8]}-{h[8:12]}-8{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
-def _outputs(result: Any, cause: Message) -> list[tuple[str, OutRecord]]:
-    """The records of the Outputs a handler returned; any other result is ignored."""
+def _outputs(result: Any, delivery: Delivery) -> list[tuple[str, OutRecord]]:
+    """The records of the Outputs a handler returned for ``delivery``; any other result
+    is ignored."""
     if isinstance(result, Output):
         items: list[Any] | tuple[Any, ...] = [result]
     elif isinstance(result, list | tuple) and any(isinstance(i, Output) for i in result):
@@ -93,6 +95,7 @@ def _outputs(result: Any, cause: Message) -> list[tuple[str, OutRecord]]:
             raise ConfigurationError("a handler's list of Outputs holds something else too")
     else:
         return []
+    cause = delivery.message
     out = []
     for n, item in enumerate(items):
         message = Message(
@@ -233,6 +236,7 @@ class Consumer:
         self._seq = itertools.count()
         self._blocked: dict[str | bytes, deque[Delivery]] = {}  #: strict order: key -> waiting
         self._retrying: set[int] = set()  #: strict order: id() of deliveries held for a retry
+        self._next_retry_fetch = 0.0
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -270,8 +274,13 @@ class Consumer:
             wait = max(0.0, min(timeout, self._until_next_due()))
             batch = main.fetch(self.batch, timeout=0.0 if started else wait)
             started += self._take(main, batch)
-            if self._backlog() < self.max_held:
-                started += self._take_retries(retries.fetch(self.batch, timeout=0.0))
+            now = time.monotonic()
+            # Retries are late by design: read their topic now and then, not every poll
+            # (a fetch is a round trip on some brokers), unless it had more last time.
+            if now >= self._next_retry_fetch and self._backlog() < self.max_held:
+                retried = retries.fetch(self.batch, timeout=0.0)
+                self._next_retry_fetch = now if retried else now + _RETRY_FETCH_INTERVAL
+                started += self._take_retries(retried)
         elif not started:  # full: wait for what is held to come due, or for handlers
             time.sleep(min(timeout, self._until_next_due()))
         return started
@@ -337,11 +346,8 @@ class Consumer:
             sub.commit()
         if self.transactional:
             self._run_transaction(sub, batch)
-            return len(batch)
-        for d in batch:
-            if self._stopping:
-                break  # not started: unacked, so the group delivers it again
-            self._start(d)
+        else:
+            self._start(batch)
         return len(batch)
 
     def _take_retries(self, batch: list[Delivery]) -> int:
@@ -369,22 +375,32 @@ class Consumer:
             assert self._retries is not None
             self._run_transaction(self._retries, due)
         else:
-            for d in due:
-                self._start(d)
+            self._start(due)
         return len(due)
 
-    def _start(self, d: Delivery) -> None:
-        with self._lock:
-            self._inflight += 1
-        if not self._lanes:
+    def _start(self, batch: list[Delivery]) -> None:
+        """Hand ``batch`` to the lanes by key, or run it here when there are none. Once
+        stopping, the rest is not started: unacked, the group delivers it again."""
+        lanes = self._lanes
+        if not lanes:
+            with self._lock:
+                self._inflight += 1  # the batch counts as one: stop() waits for it
             try:
-                self._run(d)
+                for d in batch:
+                    if self._stopping:
+                        break
+                    self._run(d)
             finally:
                 self._done()
             return
-        key = d._record.key
-        n = hash(key) if key is not None else next(self._turn)
-        self._lanes[n % len(self._lanes)].jobs.put(d)
+        for d in batch:
+            if self._stopping:
+                break
+            with self._lock:
+                self._inflight += 1
+            key = d._record.key
+            n = hash(key) if key is not None else next(self._turn)
+            lanes[n % len(lanes)].jobs.put(d)
 
     def _done(self) -> None:
         with self._idle:
@@ -412,11 +428,10 @@ class Consumer:
         """Run the handler; settle. False when ``d`` is held for a strict-order retry."""
         ran = True
         try:
-            message = d.message
-            message.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
+            d.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
             if self.inbox is not None:
                 ran, _ = self.inbox.process(
-                    self.group, message.id, lambda: self._call_and_publish(d)
+                    self.group, d.message.id, lambda: self._call_and_publish(d)
                 )
             else:
                 self._call_and_publish(d)
@@ -424,8 +439,14 @@ class Consumer:
             return self._failed(d, exc)
         if self.guarantee != "at-most-once":
             d.ack()
-        self._count("processed" if ran else "duplicates")
-        self._retrying.discard(id(d))
+        stats = self.stats
+        with self._lock:
+            if ran:
+                stats.processed += 1
+            else:
+                stats.duplicates += 1
+        if self.strict_order:
+            self._retrying.discard(id(d))
         return True
 
     def _count(self, name: str, n: int = 1, error: BaseException | None = None) -> None:
@@ -435,51 +456,20 @@ class Consumer:
                 self.stats.last_error = f"{type(error).__name__}: {error}"
 
     def _call_and_publish(self, d: Delivery) -> None:
-        outputs = _outputs(self.invoke(self.handler, d), d.message)
-        for topic, record in outputs:
+        for topic, record in _outputs(self.invoke(self.handler, d), d):
             self.bus._publish_records(topic, [record])
 
     def _failed(self, d: Delivery, exc: Exception) -> bool:
         self._count("failed", error=exc)
-        attempt = d.attempt
-        undecodable = isinstance(exc, DecodeError)
         key = d._record.key
+        if self.strict_order and key is not None and self.retry.retries(exc, d.attempt):
+            self._hold(d, key, self.retry.delay(d.attempt, exc))
+            self._count("retried")
+            return False
         try:
-            if self.retry.retries(exc, attempt):
-                delay = self.retry.delay(attempt, exc)
-                if self.strict_order and key is not None:
-                    self._hold(d, key, delay)
-                    self._count("retried")
-                    return False
-                due_ms = int((time.time() + delay) * 1000)
-                copy = retry_copy(
-                    d._record,
-                    exc,
-                    attempt=attempt + 1,
-                    due_ms=due_ms,
-                    held_by_backend=self._held_by_backend,
-                )
-                self.bus._publish_records(self.retry_topic, [copy])
-                self._count("retried")
-                log.info(
-                    "%s: attempt %d failed (%s); retry in %.1f s", self.name, attempt, exc, delay
-                )
-            elif self.dead_letters:
-                reason = (
-                    "undecodable"
-                    if undecodable
-                    else "exhausted"
-                    if attempt >= self.retry.max_attempts
-                    else "not-retryable"
-                )
-                copy = dead_letter_copy(
-                    d._record, exc, group=self.group, attempts=attempt, reason=reason
-                )
-                self.bus._publish_records(self.dead_letter_topic, [copy])
-                self._count("dead_lettered")
-                log.warning("%s: gave up on %s (%s): %s", self.name, d.message.id, reason, exc)
-            else:
-                log.error("%s: dropped %s after attempt %d: %s", self.name, d.offset, attempt, exc)
+            routed = self._route(d, exc)
+            if routed is not None:
+                self.bus._publish_records(*routed)
         except PolybusError as publish_error:
             # Could not record the failure: hand the message back to the group instead.
             log.warning("%s: could not route a failed message: %s", self.name, publish_error)
@@ -488,6 +478,36 @@ class Consumer:
         self._retrying.discard(id(d))
         self._settle_quietly(d, requeue=None)
         return True
+
+    def _route(self, d: Delivery, exc: Exception) -> tuple[str, list[OutRecord]] | None:
+        """Where a failed delivery goes, and the copy that goes there: the retry topic,
+        the dead-letter topic, or nowhere (None: dropped, dead letters being off)."""
+        attempt = d.attempt
+        if self.retry.retries(exc, attempt):
+            delay = self.retry.delay(attempt, exc)
+            copy = retry_copy(
+                d._record,
+                exc,
+                attempt=attempt + 1,
+                due_ms=int((time.time() + delay) * 1000),
+                held_by_backend=self._held_by_backend,
+            )
+            self._count("retried")
+            log.info("%s: try %d failed (%s); retry in %.1f s", self.name, attempt, exc, delay)
+            return self.retry_topic, [copy]
+        if not self.dead_letters:
+            log.error("%s: dropped %s after attempt %d: %s", self.name, d.offset, attempt, exc)
+            return None
+        if isinstance(exc, DecodeError):
+            reason = "undecodable"
+        elif attempt >= self.retry.max_attempts:
+            reason = "exhausted"
+        else:
+            reason = "not-retryable"
+        copy = dead_letter_copy(d._record, exc, group=self.group, attempts=attempt, reason=reason)
+        self._count("dead_lettered")
+        log.warning("%s: gave up on %s (%s): %s", self.name, d.message.id, reason, exc)
+        return self.dead_letter_topic, [copy]
 
     def _settle_quietly(self, d: Delivery, *, requeue: bool | None) -> None:
         try:
@@ -545,32 +565,15 @@ class Consumer:
 
     def _handle_in(self, tx: BusTransaction, d: Delivery) -> None:
         try:
-            message = d.message
-            message.value  # noqa: B018
-            for topic, record in _outputs(self.invoke(self.handler, d), message):
+            d.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
+            for topic, record in _outputs(self.invoke(self.handler, d), d):
                 self.bus._ensure(topic)
                 tx._tx.publish(topic, [record])
         except Exception as exc:
             self._count("failed", error=exc)
-            attempt = d.attempt
-            if self.retry.retries(exc, attempt):
-                delay = self.retry.delay(attempt, exc)
-                copy = retry_copy(
-                    d._record,
-                    exc,
-                    attempt=attempt + 1,
-                    due_ms=int((time.time() + delay) * 1000),
-                    held_by_backend=self._held_by_backend,
-                )
-                tx._tx.publish(self.retry_topic, [copy])
-                self._count("retried")
-            elif self.dead_letters:
-                reason = "undecodable" if isinstance(exc, DecodeError) else "exhausted"
-                copy = dead_letter_copy(
-                    d._record, exc, group=self.group, attempts=attempt, reason=reason
-                )
-                tx._tx.publish(self.dead_letter_topic, [copy])
-                self._count("dead_lettered")
+            routed = self._route(d, exc)
+            if routed is not None:
+                tx._tx.publish(*routed)  # with the ack: the failure is recorded atomically
         tx.ack(d)
 
 
