@@ -118,6 +118,51 @@ def test_compaction_keeps_the_newest_value_per_key(tmp_path: Path) -> None:
         offsets = [r.offset for r in records]
         assert offsets == sorted(set(offsets))
         assert part.append(b"after", key=b"k9") == 1001
+        # sealed segments left with nothing are deleted, not kept as empty files
+        assert len(list((tmp_path / "topics/sessions/0").glob("*.log"))) <= 3
+
+
+def test_compaction_of_mixed_batches_keeps_keyless_records_headers_and_times(
+    tmp_path: Path,
+) -> None:
+    """Batches whose records are partly superseded are cut, not dropped whole; records
+    without a key, headers, timestamps and not-before times survive the rewrite."""
+    with Log(tmp_path) as log:
+        part = log.create_topic("mixed", segment_bytes=4096, compact=True).partitions[0]
+        expected: dict[int, tuple[bytes | None, bytes | None]] = {}
+        newest: dict[bytes, int] = {}
+        for round_ in range(120):
+            keys = [b"a", None, f"r{round_}".encode(), b"b"]
+            first = part.append_batch(
+                [f"{round_}:{i}".encode() for i in range(4)],
+                keys=keys,
+                headers=[(("round", str(round_)),), None, None, None],
+                timestamp_ms=[1000 + round_, 2000, 3000, 4000 + round_],
+                not_before_ms=[0, 0, 5 + round_, 0],
+            )
+            for i, key in enumerate(keys):
+                expected[first + i] = (key, f"{round_}:{i}".encode())
+                if key is not None:
+                    newest[key] = first + i
+        part.compact()
+        records = list(part._scan_from(0))
+        sealed_end = int(sorted((tmp_path / "topics/mixed/0").glob("*.log"))[-1].stem)
+        for r in records:
+            assert expected[r.offset] == (r.key, r.value)
+        kept = {r.offset for r in records}
+        for offset, (key, _) in expected.items():
+            if key is None or newest[key] == offset or offset >= sealed_end:
+                assert offset in kept, f"offset {offset} (key {key!r}) was compacted away"
+            else:
+                assert offset not in kept, f"superseded offset {offset} survived"
+        by_offset = {r.offset: r for r in records}
+        last_a = by_offset[newest[b"a"]]
+        assert last_a.headers == (("round", "119"),)
+        assert last_a.timestamp_ms == 1119
+        assert by_offset[newest[b"r7"]].not_before_ms == 12
+        assert by_offset[newest[b"b"]].timestamp_ms == 4119
+        assert len(records) < 400  # of 480: whole batches and parts of them went
+        assert part.append(b"after", key=b"a") == 480
 
 
 def test_offset_for_time_and_too_large_and_unknown_topic(tmp_path: Path) -> None:

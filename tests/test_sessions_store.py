@@ -202,40 +202,50 @@ def test_redis_sentinel_follows_a_failover(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys
-from polybus.sessions import SessionManager, ClientInfo
+from polybus.sessions import SessionManager
+from polybus.sessions.stores import native
+native._SEGMENT_BYTES = int(sys.argv[2])  # small segments: rolls and compactions all along
 manager = SessionManager(sys.argv[1])
 i = 0
 while True:
     s = manager.login(manager.load(None), f"user-{i % 7}")
     s["n"] = i
     manager.save(s)
-    print(s.id, flush=True)  # printed only once the save returned
+    print(s.id, i, flush=True)  # printed only once the save returned
     i += 1
 """
 
 
 @pytest.mark.slow
-def test_native_sessions_survive_a_crash_mid_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("segment_bytes", [16 << 20, 8192], ids=["one-segment", "compacting"])
+def test_native_sessions_survive_a_crash_mid_write(tmp_path: Path, segment_bytes: int) -> None:
     """Kill -9 a process saving sessions as fast as it can: every session whose save
-    returned is there after reopening, with its user index."""
+    returned is there after reopening, with its data and its user index. With small
+    segments the kill also falls inside rolls and compactions."""
     url = f"native://{tmp_path / 'log'}"
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, url], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, url, str(segment_bytes)], stdout=subprocess.PIPE
+    )
     assert proc.stdout is not None
-    saved: list[str] = []
+    lines: list[str] = []
     deadline = time.monotonic() + 20
-    while len(saved) < 300 and time.monotonic() < deadline:
-        saved.append(proc.stdout.readline().decode().strip())
+    while len(lines) < 300 and time.monotonic() < deadline:
+        lines.append(proc.stdout.readline().decode())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
-    saved = [s for s in saved if s]
+    saved = [line.split() for line in lines if line.endswith("\n")]
     assert len(saved) >= 300
     with SessionManager(url) as manager:
-        for sid in saved:
+        for sid, n in saved:
             session = manager.load(sid)
             assert not session.is_new, "a session whose save returned was lost"
+            assert session["n"] == int(n)
         listed = sum(len(manager.sessions_of(f"user-{u}")) for u in range(7))
         assert listed >= len(saved)
+    if segment_bytes == 8192:
+        segments = list((tmp_path / "log" / "topics" / "sessions" / "0").glob("*.log"))
+        assert len(segments) > 3, "too few segment rolls to test them"
 
 
 def test_rabbitmq_without_streams_catches_up_from_a_snapshot() -> None:

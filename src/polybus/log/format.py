@@ -216,18 +216,18 @@ class BadBatch(Exception):
 def check_batch(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int, int]:
     """Validate framing and CRC of the batch at ``pos``; return ``(base, count, size)``.
 
-    Raises :class:`BadBatch` if it is torn, truncated or fails its CRC.
+    Raises :class:`BadBatch` (reason, ``pos``) if it is torn, truncated or fails its CRC.
     """
     if end - pos < HEADER_SIZE:
-        raise BadBatch("truncated header")
+        raise BadBatch("truncated header", pos)
     length, crc, magic, _attrs, _r, base, count, _ts = HEADER.unpack_from(buf, pos)
     size = length + LENGTH_SIZE
     if magic != MAGIC or length < HEADER_SIZE - LENGTH_SIZE or count == 0:
-        raise BadBatch(f"bad framing (magic {magic}, length {length}, count {count})")
+        raise BadBatch(f"bad framing (magic {magic}, length {length}, count {count})", pos)
     if pos + size > end:
-        raise BadBatch(f"truncated batch ({end - pos} of {size} bytes)")
+        raise BadBatch(f"truncated batch ({end - pos} of {size} bytes)", pos)
     if crc32c(buf[pos + 8 : pos + size]) != crc:
-        raise BadBatch("CRC-32C mismatch")
+        raise BadBatch("CRC-32C mismatch", pos)
     return base, count, size
 
 
@@ -301,7 +301,63 @@ def decode_batch(
 
 
 _I32 = struct.Struct("<i")
+_TWO_I32 = struct.Struct("<ii")
 _VALUE_AT: Final = HEADER_SIZE + 4  # a plain one-record batch: header, value length, value
+
+#: ``(position, size, first offset, keys)`` of one batch, as :func:`scan_keys` finds it
+KeyedBatch = tuple[int, int, int, tuple[bytes | None, ...]]
+
+
+def scan_keys(buf: bytes, pos: int, end: int, out: list[KeyedBatch]) -> int:
+    """Check whole batches from ``pos`` to ``end`` and append their keys to ``out``.
+
+    Compaction's pass: no values, headers or records are built. Returns the
+    position reached (``end``); raises :class:`BadBatch` at a damaged batch
+    (``args[1]`` is its position).
+    """
+    unpack = HEADER.unpack_from
+    while pos < end:
+        # check_batch's checks, inlined: compaction runs this once per stored batch
+        if end - pos < HEADER_SIZE:
+            raise BadBatch("truncated header", pos)
+        length, crc, magic, attrs, _r, base, n, _ts = unpack(buf, pos)
+        size = length + LENGTH_SIZE
+        if magic != MAGIC or length < HEADER_SIZE - LENGTH_SIZE or n == 0:
+            raise BadBatch(f"bad framing (magic {magic}, length {length}, count {n})", pos)
+        if pos + size > end:
+            raise BadBatch(f"truncated batch ({end - pos} of {size} bytes)", pos)
+        if crc32c(buf[pos + 8 : pos + size]) != crc:
+            raise BadBatch("CRC-32C mismatch", pos)
+        if not attrs & HAS_KEYS:
+            out.append((pos, size, base, (None,) * n))
+            pos += size
+            continue
+        p = pos + HEADER_SIZE
+        if n == 1 and attrs == HAS_KEYS:  # one keyed append: the sessions store's every save
+            vlen, klen = _TWO_I32.unpack_from(buf, p)
+            k = p + 8 + max(vlen, 0)
+            keys: tuple[bytes | None, ...] = (None if klen < 0 else buf[k : k + klen],)
+            k += max(klen, 0)
+        else:
+            vlens = struct.unpack_from(f"<{n}i", buf, p)
+            p += 4 * n * (2 if attrs & HAS_TS else 1)
+            klens = struct.unpack_from(f"<{n}i", buf, p)
+            p += 4 * n * (2 if attrs & HAS_HEADERS else 1)
+            p += 8 * n if attrs & HAS_NOT_BEFORE else 0
+            k = p + sum(v for v in vlens if v > 0)
+            found: list[bytes | None] = []
+            for klen in klens:
+                if klen < 0:
+                    found.append(None)
+                else:
+                    found.append(buf[k : k + klen])
+                    k += klen
+            keys = tuple(found)
+        if k > pos + size:
+            raise BadBatch("bad framing (key lengths)", pos)
+        out.append((pos, size, base, keys))
+        pos += size
+    return pos
 
 
 def decode_batches(

@@ -40,12 +40,15 @@ from .format import (
     MAX_BATCH_BYTES,
     BadBatch,
     Headers,
+    KeyedBatch,
     Record,
     batch_base_count,
     check_batch,
+    decode_batch,
     decode_batches,
     encode_batch,
     encode_one,
+    scan_keys,
 )
 
 FsyncPolicy = Literal["always", "interval", "never"]
@@ -88,6 +91,28 @@ def _check(next_offset: int, end_pos: int, active_base: int) -> int:
 
 def segment_name(base: int) -> str:
     return f"{base:020d}.log"
+
+
+def _encode_runs(records: list[Record]) -> Iterator[tuple[int, bytes]]:
+    """``records`` re-encoded as one batch per run of consecutive offsets."""
+    runs: list[list[Record]] = []
+    for rec in records:
+        if runs and runs[-1][-1].offset + 1 == rec.offset:
+            runs[-1].append(rec)
+        else:
+            runs.append([rec])
+    for run in runs:
+        yield (
+            run[0].offset,
+            encode_batch(
+                run[0].offset,
+                [r.value for r in run],
+                [r.key for r in run],
+                [r.headers for r in run],
+                [r.timestamp_ms for r in run],
+                [r.not_before_ms for r in run],
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,12 +551,16 @@ class Partition:
             return
         self._set(_START, segs[len(doomed)])
         for s in doomed:
-            for suffix in (".log", ".idx"):
-                try:
-                    os.unlink(self._path(s, suffix))
-                except FileNotFoundError:
-                    pass
+            self._unlink_segment(s)
         self._list_segments()
+
+    def _unlink_segment(self, seg: int) -> None:
+        for suffix in (".log", ".idx"):
+            try:
+                os.unlink(self._path(seg, suffix))
+            except FileNotFoundError:
+                pass
+        self._index_cache.pop(seg, None)
 
     def enforce_retention(self) -> None:
         """Apply the age and size limits now (also done at every segment roll)."""
@@ -550,63 +579,78 @@ class Partition:
             return self._compact()
 
     def _compact(self) -> int:
+        """Under the lock: one pass over the keys of every segment (the active one to its
+        end) finds each key's newest offset; a sealed segment holding an older one is
+        rewritten, its batches that keep every record copied byte for byte."""
         segs = self._list_segments()
+        active = self._get(_ACTIVE)
         latest: dict[bytes, int] = {}
-        for rec in self._scan(segs):
-            if rec.key is not None:
-                latest[rec.key] = rec.offset
-        removed = 0
-        for seg in segs[:-1]:
-            records = list(self._scan([seg]))
-            keep = [r for r in records if r.key is None or latest[r.key] == r.offset]
-            if len(keep) < len(records):
-                removed += len(records) - len(keep)
-                self._rewrite(seg, keep)
-        return removed
-
-    def _scan(self, segs: Sequence[int]) -> Iterator[Record]:
+        sealed: list[tuple[int, bytes, list[KeyedBatch]]] = []
         for seg in segs:
             with open(self._path(seg), "rb") as f:
                 data = f.read()
-            limit = self._get(_END) if seg == self._get(_ACTIVE) else len(data)
-            pos = 0
-            while pos < limit:
-                out: list[Record] = []
-                try:
-                    pos = decode_batches(data, pos, limit, self.index, 0, 1 << 62, out)
-                except BadBatch as exc:
-                    bad = exc.args[1]
-                    pos = bad + self._skip(data, bad, seg, str(exc.args[0]), bad)
-                yield from out
+            batches = self._keys_of(seg, data, self._get(_END) if seg == active else len(data))
+            for _pos, _size, base, keys in batches:
+                if len(keys) == 1:
+                    if keys[0] is not None:
+                        latest[keys[0]] = base
+                else:
+                    for i, key in enumerate(keys):
+                        if key is not None:
+                            latest[key] = base + i
+            if seg != segs[-1]:
+                sealed.append((seg, data, batches))
+        removed = 0
+        for seg, data, batches in sealed:
+            chunks: list[tuple[int, bytes]] = []  # (first offset, batch)
+            dropped = 0
+            for pos, size, base, keys in batches:
+                stale = [
+                    i for i, key in enumerate(keys) if key is not None and latest[key] != base + i
+                ]
+                if not stale:
+                    chunks.append((base, data[pos : pos + size]))
+                    continue
+                dropped += len(stale)
+                if len(stale) < len(keys):
+                    records = decode_batch(data, pos, self.index)
+                    for i in reversed(stale):
+                        del records[i]
+                    chunks.extend(_encode_runs(records))
+            if not dropped:
+                continue
+            removed += dropped
+            if chunks or seg == segs[0]:
+                self._rewrite(seg, chunks)
+            else:  # nothing left: readers skip the gap, as after a torn roll
+                self._unlink_segment(seg)
+        if removed:
+            self._list_segments()
+        return removed
 
-    def _rewrite(self, seg: int, keep: list[Record]) -> None:
-        """Write ``keep`` as the new content of sealed segment ``seg``; atomic rename."""
-        runs: list[list[Record]] = []
-        for rec in keep:
-            if runs and runs[-1][-1].offset + 1 == rec.offset:
-                runs[-1].append(rec)
-            else:
-                runs.append([rec])
-        chunks: list[bytes] = []
+    def _keys_of(self, seg: int, data: bytes, limit: int) -> list[KeyedBatch]:
+        out: list[KeyedBatch] = []
+        pos = 0
+        while pos < limit:
+            try:
+                pos = scan_keys(data, pos, limit, out)
+            except BadBatch as exc:
+                bad = exc.args[1]
+                pos = bad + self._skip(data, bad, seg, str(exc.args[0]), bad)
+        return out
+
+    def _rewrite(self, seg: int, chunks: list[tuple[int, bytes]]) -> None:
+        """Write ``chunks`` (first offset, batch) as sealed segment ``seg``; atomic rename."""
         index: list[bytes] = []
         pos = last = 0
-        for run in runs:
-            batch = encode_batch(
-                run[0].offset,
-                [r.value for r in run],
-                [r.key for r in run],
-                [r.headers for r in run],
-                [r.timestamp_ms for r in run],
-                [r.not_before_ms for r in run],
-            )
+        for base, batch in chunks:
             if pos == 0 or pos - last >= INDEX_INTERVAL:
-                index.append(_IDX.pack(run[0].offset - seg, pos))
+                index.append(_IDX.pack(base - seg, pos))
                 last = pos
-            chunks.append(batch)
             pos += len(batch)
         tmp = self._path(seg, ".log.tmp")
         with open(tmp, "wb") as f:
-            f.write(b"".join(chunks))
+            f.write(b"".join(batch for _, batch in chunks))
             f.flush()
             os.fsync(f.fileno())
         with open(self._path(seg, ".idx.tmp"), "wb") as f:
