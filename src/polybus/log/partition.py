@@ -145,6 +145,8 @@ class Partition:
         self._mm = mmap.mmap(self._head_fd, _HEAD_SIZE)
         self._wfd = -1  # write fd of the active segment
         self._wbase = -1
+        self._ifd = -1  # append fd of the index of segment _ibase
+        self._ibase = -1
         self._rfds: dict[int, int] = {}  # segment base -> read fd
         self._segments: list[int] = []
         self._index_cache: dict[int, list[tuple[int, int]]] = {}
@@ -477,11 +479,15 @@ class Partition:
             _U64.pack_into(mm, 8 * _LAST_INDEX, end_pos)
 
     def _add_index(self, base: int, relative: int, pos: int) -> None:
-        fd = os.open(self._path(base, ".idx"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, _IDX.pack(relative, pos))
-        finally:
-            os.close(fd)
+        if self._ibase != base:
+            if self._ifd >= 0:
+                os.close(self._ifd)
+                self._ifd = -1
+            self._ifd = os.open(
+                self._path(base, ".idx"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+            )
+            self._ibase = base
+        os.write(self._ifd, _IDX.pack(relative, pos))
 
     def _roll(self, next_offset: int, end_pos: int, active: int) -> int:
         """Under the lock: seal the active segment and start a new one at ``next_offset``."""
@@ -825,8 +831,9 @@ class Partition:
         for fd in self._rfds.values():
             os.close(fd)
         self._rfds.clear()
-        if self._wfd >= 0:
-            os.close(self._wfd)
-            self._wfd = -1
+        for fd in (self._wfd, self._ifd):
+            if fd >= 0:
+                os.close(fd)
+        self._wfd = self._ifd = -1
         self._mm.close()
         os.close(self._head_fd)
