@@ -9,9 +9,11 @@ fsync policy) and brought up to date from the log before each operation, so
 the processes of one host sharing the directory read each other's writes at
 once.
 
-Compare-and-set across processes: a save takes an exclusive ``flock`` on
-``<topic dir>/sessions.lock``, catches its view up, compares the version and
-appends, all under that lock. Expired sessions are never returned; every
+Compare-and-set across processes: a save holds the partition's write lock
+(:meth:`~polybus.log.partition.Partition.exclusive`, the lock every append
+takes), catches its view up, compares the version and appends under it, so
+between its check and its write no other process can append. Expired
+sessions are never returned; every
 ``sweep_interval`` seconds a save also writes their tombstones, so that
 compaction (at each segment roll) reclaims them.
 
@@ -21,8 +23,6 @@ URL options: the engine's ``fsync`` and ``fsync_interval``, plus ``codec``,
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 from ...errors import ClosedError, ConfigurationError, DecodeError, PolybusError
 from ...log import FsyncPolicy, Log, Record
+from ...log.format import encode_batch, encode_one
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
 from . import check_codec, url_options
 from ._view import View, item_of, record_of, records_of
@@ -62,10 +63,7 @@ class NativeStore:
         self._partition = log.create_topic(
             topic, 1, segment_bytes=_SEGMENT_BYTES, compact=True
         ).partitions[0]
-        self._lock = threading.Lock()  # the view's; taken before the flock
-        self._lock_fd = os.open(
-            os.path.join(self._partition.dir, "sessions.lock"), os.O_RDWR | os.O_CREAT, 0o644
-        )
+        self._lock = threading.Lock()  # the view's; taken before the partition's
         self._view = View()
         self._next = 0  # the next offset to apply
         self._sweep_interval = sweep_interval
@@ -102,31 +100,31 @@ class NativeStore:
             return
         self._view.put(sid, item_of(rec, r.value, self.codec.data_start(r.value, rec)))
 
-    # -- writing under the cross-process lock -------------------------------------------
+    # -- writing under the partition's write lock -------------------------------------
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """Hold the view's lock and the directory's flock, with the view caught up."""
-        fd = self._lock_fd
+        """Hold the view's lock and the partition's write lock, with the view caught up."""
         with self._lock:
-            if self._closed:  # under the lock: close() closes the fd under it
+            if self._closed:
                 raise ClosedError("session store is closed; open it again")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    if self._next != self._partition.end_offset:
+                with self._partition.exclusive() as end:
+                    if self._next != end:
                         self._catch_up()
                     yield
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            except (OSError, ValueError, PolybusError) as exc:
+            except (OSError, ValueError, PolybusError) as exc:  # disk full, directory gone
                 raise _unavailable(self, exc) from exc
 
     def _tombstones(self, ids: list[str]) -> None:
         """Inside :meth:`_writing`: append tombstones for ``ids``, drop them from the view."""
         if not ids:
             return
-        self._partition.append_batch([None] * len(ids), keys=[i.encode() for i in ids])
+        now_ms = time.time_ns() // 1_000_000
+        keys = [i.encode() for i in ids]
+        self._partition.append_encoded(
+            encode_batch(self._next, [None] * len(ids), keys, None, now_ms, None)
+        )
         self._next += len(ids)
         for sid in ids:
             self._view.drop(sid)
@@ -145,24 +143,24 @@ class NativeStore:
 
     def save(self, record: SessionRecord) -> None:
         payload, start = self.codec.encode_split(record)
-        key = record.id.encode()
-        now = time.time()
+        now_ns = time.time_ns()
+        now = now_ns / 1e9
         expected = record.version - 1
         p = self._partition
-        fd = self._lock_fd
         # the path of every save, so written out rather than through _writing
         with self._lock:
             if self._closed:
                 raise ClosedError("session store is closed; open it again")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    if self._next != p.end_offset:
+                with p.exclusive() as end:
+                    if self._next != end:
                         self._catch_up()
                     item = self._view.live(record.id, now)
                     current = 0 if item is None else item.version
                     if current == expected:
-                        self._next = p.append(payload, key=key) + 1
+                        key = record.id.encode()
+                        p.append_encoded(encode_one(end, payload, key, None, now_ns // 10**6, 0))
+                        self._next = end + 1
                         new = item_of(record, payload, start)
                         if item is None:
                             self._view.put(record.id, new)
@@ -171,8 +169,6 @@ class NativeStore:
                         if now >= self._next_sweep:
                             self._next_sweep = now + self._sweep_interval
                             self._tombstones(self._view.expired(now))
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
             except (OSError, ValueError, PolybusError) as exc:  # disk full, directory gone
                 raise _unavailable(self, exc) from exc
         if current != expected:
@@ -208,7 +204,6 @@ class NativeStore:
             if self._closed:
                 return
             self._closed = True
-            os.close(self._lock_fd)
         if self._owns_log:
             self._log.close()
 
