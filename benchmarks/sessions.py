@@ -24,9 +24,9 @@ store appends one record per save, so the engine's own single append of a
 record that size is run beside it as its floor; ``--breakdown`` also runs the
 store's load + save without the manager, and the codec's encode + decode alone.
 About every 35,000 saves the native store's 16 MiB segment rolls, and the
-engine compacts the log inside that save (0.1-0.3 s here, a pass over the keys
-of the segment): the round it falls in shows it as its minimum, the median
-leaves it out.
+engine compacts the log in a background thread (0.1-0.3 s here, a pass over
+the keys), which takes its share of this process's CPU from the rounds it
+overlaps.
 """
 
 from __future__ import annotations

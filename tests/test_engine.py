@@ -20,6 +20,17 @@ def values(n: int, start: int = 0) -> list[bytes]:
     return [f"value-{i:06d}".encode() * 8 for i in range(start, start + n)]
 
 
+def open_files() -> list[str]:
+    """What this process's file descriptors point at."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the descriptor listdir itself used
+            pass
+    return out
+
+
 def read_all(log: Log, topic: str, partition: int = 0) -> list[bytes | None]:
     part = log.topic(topic).partitions[partition]
     out = []
@@ -144,6 +155,7 @@ def test_compaction_of_mixed_batches_keeps_keyless_records_headers_and_times(
                 expected[first + i] = (key, f"{round_}:{i}".encode())
                 if key is not None:
                     newest[key] = first + i
+        part.flush()  # newer records count once they would survive a reboot
         part.compact()
         records = list(part._scan_from(0))
         sealed_end = int(sorted((tmp_path / "topics/mixed/0").glob("*.log"))[-1].stem)
@@ -163,6 +175,44 @@ def test_compaction_of_mixed_batches_keeps_keyless_records_headers_and_times(
         assert by_offset[newest[b"b"]].timestamp_ms == 4119
         assert len(records) < 400  # of 480: whole batches and parts of them went
         assert part.append(b"after", key=b"a") == 480
+
+
+def test_compaction_drops_a_record_only_for_a_newer_one_that_survives_a_reboot(
+    tmp_path: Path,
+) -> None:
+    """A newer record still only in the page cache does not count: a reboot could take it
+    away, and the older one with it would leave the key with nothing."""
+    with Log(tmp_path, fsync_interval=3600) as log:
+        part = log.create_topic("c", segment_bytes=4096, compact=True).partitions[0]
+        part.append(b"old", key=b"k")
+        while part.end_offset < 2 or len(list((tmp_path / "topics/c/0").glob("*.log"))) < 2:
+            part.append(b"x" * 500)  # keyless filler until the segment rolls
+        part.append(b"new", key=b"k")
+        part.compact()
+        assert part.read(0, 1)[0].value == b"old"  # the roll synced it; "new" is not yet
+        part.flush()
+        part.compact()
+        assert [r.value for r in part._scan_from(0) if r.key == b"k"] == [b"new"]
+
+
+def test_compaction_runs_in_the_background_after_a_roll(tmp_path: Path) -> None:
+    """The append that fills a segment returns before compaction; it happens soon after."""
+    with Log(tmp_path, fsync="never") as log:
+        part = log.create_topic("bg", segment_bytes=4096, compact=True).partitions[0]
+        for i in range(400):
+            part.append(b"v%d" % i, key=b"k%d" % (i % 3))
+        deadline = time.monotonic() + 10
+        while len(list(part._scan_from(0))) > 60:
+            assert time.monotonic() < deadline, "compaction did not run after the rolls"
+            time.sleep(0.01)
+        latest = {r.key: r.value for r in part._scan_from(0)}
+        assert latest == {b"k0": b"v399", b"k1": b"v397", b"k2": b"v398"}
+        # the reader let go of the files compaction replaced: their space is free
+        assert not [
+            path
+            for path in open_files()
+            if path.startswith(str(tmp_path)) and path.endswith("(deleted)")
+        ]
 
 
 def test_offset_for_time_and_too_large_and_unknown_topic(tmp_path: Path) -> None:

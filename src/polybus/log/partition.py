@@ -5,6 +5,7 @@ Layout of ``<topic>/<n>/``::
     head                      shared state, mmap'd; its flock is the write lock
     00000000000000000000.log  segment named by its first offset
     00000000000000000000.idx  sparse index: (offset - base, position) every 4 KiB
+    compact.lock              held by the one compaction running (compact=True topics)
 
 Writers append one batch per call under an exclusive ``flock`` on ``head``:
 ``pwrite`` at the committed end, then publish the new end in ``head``.
@@ -12,6 +13,9 @@ Readers never lock: they read up to the published end of the active segment
 and to the file end of sealed ones, so a reader can see less than is there but
 never a half-written batch. A writer killed between ``pwrite`` and publishing
 leaves bytes past the end that the next opener truncates.
+
+Compaction rewrites sealed segments aside and swaps them in under the write
+lock; a reader holding the old file open reads it whole, then lets it go.
 
 After a reboot (``head`` records the boot id) the page cache is gone, so the
 tail after the last fsync'd point (the recovery point) is re-scanned batch by
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import logging
 import mmap
 import os
 import struct
@@ -32,7 +37,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from ..errors import ClosedError, ConfigurationError, CorruptRecordError, MessageTooLarge
+from ..errors import (
+    ClosedError,
+    ConfigurationError,
+    CorruptRecordError,
+    MessageTooLarge,
+    PolybusError,
+)
 from .format import (
     HEADER,
     HEADER_SIZE,
@@ -53,14 +64,20 @@ from .format import (
 
 FsyncPolicy = Literal["always", "interval", "never"]
 
+log = logging.getLogger("polybus")
+
 INDEX_INTERVAL: Final = 4096
 _IDX = struct.Struct("<II")
 _HEAD_MAGIC: Final = 0x3130444145484250  # "PBHEAD01"
 # head: magic, next_offset, end_pos, active_base, check, start_offset,
 #       recovery_base, recovery_pos, recovery_offset, boot, last_index_pos
+#       (then field 11, _SEALED_CHANGES, which the _HEAD writes leave alone)
 _HEAD = struct.Struct("<11Q")
 # field numbers (u64 each) for _get/_set
 _NEXT, _END, _ACTIVE, _START, _RECOVERY_BASE, _RECOVERY_POS, _LAST_INDEX = 1, 2, 3, 5, 6, 7, 10
+# counts the sealed segments compaction replaced or retention deleted, so that readers
+# close the files they hold open of them (which would keep their disk space in use)
+_SEALED_CHANGES = 11
 _RECOVERY = struct.Struct("<3Q")  # recovery point: segment base, position, next offset
 _RECOVERY_AT: Final = 8 * _RECOVERY_BASE
 _STATE = struct.Struct("<4Q")  # next_offset, end_pos, active_base, check  (at byte 8)
@@ -148,10 +165,14 @@ class Partition:
         self._ifd = -1  # append fd of the index of segment _ibase
         self._ibase = -1
         self._rfds: dict[int, int] = {}  # segment base -> read fd
+        self._rlock = threading.Lock()  # the read fds and the cursor
+        self._sealed_seen = 0  # _SEALED_CHANGES when the read fds were last checked
         self._segments: list[int] = []
         self._index_cache: dict[int, list[tuple[int, int]]] = {}
         self._cursor = (-1, -1, -1)  # (segment base, next offset, position) of the last read
         self.dirty = False  # written since the last flush (for fsync="interval")
+        self._compactor: threading.Thread | None = None
+        self._compaction_due = False  # a roll happened while the compactor ran
         self.closed = False
         with self._locked():
             self._open_or_recover()
@@ -161,6 +182,8 @@ class Partition:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         with self._tlock:
+            if self.closed:
+                raise ClosedError(f"partition {self.dir} is closed; open the log again")
             fcntl.flock(self._head_fd, fcntl.LOCK_EX)
             try:
                 yield
@@ -415,6 +438,11 @@ class Partition:
     def batch_at(self, offset: int) -> bytes | None:
         """The stored bytes of the batch whose first record is at ``offset``, or None
         (no batch starts there, or it was deleted or compacted away)."""
+        with self._rlock:
+            self._check_read_fds()
+            return self._batch_at(offset)
+
+    def _batch_at(self, offset: int) -> bytes | None:
         if not self.start_offset <= offset < self.end_offset:
             return None
         base = self._segment_for(offset)
@@ -509,7 +537,7 @@ class Partition:
             _RECOVERY.pack_into(self._mm, _RECOVERY_AT, next_offset, 0, next_offset)
         self._enforce_retention()
         if self.config.compact:
-            self._compact()
+            self._start_compaction()
         return next_offset
 
     def flush(self) -> None:
@@ -558,6 +586,7 @@ class Partition:
         self._set(_START, segs[len(doomed)])
         for s in doomed:
             self._unlink_segment(s)
+        self._set(_SEALED_CHANGES, self._get(_SEALED_CHANGES) + 1)
         self._list_segments()
 
     def _unlink_segment(self, seg: int) -> None:
@@ -576,26 +605,84 @@ class Partition:
     def compact(self) -> int:
         """Keep only the newest record per key in sealed segments; return records removed.
 
-        Runs at every segment roll of a ``compact=True`` topic. Offsets are
-        kept, so compacted segments have gaps. Records without a key and the
-        active segment are left alone. Tombstones (value None) stay
-        so that readers see the deletion.
+        Runs in a background thread after every roll of a ``compact=True``
+        topic, so the append that fills a segment does not wait for it; this
+        call compacts now (waiting for a compaction another thread or process
+        is running). Offsets are kept, so compacted segments have gaps.
+        Records without a key and the active segment are left alone.
+        Tombstones (value None) stay so that readers see the deletion.
         """
-        with self._locked():
-            return self._compact()
+        return self._compact(wait=True)
 
-    def _compact(self) -> int:
-        """Under the lock: one pass over the keys of every segment (the active one to its
-        end) finds each key's newest offset; a sealed segment holding an older one is
-        rewritten, its batches that keep every record copied byte for byte."""
-        segs = self._list_segments()
-        active = self._get(_ACTIVE)
+    def _start_compaction(self) -> None:
+        """Under the lock, at a roll: compact in a background thread (one at a time)."""
+        running = self._compactor
+        if running is not None and running.is_alive():
+            self._compaction_due = True  # it goes round once more
+            return
+        self._compaction_due = False
+        self._compactor = threading.Thread(
+            target=self._compact_in_background, name="polybus-compact", daemon=True
+        )
+        self._compactor.start()
+
+    def _compact_in_background(self) -> None:
+        while not self.closed:
+            try:
+                self._compact(wait=False)
+            except (OSError, ValueError, PolybusError) as exc:
+                if not self.closed:  # the next roll tries again
+                    log.warning("compaction of %s failed: %s", self.dir, exc)
+                return
+            if not self._compaction_due:
+                return
+            self._compaction_due = False
+
+    def _compact(self, *, wait: bool) -> int:
+        """Compact holding ``compact.lock`` (not the write lock: appends go on meanwhile).
+
+        Without ``wait``, return 0 at once when another process holds it.
+        """
+        fd = os.open(os.path.join(self.dir, "compact.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return 0
+            return self._compact_sealed()
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _compact_sealed(self) -> int:
+        """One pass over the keys of every segment finds each key's newest offset; a
+        sealed segment holding an older one is rewritten, its batches that keep every
+        record copied byte for byte.
+
+        Only records that survive a power loss count as newer: the active segment
+        is read to the recovery point (to the published end under
+        ``fsync="never"``), so compaction never drops a record for one that a
+        reboot could take away. Records appended meanwhile are newer still: not
+        seeing them only keeps a few stale records for the next compaction.
+        """
+        for leftover in os.listdir(self.dir):  # of a compaction killed midway
+            if leftover.endswith((".log.tmp", ".idx.tmp")):
+                os.unlink(os.path.join(self.dir, leftover))
+        with self._locked():
+            _next, end_pos, active = self._state()
+            rbase, rpos, _ = _RECOVERY.unpack_from(self._mm, _RECOVERY_AT)
+        if self.config.fsync != "never":
+            end_pos = min(end_pos, rpos) if rbase == active else 0
         latest: dict[bytes, int] = {}
         sealed: list[tuple[int, bytes, list[KeyedBatch]]] = []
-        for seg in segs:
-            with open(self._path(seg), "rb") as f:
-                data = f.read()
-            batches = self._keys_of(seg, data, self._get(_END) if seg == active else len(data))
+        for seg in self._list_existing():
+            if seg > active:
+                break  # a torn roll's leftover
+            try:
+                with open(self._path(seg), "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:  # deleted by retention meanwhile
+                continue
+            batches = self._keys_of(seg, data, end_pos if seg == active else len(data))
             for _pos, _size, base, keys in batches:
                 if len(keys) == 1:
                     if keys[0] is not None:
@@ -604,10 +691,12 @@ class Partition:
                     for i, key in enumerate(keys):
                         if key is not None:
                             latest[key] = base + i
-            if seg != segs[-1]:
+            if seg != active:
                 sealed.append((seg, data, batches))
         removed = 0
         for seg, data, batches in sealed:
+            if self.closed:
+                break
             chunks: list[tuple[int, bytes]] = []  # (first offset, batch)
             dropped = 0
             for pos, size, base, keys in batches:
@@ -623,15 +712,8 @@ class Partition:
                     for i in reversed(stale):
                         del records[i]
                     chunks.extend(_encode_runs(records))
-            if not dropped:
-                continue
-            removed += dropped
-            if chunks or seg == segs[0]:
-                self._rewrite(seg, chunks)
-            else:  # nothing left: readers skip the gap, as after a torn roll
-                self._unlink_segment(seg)
-        if removed:
-            self._list_segments()
+            if dropped and self._rewrite(seg, chunks):
+                removed += dropped
         return removed
 
     def _keys_of(self, seg: int, data: bytes, limit: int) -> list[KeyedBatch]:
@@ -645,8 +727,11 @@ class Partition:
                 pos = bad + self._skip(data, bad, seg, str(exc.args[0]), bad)
         return out
 
-    def _rewrite(self, seg: int, chunks: list[tuple[int, bytes]]) -> None:
-        """Write ``chunks`` (first offset, batch) as sealed segment ``seg``; atomic rename."""
+    def _rewrite(self, seg: int, chunks: list[tuple[int, bytes]]) -> bool:
+        """Make ``chunks`` (first offset, batch) the content of sealed segment ``seg``:
+        files written and synced aside, then swapped in under the write lock, unless
+        retention deleted the segment meanwhile (False then). A segment left with
+        nothing is deleted (but the first: it marks where the log starts)."""
         index: list[bytes] = []
         pos = last = 0
         for base, batch in chunks:
@@ -654,16 +739,36 @@ class Partition:
                 index.append(_IDX.pack(base - seg, pos))
                 last = pos
             pos += len(batch)
-        tmp = self._path(seg, ".log.tmp")
-        with open(tmp, "wb") as f:
+        tmp_log, tmp_idx = self._path(seg, ".log.tmp"), self._path(seg, ".idx.tmp")
+        with open(tmp_log, "wb") as f:
             f.write(b"".join(batch for _, batch in chunks))
             f.flush()
             os.fsync(f.fileno())
-        with open(self._path(seg, ".idx.tmp"), "wb") as f:
+        with open(tmp_idx, "wb") as f:
             f.write(b"".join(index))
-        os.replace(self._path(seg, ".idx.tmp"), self._path(seg, ".idx"))
-        os.replace(tmp, self._path(seg))
-        self._index_cache.pop(seg, None)
+        try:
+            with self._locked():
+                segs = self._list_segments()
+                if seg not in segs:
+                    return False
+                if chunks or seg == segs[0]:
+                    # a reader that has the old file open goes on reading it whole
+                    os.replace(tmp_idx, self._path(seg, ".idx"))
+                    os.replace(tmp_log, self._path(seg))
+                    self._index_cache.pop(seg, None)
+                else:  # readers skip the gap, as after a torn roll
+                    self._unlink_segment(seg)
+                    self._list_segments()
+                self._set(_SEALED_CHANGES, self._get(_SEALED_CHANGES) + 1)
+                return True
+        finally:
+            self._discard(tmp_log, tmp_idx)  # there unless swapped in
+
+    @staticmethod
+    def _discard(*paths: str) -> None:
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
 
     # -- read -------------------------------------------------------------------------
 
@@ -704,6 +809,18 @@ class Partition:
         # min(): a file past the active segment is an empty leftover of a torn roll
         i = bisect.bisect_right(segs, min(offset, active)) - 1
         return segs[max(i, 0)]
+
+    def _check_read_fds(self) -> None:
+        """Under the read lock: close the read fds if sealed segments changed since."""
+        changes = self._get(_SEALED_CHANGES)
+        if changes != self._sealed_seen:
+            self._sealed_seen = changes
+            for fd in self._rfds.values():
+                os.close(fd)
+            self._rfds.clear()
+            self._index_cache.clear()
+            self._cursor = (-1, -1, -1)
+            self._list_segments()
 
     def _read_fd(self, base: int) -> int:
         fd = self._rfds.get(base)
@@ -751,8 +868,13 @@ class Partition:
         start. Raises CorruptRecordError for a damaged batch unless the log was
         opened with ``skip_corrupt=True``.
         """
-        if self.closed:
-            raise ClosedError(f"partition {self.dir} is closed; open the log again")
+        with self._rlock:
+            if self.closed:
+                raise ClosedError(f"partition {self.dir} is closed; open the log again")
+            self._check_read_fds()
+            return self._read(offset, max_records, max_bytes)
+
+    def _read(self, offset: int, max_records: int, max_bytes: int) -> list[Record]:
         out: list[Record] = []
         offset = max(offset, self.start_offset)
         while len(out) < max_records:
@@ -823,14 +945,18 @@ class Partition:
             return
         if self.dirty and self.config.fsync != "never":
             self.flush()
+        compactor = self._compactor
         with self._tlock:
             self._close_files()
+        if compactor is not None:
+            compactor.join()  # it stops at the next segment, before writing one
 
     def _close_files(self) -> None:
         self.closed = True
-        for fd in self._rfds.values():
-            os.close(fd)
-        self._rfds.clear()
+        with self._rlock:
+            for fd in self._rfds.values():
+                os.close(fd)
+            self._rfds.clear()
         for fd in (self._wfd, self._ifd):
             if fd >= 0:
                 os.close(fd)
