@@ -171,6 +171,26 @@ def writer(directory: str, segment_bytes: str, run: str, acks: str, seed: str) -
     sys.exit("writer was never killed")
 
 
+def compact_writer(directory: str, run: str, acks: str, seed: str) -> None:
+    """Append keyed records to a compact topic of 8 KiB segments until killed, so that
+    compactions run all along; after each append returns, writes ``offset key`` to
+    ``acks``. Values are :func:`crash_value` s; keys are ``k0`` to ``k{KEYS - 1}``."""
+    rng = random.Random(int(seed))
+    log = Log(directory, fsync="always")
+    part = log.create_topic(TOPIC, 1, segment_bytes=8192, compact=True).partitions[0]
+    ack = _appender(acks)
+    give_up = time.monotonic() + CHILD_LIFETIME
+    while time.monotonic() < give_up:
+        first = part.end_offset
+        key = f"k{rng.randrange(KEYS)}"
+        pad = rng.randbytes(rng.randint(0, 60)).hex().encode()
+        got = part.append(crash_value(first, int(run), pad), key=key.encode())
+        if got != first:
+            sys.exit(f"append returned offset {got}, but end_offset was {first}")
+        ack(f"{first} {key}\n")
+    sys.exit("writer was never killed")
+
+
 def producer(directory: str, producer_id: str, count: str, gate: str) -> None:
     """Append ``count`` keyed records: value ``producer:key:seq``, key ``k{i % KEYS}``.
 
@@ -420,6 +440,7 @@ def tx_noise(directory: str, stop: str) -> None:
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "writer": writer,
+    "compact_writer": compact_writer,
     "producer": producer,
     "consumer": consumer,
     "tx_worker": tx_worker,

@@ -254,6 +254,45 @@ def test_reboot_recovery_cuts_the_tail_a_reboot_tore(tmp_path: Path) -> None:
         check_crash_log(part, [(0, 0, 30), (1, 30, torn.base - 30)])
 
 
+@pytest.mark.slow
+def test_writer_killed_while_compacting_keeps_every_keys_newest_record(tmp_path: Path) -> None:
+    """10 SIGKILLs of a writer on a compact topic with 8 KiB segments, so that kills land
+    in rolls and in background compactions: after each, every key's newest acknowledged
+    record (or a newer one) reads back intact, and appends go on at the end."""
+    rng = random.Random(11)
+    log_dir = tmp_path / "log"
+    newest: dict[bytes, int] = {}  # key -> offset of its last acknowledged record
+    with Children(tmp_path) as kids:
+        for run in range(10):
+            acks = tmp_path / f"acks-{run}"
+            proc = kids.spawn("compact_writer", log_dir, run, acks, rng.randrange(1 << 32))
+            wait_until(
+                lambda: len(complete_lines(acks)) > 200 or proc.poll() is not None,  # noqa: B023
+                30,
+                f"compacting writer run {run} to acknowledge 200 appends",
+            )
+            time.sleep(rng.uniform(0.0, 0.2))  # the random moment of the kill
+            kids.kill(proc)
+            for line in complete_lines(acks):
+                offset, key = line.split()
+                newest[key.encode()] = int(offset)
+            with Log(log_dir) as log:
+                part = log.topic(TOPIC).partitions[0]
+                records = read_all(part)
+                for rec in records:
+                    decoded = parse_crash_value(rec.value)
+                    assert decoded is not None, f"damaged value read back: {rec!r}"
+                    assert decoded[0] == rec.offset, f"record of {decoded[0]} read at {rec!r}"
+                last = {r.key: r.offset for r in records}
+                lost = {k: o for k, o in newest.items() if last.get(k, -1) < o}
+                assert not lost, f"keys whose newest acknowledged record is gone: {lost}"
+                end = part.end_offset
+                assert part.append(crash_value(end, 99, b""), key=b"k0") == end
+                newest[b"k0"] = end
+    segments = list((log_dir / "topics" / TOPIC / "0").glob("*.log"))
+    assert len(segments) < 40, "compaction did not keep the segment count down"
+
+
 def test_writer_killed_mid_roll_leaves_every_record_readable(tmp_path: Path) -> None:
     """A writer killed inside a segment roll, after creating the next segment file and
     before publishing the roll, leaves an empty file named after the end offset (the
