@@ -176,6 +176,46 @@ def test_v7_2_4_a_privilege_change_rotates_the_id(manager: SessionManager, clock
     assert not manager.save(session)  # the old object is spent
 
 
+def test_v7_4_2_a_rotation_never_brings_back_a_session_ended_meanwhile(
+    manager: SessionManager,
+) -> None:
+    """A request that loaded the session before "log out everywhere" and rotates after it
+    gets a new anonymous session, and the user has none."""
+    session = logged_in(manager, role="user")
+    request = manager.load(session.id)
+    assert manager.logout_everywhere("alice") == 1
+    request["role"] = "admin"
+    rotated = manager.rotate(request)
+    assert rotated.is_new
+    assert rotated.user_id is None
+    assert "role" not in rotated
+    assert manager.sessions_of("alice") == []
+    assert not manager.save(request)
+
+
+def test_v7_2_4_a_rotation_keeps_what_another_request_saved_meanwhile(
+    manager: SessionManager,
+) -> None:
+    session = logged_in(manager, role="user", cart=[])
+    request, other = manager.load(session.id), manager.load(session.id)
+    other["cart"] = ["book"]
+    assert manager.save(other)
+    request["role"] = "admin"
+    rotated = manager.rotate(request)
+    assert manager.load(rotated.id).to_dict() == {"role": "admin", "cart": ["book"]}
+    assert manager.load(session.id).is_new
+
+
+def test_rotating_a_session_never_stored_stores_nothing(
+    manager: SessionManager, store: CountingStore
+) -> None:
+    session = manager.load(None)
+    rotated = manager.rotate(session)
+    assert rotated.id != session.id
+    assert store.load(store_key(rotated.id)) is None
+    assert manager.load(rotated.id).is_new
+
+
 # -- 7.3 session timeout ------------------------------------------------------------------
 
 
@@ -294,6 +334,19 @@ def test_concurrent_requests_merge_different_keys(manager: SessionManager) -> No
     assert manager.save(b)
     assert manager.load(session.id).to_dict() == {"theme": "dark", "lang": "fr"}
     assert b.to_dict() == {"theme": "dark", "lang": "fr"}  # the saved object holds the merge
+
+
+def test_a_key_mutated_in_place_merges_with_a_change_of_another_key(
+    manager: SessionManager,
+) -> None:
+    session = logged_in(manager, cart=["pen"])
+    a, b = manager.load(session.id), manager.load(session.id)
+    a["cart"].append("book")
+    a.mark_changed("cart")
+    b["theme"] = "dark"
+    assert manager.save(b)
+    assert manager.save(a)  # no conflict: b changed another key
+    assert manager.load(session.id).to_dict() == {"cart": ["pen", "book"], "theme": "dark"}
 
 
 @pytest.mark.parametrize(("policy", "expected"), [("ours", 2), ("theirs", 1)])

@@ -434,7 +434,13 @@ class Session(MutableMapping[str, Any]):
         return bool(self._original)
 
     def mark_changed(self, key: str) -> None:
-        """Declare that the value of ``key`` was mutated in place."""
+        """Declare that the value of ``key`` was mutated in place.
+
+        Its value before is not known, so on a conflict this request's value of
+        ``key`` is written over a change another request made to that same key
+        (changes to other keys are merged as usual). Assign the key a new value
+        instead to have such a conflict detected.
+        """
         self._original.setdefault(key, _UNKNOWN)
 
     def __getitem__(self, key: str) -> Any:

@@ -310,11 +310,9 @@ class SessionManager:
             other = theirs.get(key, _MISSING)
             bases[key] = other
             # changed by both sides is a conflict even when both wrote the same value
-            # (two increments of a counter from 5 both write 6)
-            if before is _UNKNOWN:
-                both = other is not mine and other != mine
-            else:
-                both = other is not before and other != before
+            # (two increments of a counter from 5 both write 6); a key mutated in place
+            # has no known value before, so it cannot be told to be one
+            both = before is not _UNKNOWN and other is not before and other != before
             if both:
                 if self.on_conflict == "raise":
                     raise SessionConflict(
@@ -362,18 +360,36 @@ class SessionManager:
         """The same session (user, data, absolute deadline) under a new id, stored.
 
         Call it when the session's privileges change. The old id stops working
-        before this returns.
+        before this returns, and changes another request saved meanwhile are
+        merged in (a real conflict follows ``on_conflict``). A session ended
+        meanwhile (logged out here or elsewhere) is not brought back: a new
+        anonymous session comes back instead. A session never stored only
+        gets a new id; it is stored by the next save, as before.
         """
-        now = self._clock()
         session_id = new_session_id(session.user_id)
+        if not session.version:
+            session.ended = True
+            return Session(session.record(id=store_key(session_id)), session_id)
+        current = self.store.load(session.store_key)
+        if current is not None:  # a real conflict raises here, with nothing changed
+            same = current.version == session.version
+            data = dict(session._data) if same else self._merge(session, current)
+        # deleted before the new one is stored: if that finds it gone, it was ended
+        # meanwhile, and stays ended
+        if current is None or not self.store.delete(session.store_key):
+            session.ended = True
+            return self.new(session.client)
+        now = self._clock()
         record = session.record(
             id=store_key(session_id),
             version=1,
             last_seen=now,
             expires_at=min(now + self.idle_timeout, session.created_at + self.absolute_timeout),
-            data=dict(session._data),
+            data=data,
         )
-        return self._replace(session, record, session_id)
+        self.store.save(record)
+        session.ended = True
+        return Session(record, session_id)
 
     def _replace(self, old: Session, record: SessionRecord, session_id: str) -> Session:
         self.store.save(record)
