@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 
 from polybus.errors import ConfigurationError
-from polybus.sessions import SessionManager, SessionRecord, SessionStore, open_store, store_key
+from polybus.sessions import (
+    SessionManager,
+    SessionRecord,
+    SessionStore,
+    new_session_id,
+    open_store,
+    store_key,
+)
 from polybus.sessions.middleware import (
     MAX_COOKIE_SIZE,
     CookieSettings,
@@ -27,6 +34,7 @@ from polybus.sessions.middleware import (
     session_of,
 )
 from polybus.sessions.tokens import Ed25519Key, HMACKey, Keyring
+from polybus.testing import servers
 
 COOKIE = "__Host-session"
 
@@ -484,7 +492,7 @@ def test_v7_4_2_logout_everywhere_ends_every_browser_of_the_user(site: Site) -> 
 # -- tampered, oversized and malformed cookies ----------------------------------------
 
 
-def test_tampered_cookies_are_refused_cleared_and_never_an_error_page(site: Site) -> None:
+def test_v7_2_1_tampered_cookies_are_refused_cleared_and_never_an_error_page(site: Site) -> None:
     browser = logged_in(site)
     good = browser.cookie
     assert good is not None
@@ -523,17 +531,51 @@ def test_tampered_cookies_are_refused_cleared_and_never_an_error_page(site: Site
     ],
     ids=["empty", "no-value", "equals", "oversized", "latin1", "quote", "dots", "junk", "many"],
 )
-def test_malformed_and_oversized_cookies_get_an_anonymous_session(site: Site, header: str) -> None:
-    reply = site.browser().get("/whoami", cookie_header=header)
+def test_v7_2_1_malformed_and_oversized_cookies_get_an_anonymous_session(
+    site: Site, header: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="polybus.sessions"):
+        reply = site.browser().get("/whoami", cookie_header=header)
     assert reply.status == 200
     assert reply.body == {"user": None, "count": None, "new": True}
     assert site.store.loads == 0
+    if header.startswith(f"{COOKIE}=") and len(header) > len(COOKIE) + 1:  # a value was sent
+        assert any(c.startswith(f"{COOKIE}=") and "Max-Age=0" in c for c in reply.set_cookies)
+        assert "session cookie refused" in caplog.text
 
 
 def test_a_valid_cookie_next_to_a_bad_duplicate_still_works(site: Site) -> None:
     browser = logged_in(site)
     header = f"{COOKIE}=forged.value; other=1; {COOKIE}={browser.cookie}"
     assert site.browser().get("/whoami", cookie_header=header).body["user"] == "alice"
+
+
+@pytest.fixture(params=["starlette", "flask"])
+def down_site(request: pytest.FixtureRequest) -> Iterator[tuple[Callable[..., Reply], Keyring]]:
+    """The app on a Redis store nothing listens for: the client library's own errors."""
+    manager = SessionManager(f"redis://127.0.0.1:{servers.free_port()}/0")
+    keys = Keyring(HMACKey.generate("cookie-1"))
+    make = starlette_app if request.param == "starlette" else flask_app
+    yield make({"manager": manager, "keys": keys}), keys
+    manager.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/whoami"), ("POST", "/logout")],
+    ids=["read-in-the-handler", "read-when-the-response-starts"],
+)
+def test_a_store_that_is_down_gets_a_503_never_an_error_page(
+    down_site: tuple[Callable[..., Reply], Keyring], method: str, path: str
+) -> None:
+    """Fail closed (the default): 503 with Retry-After, whether the store failed while the
+    handler read the session or at the end of the request; the cookie stays as it is."""
+    call, keys = down_site
+    cookie = f"{COOKIE}={CookieSigner(keys).sign(new_session_id())}"
+    reply = call(method, path, {"Cookie": cookie})
+    assert reply.status == 503
+    assert "session store cannot be reached" in reply.body
+    assert reply.set_cookies == []
 
 
 def test_session_of_names_a_missing_middleware() -> None:

@@ -31,6 +31,11 @@ unknown key is refused before any store call, logged, and cleared in the
 response; the request continues with a new anonymous session, never an error
 page.
 
+When the store is down and the manager fails closed (its default), the
+request gets ``503 Service Unavailable`` with ``Retry-After``, never a 500
+from a client library: whether the store failed while the application read
+the session or when the response started. The cookie is left as it is.
+
 ``__Host-`` cookies need ``Secure``, which browsers accept over HTTPS; Chromium
 (checked with 156) also accepts them from ``http://localhost`` and
 ``http://127.0.0.1``, other browsers and versions may not. For plain-HTTP
@@ -53,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import ConfigurationError
-from .base import ClientInfo, Session
+from .base import ClientInfo, Session, SessionStoreUnavailable
 from .manager import SessionManager, handle_of
 from .tokens import HMACKey, Keyring, b64encode
 
@@ -186,6 +191,8 @@ class LazySession(MutableMapping[str, Any]):
         self._ended: Session | None = None  # the loaded session a logout() ended
         self._ended_id: str | None = None  # the id a logout() ended before it was loaded
         self.rejected: str | None = None  #: why the request's cookie was refused, if it was
+        #: the store's failure when loading the session failed (the middleware answers 503)
+        self.unavailable: SessionStoreUnavailable | None = None
 
     # loading
 
@@ -199,9 +206,16 @@ class LazySession(MutableMapping[str, Any]):
         return self._session is not None or bool(self._actions) or self.rejected is not None
 
     def load(self) -> Session:
-        """The session, read from the store now if not yet (blocks on the store)."""
+        """The session, read from the store now if not yet (blocks on the store).
+
+        Raises SessionStoreUnavailable (the middleware answers 503 for it).
+        """
         if self._session is None:
-            self._session = self._manager.load(self._cookie_id, self._client)
+            try:
+                self._session = self._manager.load(self._cookie_id, self._client)
+            except SessionStoreUnavailable as exc:
+                self.unavailable = exc
+                raise
         return self._session
 
     async def aload(self) -> Session:
@@ -403,17 +417,37 @@ class SessionMiddleware:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_with_cookie(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and lazy.touched:
-                cookies = await asyncio.to_thread(
-                    self._sessions.finish, lazy, int(message["status"])
-                )
-                if cookies:
-                    extra = [(b"set-cookie", c.encode("latin-1")) for c in cookies]
-                    message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            nonlocal started
+            if message["type"] == "http.response.start":
+                if lazy.unavailable is not None and int(message["status"]) == 500:
+                    raise lazy.unavailable  # the application answered it with a plain 500
+                if lazy.touched:
+                    cookies = await asyncio.to_thread(
+                        self._sessions.finish, lazy, int(message["status"])
+                    )
+                    if cookies:
+                        extra = [(b"set-cookie", c.encode("latin-1")) for c in cookies]
+                        message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                started = True
             await send(message)
 
-        await self.app(scope, receive, send_with_cookie)
+        try:
+            await self.app(scope, receive, send_with_cookie)
+        except SessionStoreUnavailable as exc:
+            if started:
+                raise
+            headers, body = _unavailable_response(exc)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
 
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -441,19 +475,53 @@ class WSGISessionMiddleware:
         client = ClientInfo(environ.get("HTTP_USER_AGENT", ""), environ.get("REMOTE_ADDR", ""))
         lazy = self._sessions.begin([cookie] if cookie else [], client)
         environ["polybus.session"] = lazy
-        finished = False
+        finished = replaced = started = False
 
         def start_with_cookie(
             status: str, headers: list[tuple[str, str]], exc_info: Any = None
         ) -> Any:
-            nonlocal finished
+            nonlocal finished, replaced, started
             if not finished:
                 finished = True
                 code = int(status.split(" ", 1)[0])
-                headers = [
-                    *headers,
-                    *(("Set-Cookie", c) for c in self._sessions.finish(lazy, code)),
-                ]
+                if lazy.unavailable is not None and code == 500:
+                    # the application answered the store's failure with a plain 500
+                    replaced = True
+                    status, headers = _UNAVAILABLE, _unavailable_response(lazy.unavailable)[0]
+                else:
+                    headers = [
+                        *headers,
+                        *(("Set-Cookie", c) for c in self._sessions.finish(lazy, code)),
+                    ]
+            started = True
             return start_response(status, headers, exc_info)
 
-        return self.app(environ, start_with_cookie)
+        try:
+            body = self.app(environ, start_with_cookie)
+        except SessionStoreUnavailable as exc:
+            if started:
+                raise
+            headers, text = _unavailable_response(exc)
+            start_response(_UNAVAILABLE, headers)
+            return [text]
+        if not replaced:
+            return body
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+        return [_UNAVAILABLE_BODY]
+
+
+_UNAVAILABLE = "503 Service Unavailable"
+_UNAVAILABLE_BODY = b"503 Service Unavailable: the session store cannot be reached; try again\n"
+
+
+def _unavailable_response(exc: SessionStoreUnavailable) -> tuple[list[tuple[str, str]], bytes]:
+    """Headers and body of the 503 for a request whose session store is down."""
+    log.warning("session store unavailable, answering 503: %s", exc)
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(_UNAVAILABLE_BODY))),
+        ("Retry-After", "1"),
+    ]
+    return headers, _UNAVAILABLE_BODY
