@@ -19,7 +19,9 @@ the view holds at ``n`` (or the first record of an id never seen), so of two
 saves made from the same version only the first in the log counts. A save
 returns once its instance has read its own record and knows which it was;
 the loser gets SessionConflict and appends the winner's record again, so
-that compaction (which keeps the last record per key) keeps the winner.
+that compaction (which keeps the last record per key) keeps the winner. A
+delete first reads the topic to its current end (through a marker record of
+its own), so it also ends sessions other instances saved a moment before.
 
 Expired sessions are never returned. Every ``sweep_interval`` seconds an
 instance forgets them and appends a deletion for those it wrote last (and
@@ -33,6 +35,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ...bus import Bus, Subscriber
@@ -237,12 +240,16 @@ class KafkaStore:
         raise SessionConflict.stale(record.id, expected=record.version - 1, current=current)
 
     def delete(self, session_id: str) -> bool:
-        return self._delete([session_id]) > 0
+        return self._delete(lambda: [session_id]) > 0
 
-    def _delete(self, ids: list[str]) -> int:
+    def _delete(self, ids_of: Callable[[], list[str]]) -> int:
+        """Delete the live sessions among ``ids_of()``, asked under the view's lock once
+        the view holds the whole topic as it is now: a session another instance saved a
+        moment ago is found (and deleted) too."""
+        self._wait_for(self._publish(MARKER, uuid.uuid4().bytes))
         now = time.time()
         with self._cond:
-            known = [sid for sid in ids if self._view.live(sid, now) is not None]
+            known = [sid for sid in ids_of() if self._view.live(sid, now) is not None]
         if not known:
             return 0
         messages = [Message(_DELETED, key=sid, headers=self._origin) for sid in known]
@@ -261,9 +268,7 @@ class KafkaStore:
         return records_of(self.codec, items)
 
     def delete_user(self, user_id: str, *, keep: str | None = None) -> int:
-        with self._cond:
-            ids = [sid for sid in self._view.user_ids(user_id) if sid != keep]
-        return self._delete(ids)
+        return self._delete(lambda: [sid for sid in self._view.user_ids(user_id) if sid != keep])
 
     def close(self) -> None:
         with self._cond:
