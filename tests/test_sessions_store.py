@@ -164,7 +164,10 @@ def test_redis_sentinel_follows_a_failover(tmp_path: Path) -> None:
             )
         )
         wait_until(lambda: servers.reachable("127.0.0.1", sentinel_port, 0.2), "the sentinel")
-        manager = SessionManager(f"redis+sentinel://127.0.0.1:{sentinel_port}/main")
+        # redis-py's own options in the URL arrive typed (a str timeout would be a TypeError)
+        manager = SessionManager(
+            f"redis+sentinel://127.0.0.1:{sentinel_port}/main?socket_timeout=2&max_connections=50"
+        )
         try:
             session = manager.login(manager.load(None), "alice")
             session["step"] = 1

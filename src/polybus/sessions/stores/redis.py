@@ -28,11 +28,13 @@ the ones this store last saved or read (it keeps them decoded, for the last
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.cluster
+import redis.connection
 import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
@@ -299,8 +301,13 @@ def from_url(url: str, **options: Any) -> RedisStore:
     }
     try:
         client: redis.Redis | redis.cluster.RedisCluster
-        if parts.scheme == "redis+sentinel":
-            client_options.update(dict(theirs))
+        if parts.scheme == "redis+sentinel":  # options typed as redis-py types its URLs'
+            parsers = cast(
+                dict[str, Callable[[str], Any]], redis.connection.URL_QUERY_ARGUMENT_PARSERS
+            )
+            for name, value in theirs:
+                parse = parsers.get(name)
+                client_options[name] = parse(value) if parse is not None else value
             client = _sentinel_client(url, client_options)
         elif ours.pop("cluster", "false").lower() in ("1", "true", "yes", "on"):
             client_url = urlunsplit(parts._replace(query=urlencode(theirs)))
