@@ -116,7 +116,12 @@ def test_v7_sessions_of_a_dead_instance_keep_their_data_on_the_next_one(
     victim = router.route(ids[0])
     del instances[victim]  # the instance dies (its store connection is closed after the test)
     router.mark_dead(victim)
+    moved = 0
     for i, sid in enumerate(ids):
+        owners = list(router.ring.preference(sid))
+        expected = owners[1] if owners[0] == victim else owners[0]
+        assert router.route(sid) == expected, "a session went elsewhere than its next instance"
+        moved += owners[0] == victim
         manager = instances[router.route(sid)]
 
         def arrived(manager: SessionManager = manager, sid: str = sid, i: int = i) -> bool:
@@ -126,3 +131,4 @@ def test_v7_sessions_of_a_dead_instance_keep_their_data_on_the_next_one(
         wait_until(arrived, f"session {i} on the instance it failed over to")
         session = manager.load(sid)
         assert (session.is_new, session.user_id) == (False, f"user-{i}")
+    assert moved > 0

@@ -337,7 +337,7 @@ def test_v9_2_2_one_time_and_access_tokens_are_not_interchangeable(tokens: Token
 # -- one-time tokens and revocation (V7.4) --------------------------------------------
 
 
-def test_one_time_token_is_accepted_once_even_under_a_race(tokens: Tokens) -> None:
+def test_v7_4_1_one_time_token_is_accepted_once_even_under_a_race(tokens: Tokens) -> None:
     once = tokens.issue_one_time("user-1", {"purpose": "confirm-email"})
     assert redeem_at_once([tokens] * 8, once) == ["ok"] + ["replayed"] * 7
     with pytest.raises(TokenReplayed):
@@ -375,7 +375,7 @@ def redeem_at_once(instances: list[Tokens], token: str) -> list[str]:
     return sorted(results)
 
 
-def test_one_time_token_is_accepted_once_across_instances_sharing_a_store(
+def test_v7_4_1_one_time_token_is_accepted_once_across_instances_sharing_a_store(
     nonce_store_url: str,
 ) -> None:
     keys = Keyring(HMACKey.generate("k"))
@@ -465,7 +465,7 @@ def test_revocation_retention_must_cover_the_token_lifetime() -> None:
         "é.e30.AAAA",
     ],
 )
-def test_malformed_tokens_raise_invalid_token(tokens: Tokens, token: str) -> None:
+def test_v9_1_1_malformed_tokens_raise_invalid_token(tokens: Tokens, token: str) -> None:
     with pytest.raises(InvalidToken):
         tokens.verify(token)
 
@@ -482,7 +482,7 @@ def test_non_string_tokens_raise_invalid_token(tokens: Tokens) -> None:
         r"[A-Za-z0-9_-]{0,60}\.[A-Za-z0-9_-]{0,60}\.[A-Za-z0-9_-]{0,90}", fullmatch=True
     )
 )
-def test_fuzzed_tokens_only_ever_raise_invalid_token(text: str) -> None:
+def test_v9_1_1_fuzzed_tokens_only_ever_raise_invalid_token(text: str) -> None:
     tokens = Tokens(Keyring(HMACKey("k1", b"k" * 32)), issuer=ISSUER, audience=AUDIENCE)
     with pytest.raises(InvalidToken):
         tokens.verify(text)
@@ -552,7 +552,10 @@ def test_v7_4_1_revocation_reaches_every_instance_within_a_bounded_delay(
     delays = [wait_until(lambda t=t: refused(t, token)) for t in (b, c)]
     elapsed = time.monotonic() - revoked_at
     print(f"revocation propagation on {backend.name}: {elapsed * 1000:.0f} ms to both instances")
-    assert max(delays) < PROPAGATION_DEADLINE
+    # milliseconds when the machine is idle; the bound leaves room for a loaded one, and
+    # for the Kafka-protocol broker here, whose fetches take up to half a second
+    bound = 5.0 if backend.name == "kafka" else 1.0
+    assert max(delays) < bound, f"a revocation took {max(delays):.2f} s to arrive"
     assert c.verify(others)["sub"] == "user-2"
 
 
