@@ -279,6 +279,34 @@ def test_rabbitmq_without_streams_catches_up_from_a_snapshot() -> None:
         servers.rabbitmq_delete_topic(topic, ())
 
 
+def test_rabbitmq_catches_up_from_the_stream_with_no_instance_running() -> None:
+    """With streams, a new instance replays the changes from the stream: saves, a
+    second version and a delete, written by an instance that is gone by then."""
+    require_server("rabbitmq", servers.rabbitmq_unavailable())
+    topic = f"sessions-{uuid.uuid4().hex[:12]}"
+    url = with_options(servers.rabbitmq_url(), topic=topic)
+    try:
+        first = open_store(url)
+        try:
+            recs = [record("alice", n=i) for i in range(3)]
+            for rec in recs:
+                first.save(rec)
+            first.save(recs[1]._replace(version=2, data={"n": 10}))
+            first.delete(recs[2].id)
+        finally:
+            first.close()
+        second = open_store(url)  # caught up when it returns
+        try:
+            assert second.load(recs[0].id) == recs[0]
+            assert second.load(recs[1].id) == recs[1]._replace(version=2, data={"n": 10})
+            assert second.load(recs[2].id) is None
+            assert [r.id for r in second.user_sessions("alice")] == [recs[0].id, recs[1].id]
+        finally:
+            second.close()
+    finally:
+        servers.rabbitmq_delete_topic(topic, ())
+
+
 def test_kafka_store_deletes_what_expired_so_compaction_can_shrink_it() -> None:
     require_server("kafka", servers.kafka_unavailable())
     topic = f"sessions-{uuid.uuid4().hex[:12]}"
