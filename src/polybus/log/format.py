@@ -302,6 +302,7 @@ def decode_batch(
 
 _I32 = struct.Struct("<i")
 _TWO_I32 = struct.Struct("<ii")
+_ATTRS_AT: Final = 9  # byte position of ``attrs`` in a batch
 _VALUE_AT: Final = HEADER_SIZE + 4  # a plain one-record batch: header, value length, value
 
 #: ``(position, size, first offset, keys)`` of one batch, as :func:`scan_keys` finds it
@@ -315,19 +316,9 @@ def scan_keys(buf: bytes, pos: int, end: int, out: list[KeyedBatch]) -> int:
     position reached (``end``); raises :class:`BadBatch` at a damaged batch
     (``args[1]`` is its position).
     """
-    unpack = HEADER.unpack_from
     while pos < end:
-        # check_batch's checks, inlined: compaction runs this once per stored batch
-        if end - pos < HEADER_SIZE:
-            raise BadBatch("truncated header", pos)
-        length, crc, magic, attrs, _r, base, n, _ts = unpack(buf, pos)
-        size = length + LENGTH_SIZE
-        if magic != MAGIC or length < HEADER_SIZE - LENGTH_SIZE or n == 0:
-            raise BadBatch(f"bad framing (magic {magic}, length {length}, count {n})", pos)
-        if pos + size > end:
-            raise BadBatch(f"truncated batch ({end - pos} of {size} bytes)", pos)
-        if crc32c(buf[pos + 8 : pos + size]) != crc:
-            raise BadBatch("CRC-32C mismatch", pos)
+        base, n, size = check_batch(buf, pos, end)
+        attrs = buf[pos + _ATTRS_AT]
         if not attrs & HAS_KEYS:
             out.append((pos, size, base, (None,) * n))
             pos += size
