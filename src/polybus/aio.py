@@ -78,6 +78,9 @@ class AsyncBus:
     ) -> list[Receipt]:
         return await self._run(self.bus.publish_many, topic, list(messages), **options)
 
+    async def tombstone(self, topic: str, key: str | bytes, **options: Any) -> Receipt:
+        return await self._run(self.bus.tombstone, topic, key, **options)
+
     async def subscribe(
         self, topic: str, group: str | None = None, **options: Any
     ) -> AsyncSubscriber:

@@ -73,8 +73,8 @@ def _key_bytes(key: object, headers: list[tuple[str, str]]) -> bytes | None:
 
 def _to_out(message: Message, not_before_ms: int) -> OutRecord:
     value, content_type = message._value, message.content_type
-    if value is _MISSING:  # received and never decoded: forward the payload as it came
-        assert message.payload is not None
+    payload: bytes | None
+    if value is _MISSING:  # received and never decoded: forward the payload (or tombstone)
         payload = message.payload
         headers = [(MESSAGE_ID, message.id)]
         if content_type is not None:
@@ -186,7 +186,7 @@ class Subscriber:
         decode = decoder_for(content_type)
         if self._model is not None:
             decode = self._model_decoder(decode)
-        return decode(record.value)
+        return None if record.value is None else decode(record.value)
 
     def _nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
         self._sub.nack(records, requeue=requeue)
@@ -471,6 +471,26 @@ class Bus:
             return []
         self._ensure(topic)
         return self.backend.publish(topic, records)
+
+    def tombstone(
+        self, topic: str, key: str | bytes, *, headers: Mapping[str, str] | None = None
+    ) -> Receipt:
+        """Publish a tombstone: a record of ``key`` with no value, which tells a compacted
+        topic to forget the key. Consumers get it with ``value`` None.
+
+        Needs Capability.COMPACTION (native, Kafka); raises CapabilityError otherwise,
+        ConfigurationError for a key of None.
+        """
+        self._check()
+        if Capability.COMPACTION not in self.capabilities:
+            raise CapabilityError(
+                "tombstones need a backend with compacted topics (native, memory, Kafka)"
+            )
+        if key is None:
+            raise ConfigurationError("a tombstone needs the key it deletes")
+        record = _to_out(Message(b"", key=key, headers=headers), 0)._replace(value=None)
+        self._ensure(topic)
+        return self.backend.publish(topic, [record])[0]
 
     def _publish_records(self, topic: str, records: Sequence[OutRecord]) -> list[Receipt]:
         """Publish records built by a pattern (envelope and all) as they are."""

@@ -104,7 +104,8 @@ class Message:
     ``value`` is any value the codecs can encode (bytes, str, JSON-able data,
     pydantic models); on receive it is decoded lazily from ``payload`` by its
     ``content_type``, raising :class:`~polybus.errors.DecodeError` on access if
-    the payload does not match. ``id`` is a UUIDv7 made at construction.
+    the payload does not match. A tombstone (:meth:`polybus.Bus.tombstone`)
+    has ``payload`` and ``value`` None. ``id`` is a UUIDv7 made at construction.
     """
 
     __slots__ = (
@@ -154,7 +155,7 @@ class Message:
     @classmethod
     def received(
         cls,
-        payload: bytes,
+        payload: bytes | None,
         decoder: Callable[[bytes], Any],
         *,
         key: str | bytes | None,
@@ -183,8 +184,8 @@ class Message:
     def value(self) -> Any:
         if self._value is Message._MISSING:
             assert self._decoder is not None
-            assert self.payload is not None
-            self._value = self._decoder(self.payload)
+            payload = self.payload
+            self._value = None if payload is None else self._decoder(payload)  # None: tombstone
         return self._value
 
     def reply(self, value: Any = None, **kwargs: Any) -> Message:

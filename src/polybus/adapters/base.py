@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
+from ..errors import CapabilityError
+
 __all__ = [
     "Backend",
     "Capability",
@@ -50,7 +52,7 @@ class OutRecord(NamedTuple):
     A tuple, not a dataclass: one is built per published message.
     """
 
-    value: bytes
+    value: bytes | None  #: None: a tombstone (needs Capability.COMPACTION)
     key: bytes | None = None
     headers: tuple[tuple[str, str], ...] = ()
     timestamp_ms: int = 0
@@ -64,12 +66,21 @@ class InRecord:
     topic: str
     partition: int
     offset: int | str
-    value: bytes
+    value: bytes | None  #: None: a tombstone
     key: bytes | None
     headers: tuple[tuple[str, str], ...]
     timestamp_ms: int
     attempt: int = 1  #: 1 on first delivery, +1 per redelivery this backend knows of
     handle: object = None  #: the adapter's own token for ack/nack (never shown to users)
+
+
+def refuse_tombstones(records: Sequence[OutRecord], backend: str) -> None:
+    """For a backend without compacted topics: a record without a value is refused."""
+    if any(r.value is None for r in records):
+        raise CapabilityError(
+            f"{backend} has no compacted topics, so no tombstones (records without a value): "
+            "use the native engine or Kafka, or publish an explicit deletion value"
+        )
 
 
 class Receipt(NamedTuple):

@@ -1527,7 +1527,7 @@ class KafkaSubscription:
                     headers = ()
                 offset = m.offset()
                 track(offset)
-                append(record(topic, p, offset, m.value() or b"", m.key(), headers, ts, 1, state))
+                append(record(topic, p, offset, m.value(), m.key(), headers, ts, 1, state))
         return out
 
     def _on_message_error(self, err: KafkaError) -> None:

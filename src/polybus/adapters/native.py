@@ -95,7 +95,7 @@ class NativeSubscription:
                 topic,
                 r.partition,
                 r.offset,
-                r.value or b"",
+                r.value,
                 r.key,
                 r.headers,
                 r.timestamp_ms,

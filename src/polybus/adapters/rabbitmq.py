@@ -81,7 +81,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika  # type: ignore[import-untyped]
@@ -105,7 +105,15 @@ from ..errors import (
     TopicNotFound,
 )
 from ..message import CONTENT_TYPE, CORRELATION_ID, MESSAGE_ID, TIMESTAMP
-from .base import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec
+from .base import (
+    Capability,
+    InRecord,
+    OutRecord,
+    Receipt,
+    Start,
+    TopicSpec,
+    refuse_tombstones,
+)
 
 __all__ = [
     "BINDING_KEY",
@@ -1043,7 +1051,7 @@ class _FrameWriter:
     def publish(self, exchange: str, record: OutRecord) -> None:
         """Queue one record; raises ConfigurationError for a header AMQP cannot carry."""
         routing_key, content = _content(record)
-        body = record.value
+        body = cast(bytes, record.value)  # the adapter's publish refuses tombstones
         if self._emit is None:
             properties = _pika_properties(content)
             self._channel.basic_publish(exchange, routing_key, body, properties, self._mandatory)
@@ -1255,7 +1263,7 @@ class _Publisher:
         elif code == 406 and (m := re.search(r"max size (\d+)", text)):
             self.max_message = int(m.group(1))
             for job in jobs:
-                if any(len(r.value) > self.max_message for r in job.records):
+                if any(len(cast(bytes, r.value)) > self.max_message for r in job.records):
                     job.fail(MessageTooLarge(f"RabbitMQ refused an oversized message: {text}"))
                     blamed = True
         if not blamed:  # not attributable: sending the same again would fail the same way
@@ -2232,8 +2240,9 @@ class RabbitMQBackend:
         self._check()
         if not records:
             return []
+        refuse_tombstones(records, "RabbitMQ")
         limit = self._publisher.max_message
-        largest = max([len(record.value) for record in records])
+        largest = max([len(cast(bytes, record.value)) for record in records])
         if largest > limit:
             raise MessageTooLarge(
                 f"a message of {largest} bytes exceeds RabbitMQ's limit of {limit} bytes; "

@@ -102,7 +102,15 @@ from ..errors import (
     TopicNotFound,
 )
 from ..log.engine import check_name, partition_for_key
-from .base import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec
+from .base import (
+    Capability,
+    InRecord,
+    OutRecord,
+    Receipt,
+    Start,
+    TopicSpec,
+    refuse_tombstones,
+)
 
 __all__ = [
     "RedisBackend",
@@ -828,11 +836,13 @@ class RedisBackend:
         answers the last); returns their stream ids once Redis has answered every one.
 
         A retried batch may be stored twice (at-least-once). Raises ConnectionLost past
-        ``reconnect_timeout``, MessageTooLarge over Redis's 512 MiB argument limit.
+        ``reconnect_timeout``, MessageTooLarge over Redis's 512 MiB argument limit,
+        CapabilityError for a tombstone.
         """
         self._check()
         if not records:
             return []
+        refuse_tombstones(records, "Redis")
         t = self._topic(topic)
         now_ms = int(time.time() * 1000)
         commands: list[bytes] = []
@@ -841,9 +851,10 @@ class RedisBackend:
         packer = _Packer()
         n = t.partitions
         for r in records:
-            if len(r.value) > _MAX_BULK:  # Redis would drop the connection: nothing is sent
+            size = len(cast(bytes, r.value))  # no tombstones: refused above
+            if size > _MAX_BULK:  # Redis would drop the connection: nothing is sent
                 raise MessageTooLarge(
-                    f"a {len(r.value)} byte message exceeds Redis's {_MAX_BULK} byte limit"
+                    f"a {size} byte message exceeds Redis's {_MAX_BULK} byte limit"
                 )
             if r.key is not None and n > 1:
                 p = partition_for_key(r.key, n)
@@ -941,7 +952,7 @@ class _Packer:
         return f
 
     def xadd(self, head: bytes, r: OutRecord) -> bytes:
-        v = r.value
+        v = cast(bytes, r.value)  # publish refuses tombstones
         k = r.key
         hs = r.headers
         parts = [

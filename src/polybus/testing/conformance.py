@@ -17,6 +17,7 @@ import pytest
 import polybus
 from polybus import (
     Capability,
+    CapabilityError,
     ClosedError,
     ConfigurationError,
     ConnectionLost,
@@ -43,6 +44,7 @@ __all__ = [
     "test_publish_survives_connection_cuts",
     "test_round_trip_keeps_value_key_headers_and_envelope",
     "test_seek_replays",
+    "test_tombstones_arrive_without_a_value_or_are_refused",
 ]
 
 Connect = Callable[[], polybus.Bus]
@@ -107,6 +109,33 @@ def test_round_trip_keeps_value_key_headers_and_envelope(connect: Connect, topic
         assert d.topic == topic
         assert d.group == "g"
         assert d.attempt == 1
+
+
+def test_tombstones_arrive_without_a_value_or_are_refused(connect: Connect, topic: str) -> None:
+    """A tombstone (a key without a value) reaches consumers in order, with value None, on
+    a backend with compacted topics; elsewhere it is refused and nothing is stored."""
+    bus = connect()
+    bus.declare(topic, groups=["g"])
+    if Capability.COMPACTION not in bus.capabilities:
+        with pytest.raises(CapabilityError, match="tombstone"):
+            bus.tombstone(topic, "k")
+        bus.publish(topic, "after", key="k")
+        with bus.subscribe(topic, "g") as sub:
+            assert [d.value for d in drain(sub, 1)] == ["after"]
+            assert sub.fetch(10, timeout=0.3) == []
+        return
+    bus.publish(topic, {"v": 1}, key="k")
+    receipt = bus.tombstone(topic, "k", headers={"why": "deleted"})
+    assert receipt.topic == topic
+    bus.publish(topic, {"v": 2}, key="k")
+    with bus.subscribe(topic, "g") as sub:
+        got = drain(sub, 3)
+    assert [d.value for d in got] == [{"v": 1}, None, {"v": 2}]
+    tombstone = got[1].message
+    assert (tombstone.key, tombstone.value, tombstone.payload) == ("k", None, None)
+    assert tombstone.headers == {"why": "deleted"}
+    with pytest.raises(ConfigurationError, match="key"):
+        bus.tombstone(topic, None)  # type: ignore[arg-type]
 
 
 def test_per_key_order(connect: Connect, topic: str) -> None:
