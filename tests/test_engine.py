@@ -195,6 +195,24 @@ def test_compaction_drops_a_record_only_for_a_newer_one_that_survives_a_reboot(
         assert [r.value for r in part._scan_from(0) if r.key == b"k"] == [b"new"]
 
 
+def test_compaction_forgets_a_tombstone_once_past_its_retention(tmp_path: Path) -> None:
+    """As Kafka's delete.retention.ms: a tombstone that is its key's newest record stays
+    for a day, so readers see the deletion, then goes; the key's older records went before."""
+    day_ms = 24 * 3600 * 1000
+    with Log(tmp_path, fsync="never") as log:
+        part = log.create_topic("t", segment_bytes=4096, compact=True).partitions[0]
+        long_ago = time.time_ns() // 1_000_000 - 2 * day_ms
+        for key in (b"gone", b"recent"):
+            part.append(b"value", key=key)
+        part.append(None, key=b"gone", timestamp_ms=long_ago)
+        part.append_batch([None, b"kept"], keys=[b"recent", b"other"])
+        while len(list((tmp_path / "topics/t/0").glob("*.log"))) < 2:
+            part.append(b"x" * 500)  # keyless filler until the segment rolls
+        part.compact()
+        keyed = {r.key: r.value for r in part._scan_from(0) if r.key is not None}
+        assert keyed == {b"recent": None, b"other": b"kept"}
+
+
 def test_compaction_runs_in_the_background_after_a_roll(tmp_path: Path) -> None:
     """The append that fills a segment returns before compaction; it happens soon after."""
     with Log(tmp_path, fsync="never") as log:

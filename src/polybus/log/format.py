@@ -303,10 +303,13 @@ def decode_batch(
 _I32 = struct.Struct("<i")
 _TWO_I32 = struct.Struct("<ii")
 _ATTRS_AT: Final = 9  # byte position of ``attrs`` in a batch
+_TS_AT: Final = 24  # byte position of ``base_ts``
+_I64 = struct.Struct("<q")
 _VALUE_AT: Final = HEADER_SIZE + 4  # a plain one-record batch: header, value length, value
 
-#: ``(position, size, first offset, keys)`` of one batch, as :func:`scan_keys` finds it
-KeyedBatch = tuple[int, int, int, tuple[bytes | None, ...]]
+#: ``(position, size, first offset, keys, tombstones, newest timestamp)`` of one batch, as
+#: :func:`scan_keys` finds it; ``tombstones`` flags the records without a value (None: none)
+KeyedBatch = tuple[int, int, int, tuple[bytes | None, ...], tuple[bool, ...] | None, int]
 
 
 def scan_keys(buf: bytes, pos: int, end: int, out: list[KeyedBatch]) -> int:
@@ -319,19 +322,25 @@ def scan_keys(buf: bytes, pos: int, end: int, out: list[KeyedBatch]) -> int:
     while pos < end:
         base, n, size = check_batch(buf, pos, end)
         attrs = buf[pos + _ATTRS_AT]
+        ts = _I64.unpack_from(buf, pos + _TS_AT)[0]
         if not attrs & HAS_KEYS:
-            out.append((pos, size, base, (None,) * n))
+            out.append((pos, size, base, (None,) * n, None, ts))
             pos += size
             continue
         p = pos + HEADER_SIZE
+        tombstones: tuple[bool, ...] | None
         if n == 1 and attrs == HAS_KEYS:  # one keyed append: the sessions store's every save
             vlen, klen = _TWO_I32.unpack_from(buf, p)
             k = p + 8 + max(vlen, 0)
             keys: tuple[bytes | None, ...] = (None if klen < 0 else buf[k : k + klen],)
             k += max(klen, 0)
+            tombstones = (True,) if vlen < 0 else None
         else:
             vlens = struct.unpack_from(f"<{n}i", buf, p)
-            p += 4 * n * (2 if attrs & HAS_TS else 1)
+            p += 4 * n
+            if attrs & HAS_TS:
+                ts += max(struct.unpack_from(f"<{n}I", buf, p))
+                p += 4 * n
             klens = struct.unpack_from(f"<{n}i", buf, p)
             p += 4 * n * (2 if attrs & HAS_HEADERS else 1)
             p += 8 * n if attrs & HAS_NOT_BEFORE else 0
@@ -344,9 +353,10 @@ def scan_keys(buf: bytes, pos: int, end: int, out: list[KeyedBatch]) -> int:
                     found.append(buf[k : k + klen])
                     k += klen
             keys = tuple(found)
+            tombstones = tuple(v < 0 for v in vlens) if min(vlens) < 0 else None
         if k > pos + size:
             raise BadBatch("bad framing (key lengths)", pos)
-        out.append((pos, size, base, keys))
+        out.append((pos, size, base, keys, tombstones, ts))
         pos += size
     return pos
 

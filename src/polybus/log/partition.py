@@ -138,6 +138,9 @@ class PartitionConfig:
     retention_ms: int | None = None
     retention_bytes: int | None = None
     compact: bool = False
+    #: how long compaction keeps a key's tombstone once it is the key's newest record (as
+    #: Kafka's ``delete.retention.ms``): a reader from the start sees deletions that recent
+    delete_retention_ms: int = 24 * 3600 * 1000
     fsync: FsyncPolicy = "interval"
     skip_corrupt: bool = False
 
@@ -609,8 +612,9 @@ class Partition:
         topic, so the append that fills a segment does not wait for it; this
         call compacts now (waiting for a compaction another thread or process
         is running). Offsets are kept, so compacted segments have gaps.
-        Records without a key and the active segment are left alone.
-        Tombstones (value None) stay so that readers see the deletion.
+        Records without a key and the active segment are left alone. A
+        tombstone (value None) stays while newer than ``delete_retention_ms``
+        (24 h), so that readers see the deletion, then goes too.
         """
         return self._compact(wait=True)
 
@@ -683,7 +687,7 @@ class Partition:
             except FileNotFoundError:  # deleted by retention meanwhile
                 continue
             batches = self._keys_of(seg, data, end_pos if seg == active else len(data))
-            for _pos, _size, base, keys in batches:
+            for _pos, _size, base, keys, _tombstones, _ts in batches:
                 if len(keys) == 1:
                     if keys[0] is not None:
                         latest[keys[0]] = base
@@ -694,14 +698,18 @@ class Partition:
             if seg != active:
                 sealed.append((seg, data, batches))
         removed = 0
+        forgotten = time.time_ns() // 1_000_000 - self.config.delete_retention_ms
         for seg, data, batches in sealed:
             if self.closed:
                 break
             chunks: list[tuple[int, bytes]] = []  # (first offset, batch)
             dropped = 0
-            for pos, size, base, keys in batches:
+            for pos, size, base, keys, tombstones, ts in batches:
+                old = tombstones if tombstones is not None and ts < forgotten else None
                 stale = [
-                    i for i, key in enumerate(keys) if key is not None and latest[key] != base + i
+                    i
+                    for i, key in enumerate(keys)
+                    if key is not None and (latest[key] != base + i or (old is not None and old[i]))
                 ]
                 if not stale:
                     chunks.append((base, data[pos : pos + size]))

@@ -13,9 +13,11 @@ Compare-and-set across processes: a save holds the partition's write lock
 (:meth:`~polybus.log.partition.Partition.exclusive`, the lock every append
 takes), catches its view up, compares the version and appends under it, so
 between its check and its write no other process can append. Expired
-sessions are never returned; every
-``sweep_interval`` seconds a save also writes their tombstones, so that
-compaction (at each segment roll) reclaims them.
+sessions are never returned; every ``sweep_interval`` seconds a save also
+writes their tombstones, so that compaction (after each segment roll)
+reclaims them, and the tombstones themselves after a day. A session id
+is never reused, and a late save of a forgotten one conflicts (its version
+follows one the store no longer holds), so nothing comes back.
 
 URL options: the engine's ``fsync`` and ``fsync_interval``, plus ``codec``,
 ``topic`` and ``sweep_interval``.
