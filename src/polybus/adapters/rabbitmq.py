@@ -112,7 +112,7 @@ from .base import (
     Receipt,
     Start,
     TopicSpec,
-    refuse_tombstones,
+    tombstone_refused,
 )
 
 __all__ = [
@@ -2240,9 +2240,11 @@ class RabbitMQBackend:
         self._check()
         if not records:
             return []
-        refuse_tombstones(records, "RabbitMQ")
         limit = self._publisher.max_message
-        largest = max([len(cast(bytes, record.value)) for record in records])
+        try:
+            largest = max([len(record.value) for record in records])  # type: ignore[arg-type]
+        except TypeError:  # None: a tombstone
+            raise tombstone_refused("RabbitMQ") from None
         if largest > limit:
             raise MessageTooLarge(
                 f"a message of {largest} bytes exceeds RabbitMQ's limit of {limit} bytes; "

@@ -439,7 +439,7 @@ class SessionMiddleware:
         except SessionStoreUnavailable as exc:
             if started:
                 raise
-            headers, body = _unavailable_response(exc)
+            headers = _unavailable_headers(exc)
             await send(
                 {
                     "type": "http.response.start",
@@ -447,7 +447,7 @@ class SessionMiddleware:
                     "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
                 }
             )
-            await send({"type": "http.response.body", "body": body})
+            await send({"type": "http.response.body", "body": _UNAVAILABLE_BODY})
 
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -487,7 +487,7 @@ class WSGISessionMiddleware:
                 if lazy.unavailable is not None and code == 500:
                     # the application answered the store's failure with a plain 500
                     replaced = True
-                    status, headers = _UNAVAILABLE, _unavailable_response(lazy.unavailable)[0]
+                    status, headers = _UNAVAILABLE, _unavailable_headers(lazy.unavailable)
                 else:
                     headers = [
                         *headers,
@@ -501,9 +501,8 @@ class WSGISessionMiddleware:
         except SessionStoreUnavailable as exc:
             if started:
                 raise
-            headers, text = _unavailable_response(exc)
-            start_response(_UNAVAILABLE, headers)
-            return [text]
+            start_response(_UNAVAILABLE, _unavailable_headers(exc))
+            return [_UNAVAILABLE_BODY]
         if not replaced:
             return body
         close = getattr(body, "close", None)
@@ -516,12 +515,11 @@ _UNAVAILABLE = "503 Service Unavailable"
 _UNAVAILABLE_BODY = b"503 Service Unavailable: the session store cannot be reached; try again\n"
 
 
-def _unavailable_response(exc: SessionStoreUnavailable) -> tuple[list[tuple[str, str]], bytes]:
-    """Headers and body of the 503 for a request whose session store is down."""
+def _unavailable_headers(exc: SessionStoreUnavailable) -> list[tuple[str, str]]:
+    """Log the store's failure; the headers of the 503 that answers it."""
     log.warning("session store unavailable, answering 503: %s", exc)
-    headers = [
+    return [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(_UNAVAILABLE_BODY))),
         ("Retry-After", "1"),
     ]
-    return headers, _UNAVAILABLE_BODY
