@@ -225,15 +225,21 @@ def session_cookie(driver: Any) -> dict[str, Any] | None:
 
 def press(driver: Any, button_id: str) -> None:
     """Click a form's button and wait until the page it leads to has loaded."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
-    button = driver.find_element(By.ID, button_id)
-    button.click()
-    wait = WebDriverWait(driver, 20)
-    wait.until(expected_conditions.staleness_of(button))  # the old page is gone
-    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+    # The old document is marked, and the wait is for a complete document without the
+    # mark. (Asking the old button whether it went stale races the navigation: the driver
+    # may answer with a generic error for a node of a document being replaced.)
+    driver.execute_script("document.polybusOld = true")
+    driver.find_element(By.ID, button_id).click()
+    WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return !document.polybusOld && document.readyState === 'complete'"
+        ),
+        f"the page after pressing {button_id!r} to load",
+    )
 
 
 def test_v7_browser_logs_in_is_rotated_and_logs_out(server: Server, browser: Any) -> None:

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ...bus import Bus, Subscriber
-from ...errors import ClosedError, ConnectionLost, DecodeError, PolybusError
+from ...errors import ClosedError, DecodeError, PolybusError
 from ...message import Delivery, Message
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
 from . import bus_store_from_url, check_codec
@@ -51,6 +51,7 @@ log = logging.getLogger("polybus.sessions")
 
 MARKER = "polybus:marker"  #: key of the records an instance appends to learn it has caught up
 ORIGIN = "session-origin"  #: header naming the instance that wrote a record
+WRITE = "session-write"  #: header with a unique id per write, by which its writer finds it
 _DELETED = b""
 _TOMBSTONE_KEEP = 24 * 3600.0  # how long a deleted id is remembered, so late saves stay refused
 
@@ -78,13 +79,12 @@ class KafkaStore:
         self._write_timeout = write_timeout
         self._sweep_interval = sweep_interval
         self._view = View()
-        self._applied = -1  # offset of the last record applied
         self._cond = threading.Condition()
         self._failure: PolybusError | None = None
         self.instance = uuid.uuid4().hex
-        self._origin = {ORIGIN: self.instance}
-        # session id -> (saves waiting, {offset of one of their records: accepted?})
-        self._watch: dict[str, tuple[int, dict[int, bool]]] = {}
+        # Writes are found by an id of their own, not by the offset the broker reports
+        # for them: the log's order decides, whatever a broker says about offsets.
+        self._awaited: dict[str, bool | None] = {}  # write id -> accepted? once read back
         self._closed = False
         try:
             bus.declare(topic, partitions=1, compact=True)
@@ -93,7 +93,7 @@ class KafkaStore:
             raise _unavailable(exc) from exc
         self._thread = threading.Thread(target=self._pump, name="polybus-sessions", daemon=True)
         self._thread.start()
-        self._wait_for(self._publish(MARKER, uuid.uuid4().bytes))
+        self._append(MARKER, uuid.uuid4().bytes)
 
     # -- the view ----------------------------------------------------------------------
 
@@ -118,7 +118,10 @@ class KafkaStore:
             with self._cond:
                 self._failure = None
                 for d in batch:
-                    self._apply(d)
+                    accepted = self._apply(d)
+                    write = d.message.headers.get(WRITE)
+                    if write is not None and self._awaited.get(write, False) is None:
+                        self._awaited[write] = accepted  # the first copy decides
                 if batch:
                     self._cond.notify_all()
                 doomed: list[str] = []
@@ -147,14 +150,13 @@ class KafkaStore:
                 self._view.drop(sid)
         return doomed
 
-    def _apply(self, d: Delivery) -> None:
-        """Under the condition's lock: apply one record by the compare-and-set rule."""
-        offset = int(d.offset)
-        self._applied = offset
+    def _apply(self, d: Delivery) -> bool:
+        """Under the condition's lock: apply one record by the compare-and-set rule;
+        whether it counted (markers and deletions always do)."""
         message = d.message
         sid = message.key
         if not isinstance(sid, str) or sid == MARKER:
-            return
+            return True
         view = self._view
         current = view.items.get(sid)
         payload = message.payload or _DELETED
@@ -162,47 +164,58 @@ class KafkaStore:
             if current is not None and current.payload:
                 keep = time.time() + _TOMBSTONE_KEEP
                 view.put(sid, current._replace(payload=_DELETED, expires_at=keep))
-            return
+            return True
         try:
             rec = self.codec.decode(payload)
         except DecodeError:
-            log.warning("undecodable session record at offset %d of %s skipped", offset, self.topic)
-            return
+            log.warning(
+                "undecodable session record at offset %s of %s skipped", d.offset, self.topic
+            )
+            return False
         accepted = rec.id == sid and (
             current is None or (bool(current.payload) and current.version == rec.version - 1)
         )
         if accepted:
             origin = message.headers.get(ORIGIN)
             view.put(sid, item_of(rec, payload, self.codec.data_start(payload, rec), origin))
-        watch = self._watch.get(sid)
-        if watch is not None:
-            watch[1][offset] = accepted
+        return accepted
 
-    def _publish(self, key: str, payload: bytes) -> int:
-        try:
-            receipt = self._bus.publish(self.topic, payload, key=key, headers=self._origin)
-            return int(receipt.offset)
-        except ConnectionLost as exc:
-            raise _unavailable(exc) from exc
-        except ClosedError:
-            raise
-        except PolybusError as exc:
-            raise _unavailable(exc) from exc
+    def _append(self, key: str, payload: bytes) -> bool:
+        """Append one record and block until the view has read it back; whether it counted.
+        SessionStoreUnavailable past the write timeout."""
+        return self._append_all([(key, payload)])
 
-    def _wait_for(self, offset: int) -> None:
-        """Block until the view has applied ``offset``; SessionStoreUnavailable past the
-        write timeout."""
+    def _append_all(self, records: list[tuple[str, bytes]]) -> bool:
+        """Append ``(key, payload)`` records in order and block until the view has read the
+        last back (one partition: the others are read before it); whether that one counted."""
+        write = uuid.uuid4().hex
+        origin = {ORIGIN: self.instance}
+        stamped = [Message(payload, key=key, headers=origin) for key, payload in records]
+        stamped[-1].headers = {**origin, WRITE: write}
         deadline = time.monotonic() + self._write_timeout
-        with self._cond:
-            while self._applied < offset:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    cause = f": {self._failure}" if self._failure else ""
-                    raise SessionStoreUnavailable(
-                        f"Kafka session store: record {offset} of {self.topic!r} not read back "
-                        f"within {self._write_timeout} s{cause}"
-                    )
-                self._cond.wait(left)
+        with self._cond:  # awaited before the publish: the pump may read it back first
+            self._awaited[write] = None
+        try:
+            try:
+                self._bus.publish_many(self.topic, stamped)
+            except ClosedError:
+                raise
+            except PolybusError as exc:
+                raise _unavailable(exc) from exc
+            with self._cond:
+                while (accepted := self._awaited[write]) is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._closed:
+                        cause = f": {self._failure}" if self._failure else ""
+                        raise SessionStoreUnavailable(
+                            f"Kafka session store: a write to {self.topic!r} was not read back "
+                            f"within {self._write_timeout} s{cause}"
+                        )
+                    self._cond.wait(left)
+                return accepted
+        finally:
+            with self._cond:
+                del self._awaited[write]
 
     # -- the protocol ------------------------------------------------------------------
 
@@ -217,25 +230,13 @@ class KafkaStore:
         current = 0 if item is None else item.version
         if current != record.version - 1:  # refused before it costs a round trip
             raise SessionConflict.stale(record.id, expected=record.version - 1, current=current)
-        with self._cond:  # outcomes are noted from before the publish: the record may be
-            count, outcomes = self._watch.get(record.id, (0, {}))  # read back before it returns
-            self._watch[record.id] = (count + 1, outcomes)
-        try:
-            offset = self._publish(record.id, payload)
-            self._wait_for(offset)
-        finally:
-            with self._cond:
-                count, outcomes = self._watch[record.id]
-                if count == 1:
-                    del self._watch[record.id]
-                else:
-                    self._watch[record.id] = (count - 1, outcomes)
-                item = self._view.items.get(record.id)
-        if outcomes.pop(offset):
+        if self._append(record.id, payload):
             return
+        with self._cond:
+            item = self._view.items.get(record.id)
         # another save of this version came first: put the winner last again for compaction
         if item is not None:
-            self._publish(record.id, item.payload)
+            self._append(record.id, item.payload)
         current = item.version if item is not None and item.payload else 0
         raise SessionConflict.stale(record.id, expected=record.version - 1, current=current)
 
@@ -246,20 +247,12 @@ class KafkaStore:
         """Delete the live sessions among ``ids_of()``, asked under the view's lock once
         the view holds the whole topic as it is now: a session another instance saved a
         moment ago is found (and deleted) too."""
-        self._wait_for(self._publish(MARKER, uuid.uuid4().bytes))
+        self._append(MARKER, uuid.uuid4().bytes)
         now = time.time()
         with self._cond:
             known = [sid for sid in ids_of() if self._view.live(sid, now) is not None]
-        if not known:
-            return 0
-        messages = [Message(_DELETED, key=sid, headers=self._origin) for sid in known]
-        try:
-            receipts = self._bus.publish_many(self.topic, messages)
-        except ClosedError:
-            raise
-        except PolybusError as exc:
-            raise _unavailable(exc) from exc
-        self._wait_for(max(int(r.offset) for r in receipts))
+        if known:
+            self._append_all([(sid, _DELETED) for sid in known])
         return len(known)
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
