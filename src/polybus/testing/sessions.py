@@ -110,7 +110,21 @@ class StoreCase:
     cleanup: Callable[[str], None] | None = None
     #: URL options that put one test's sessions apart (given a name unique to the test)
     options: Callable[[str], dict[str, str]] = lambda name: {}
+    #: test name -> why this store's server cannot pass it (xfail for that server only)
+    gaps: Callable[[], dict[str, str]] = dict
 
+
+# Seen with plain confluent-kafka clients too: with two producers writing one partition at
+# once, a reader at the tail of Tansu 0.6 now and then never gets one of their records
+# (it becomes readable after a later one), about 1 in 2,000 records.
+_TANSU_GAPS = dict.fromkeys(
+    (
+        "test_parallel_writers_of_different_keys_lose_no_update",
+        "test_parallel_writers_of_one_key_lose_no_update",
+    ),
+    "Tansu can hide a record from a tail reader while two producers write one partition, "
+    "so a writer may never read its save back",
+)
 
 STORES: list[StoreCase] = [
     StoreCase("memory", lambda tmp, name: f"memory://{name}"),
@@ -130,6 +144,7 @@ STORES: list[StoreCase] = [
         lambda: f"kafka://127.0.0.1:{servers.free_port()}?reconnect_timeout=1",
         None,
         lambda name: {"topic": f"sessions-{name}", "reconnect_timeout": "1", "write_timeout": "3"},
+        lambda: _TANSU_GAPS if servers.kafka_is_tansu() else {},
     ),
     StoreCase(
         "rabbitmq",
@@ -146,6 +161,9 @@ STORES: list[StoreCase] = [
 def store_case(request: pytest.FixtureRequest) -> StoreCase:
     case: StoreCase = request.param
     require_server(case.name, case.unavailable())
+    gap = case.gaps().get(getattr(request.node, "originalname", request.node.name))
+    if gap:
+        request.node.add_marker(pytest.mark.xfail(reason=gap, strict=False))
     return case
 
 
