@@ -32,7 +32,7 @@ from polybus.sessions import (
 )
 
 from . import servers
-from .plugin import BACKENDS, require_server, with_options
+from .plugin import BACKENDS, mark_gap, require_server, with_options
 
 __all__ = [
     "STORES",
@@ -161,9 +161,7 @@ STORES: list[StoreCase] = [
 def store_case(request: pytest.FixtureRequest) -> StoreCase:
     case: StoreCase = request.param
     require_server(case.name, case.unavailable())
-    gap = case.gaps().get(getattr(request.node, "originalname", request.node.name))
-    if gap:
-        request.node.add_marker(pytest.mark.xfail(reason=gap, strict=False))
+    mark_gap(request, case.gaps())
     return case
 
 
