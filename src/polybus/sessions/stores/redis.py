@@ -277,10 +277,10 @@ def _sentinel_client(url: str, client_options: dict[str, Any]) -> redis.Redis:
         )
     db = int(path[1]) if len(path) > 1 else 0
     password = unquote(parts.password) if parts.password else None
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         hosts, sentinel_kwargs={"socket_timeout": client_options.get("socket_timeout", 2.0)}
     )
-    master = sentinel.master_for(  # type: ignore[no-untyped-call]
+    master = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
         path[0], db=db, password=password, **client_options
     )
     return cast(redis.Redis, master)
