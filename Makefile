@@ -1,17 +1,23 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
+# What they install is pinned by uv.lock (Python 3.11 and 3.12); `make upgrade` refreshes it.
 PY ?= python3
-VENV := .venv
+UV_VERSION := 0.13.10
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv itself, pinned, in a venv of its own, so nothing outside the checkout is touched.
+UV := .uv/bin/uv
+# Resolve against the interpreter PY names; never download one behind the user's back.
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: demo test lint format bench clean services
+.PHONY: demo test test-latest upgrade lint format bench clean services
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -U "pip>=25.1"
+$(UV):
+	$(PY) -m venv .uv
+	.uv/bin/python -m pip install -q "uv==$(UV_VERSION)"
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q -e . --group dev --group bench
+$(STAMP): $(UV) pyproject.toml uv.lock
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync -q --locked --all-groups --python $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,7 +28,19 @@ test: $(STAMP) lint services
 	scripts/ensure-browser
 	$(BIN)/python -m pytest -n 4
 
-# Redis and RabbitMQ reachable (started if installed and stopped); the tests start Kafka.
+# The suite against the newest releases the library's ranges allow, in .venv-latest,
+# so an upstream release that breaks us is seen on purpose; the lock is left alone.
+test-latest: $(UV)
+	$(UV) venv -q --allow-existing --python $(PY) .venv-latest
+	$(UV) pip install -q --python .venv-latest/bin/python --upgrade -e . --group dev --group bench
+	touch .venv-latest/.installed
+	$(MAKE) test VENV=.venv-latest
+
+# Move uv.lock to the newest releases within pyproject.toml's ranges; commit it after `make test`.
+upgrade: $(UV)
+	$(UV) lock --upgrade
+
+# Redis, RabbitMQ and PostgreSQL reachable: installed (Debian, as root) and started when missing.
 services:
 	scripts/ensure-services
 
@@ -44,4 +62,4 @@ bench: $(STAMP) services
 	$(BIN)/python benchmarks/tokens.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
+	rm -rf .uv $(VENV) .venv-latest build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
