@@ -66,9 +66,23 @@ def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def _url_reachable(url: str, default_port: int) -> bool:
+def _address(url: str, default_port: int) -> tuple[str, int]:
+    """The host and port a server URL names (so messages never show its password)."""
     parts = urlsplit(url)
-    return reachable(parts.hostname or "127.0.0.1", parts.port or default_port)
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def _url_reachable(url: str, default_port: int) -> bool:
+    return reachable(*_address(url, default_port))
+
+
+def _missing(server: str, url: str, default_port: int, variable: str) -> str:
+    """Why ``server`` cannot be used, and the ways to start one."""
+    host, port = _address(url, default_port)
+    return (
+        f"no {server} at {host}:{port}: run `scripts/ensure-services` (as root on Debian it "
+        f"installs and starts it), `docker compose up -d --wait`, or set {variable}"
+    )
 
 
 # -- Redis and RabbitMQ -------------------------------------------------------
@@ -83,10 +97,7 @@ def redis_url() -> str:
 def redis_unavailable() -> str | None:
     if _url_reachable(redis_url(), 6379) or _container("redis"):
         return None
-    return (
-        f"no Redis at {redis_url()}: start one with `redis-server --port 6379 --save ''`, "
-        "or set POLYBUS_REDIS_URL"
-    )
+    return _missing("Redis", redis_url(), 6379, "POLYBUS_REDIS_URL")
 
 
 def redis_delete_topic(topic: str) -> None:
@@ -128,18 +139,19 @@ def rabbitmq_delete_topic(topic: str, groups: tuple[str, ...]) -> None:
 def rabbitmq_unavailable() -> str | None:
     if _url_reachable(rabbitmq_url(), 5672) or _container("rabbitmq"):
         return None
-    return (
-        f"no RabbitMQ at {rabbitmq_url()}: start one with `rabbitmq-server -detached`, "
-        "or set POLYBUS_RABBITMQ_URL"
-    )
+    return _missing("RabbitMQ", rabbitmq_url(), 5672, "POLYBUS_RABBITMQ_URL")
 
 
 # -- PostgreSQL (for the SQL inbox and the outbox) -----------------------------
 
 
 def postgres_url() -> str:
-    """A libpq URL of the PostgreSQL server for tests (the superuser's own database by default)."""
-    return os.environ.get("POLYBUS_POSTGRES_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+    """A libpq URL of the PostgreSQL server for tests (the role and database that
+    ``scripts/ensure-services`` makes, by default)."""
+    return (
+        os.environ.get("POLYBUS_POSTGRES_URL")
+        or "postgresql://polybus:polybus@127.0.0.1:5432/polybus"
+    )
 
 
 def postgres_unavailable() -> str | None:
@@ -147,11 +159,7 @@ def postgres_unavailable() -> str | None:
         return "psycopg is not installed: pip install 'polybus[postgres]'"
     if _url_reachable(postgres_url(), 5432):
         return None
-    return (
-        f"no PostgreSQL at {postgres_url()}: start one with `pg_ctlcluster "
-        "--skip-systemctl-redirect $(ls /etc/postgresql) main start` (Debian's postgresql "
-        "package), or set POLYBUS_POSTGRES_URL"
-    )
+    return _missing("PostgreSQL", postgres_url(), 5432, "POLYBUS_POSTGRES_URL")
 
 
 # -- Kafka --------------------------------------------------------------------
