@@ -4,7 +4,8 @@ PY ?= python3
 UV_VERSION := 0.13.10
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Named after the interpreter, so a new PY rebuilds the venv instead of reusing the old one.
+STAMP := $(VENV)/.installed-$(notdir $(PY))
 # uv itself, pinned, in a venv of its own, so nothing outside the checkout is touched.
 UV := .uv/bin/uv
 # Resolve against the interpreter PY names; never download one behind the user's back.
@@ -33,7 +34,7 @@ test: $(STAMP) lint services
 test-latest: $(UV)
 	$(UV) venv -q --allow-existing --python $(PY) .venv-latest
 	$(UV) pip install -q --python .venv-latest/bin/python --upgrade -e . --group dev --group bench
-	touch .venv-latest/.installed
+	touch .venv-latest/.installed-$(notdir $(PY))
 	$(MAKE) test VENV=.venv-latest
 
 # Move uv.lock to the newest releases within pyproject.toml's ranges; commit it after `make test`.
