@@ -157,9 +157,20 @@ def postgres_url() -> str:
 def postgres_unavailable() -> str | None:
     if importlib.util.find_spec("psycopg") is None:
         return "psycopg is not installed: pip install 'polybus[postgres]'"
-    if _url_reachable(postgres_url(), 5432):
-        return None
-    return _missing("PostgreSQL", postgres_url(), 5432, "POLYBUS_POSTGRES_URL")
+    if not _url_reachable(postgres_url(), 5432):
+        return _missing("PostgreSQL", postgres_url(), 5432, "POLYBUS_POSTGRES_URL")
+    import psycopg
+
+    try:
+        psycopg.connect(postgres_url(), connect_timeout=5).close()
+    except psycopg.OperationalError as exc:  # its text names the user, never the password
+        host, port = _address(postgres_url(), 5432)
+        return (
+            f"PostgreSQL at {host}:{port} refused the tests' login ({exc}): run "
+            "`scripts/ensure-services` as root to create the role and database polybus, "
+            "or set POLYBUS_POSTGRES_URL"
+        )
+    return None
 
 
 # -- Kafka --------------------------------------------------------------------
