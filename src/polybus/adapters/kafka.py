@@ -1,3 +1,6 @@
+# Over 800 lines until the adapter becomes a package (errors, producer, subscription,
+# transactions, backend): the subscription's ack tracking, rebalance callbacks and
+# transactional producer share per-partition private state, which needs an interface first.
 """Apache Kafka as a backend, on confluent-kafka (librdkafka): ``kafka://host:port[,host:port]``.
 
 URL options: ``reconnect_timeout=<seconds>`` (default 30: how long a publish

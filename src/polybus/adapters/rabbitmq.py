@@ -1,3 +1,7 @@
+# Over 800 lines until the adapter becomes a package (names, errors, wire, link, publisher,
+# subscription, backend): the publisher, the subscription and the hand-cut AMQP frames share
+# pika's private connection state, which must first move behind one module that checks
+# those internals at import.
 """RabbitMQ as a backend: ``amqp://`` and ``amqps://`` URLs, on pika.
 
 How the topic/group model maps onto RabbitMQ. Names are predictable, so plain

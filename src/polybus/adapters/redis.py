@@ -1,3 +1,6 @@
+# Over 800 lines until the adapter becomes a package: its Lua scripts (inline strings here)
+# move to .lua package files and RedisSubscription to a module of its own; they share the
+# backend's private client and script registry, which needs an interface first.
 """Redis Streams as a backend: ``redis://[user:pass@]host:port/db`` and ``rediss://`` (TLS).
 
 URL options: ``prefix=<name>`` (key prefix, default ``polybus``), ``reconnect_timeout=<s>``

@@ -1,3 +1,6 @@
+# Over 800 lines on purpose: the writer, the lock-free readers, crash recovery and compaction
+# all follow the one file-and-lock protocol in the docstring, and are kept in one module so
+# that protocol can be checked in one reading.
 """One partition: a directory of append-only segment files shared by processes.
 
 Layout of ``<topic>/<n>/``::

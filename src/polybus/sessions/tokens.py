@@ -1,3 +1,6 @@
+# Over 800 lines on purpose: what verify refuses, the keys it trusts and the revocation lists
+# it consults form one security boundary, reviewed as one piece. The revocation stores
+# (SharedRevocations, the nonce stores) are what moves to a module of their own if it grows.
 """Stateless signed tokens: JWS compact serialization (RFC 7515) carrying JWT claims (RFC 7519).
 
 >>> keys = Keyring(HMACKey.generate("2025-01"))
