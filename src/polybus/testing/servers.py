@@ -17,6 +17,7 @@ server.
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.util
 import os
 import shutil
@@ -159,12 +160,17 @@ def postgres_unavailable() -> str | None:
         return "psycopg is not installed: pip install 'polybus[postgres]'"
     if not _url_reachable(postgres_url(), 5432):
         return _missing("PostgreSQL", postgres_url(), 5432, "POLYBUS_POSTGRES_URL")
+    return _postgres_login_refused(postgres_url())
+
+
+@functools.cache  # one login per process, not one per test
+def _postgres_login_refused(url: str) -> str | None:
     import psycopg
 
     try:
-        psycopg.connect(postgres_url(), connect_timeout=5).close()
+        psycopg.connect(url, connect_timeout=5).close()
     except psycopg.OperationalError as exc:  # its text names the user, never the password
-        host, port = _address(postgres_url(), 5432)
+        host, port = _address(url, 5432)
         return (
             f"PostgreSQL at {host}:{port} refused the tests' login ({exc}): run "
             "`scripts/ensure-services` as root to create the role and database polybus, "
