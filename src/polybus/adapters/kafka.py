@@ -85,7 +85,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from itertools import repeat
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from confluent_kafka import (
@@ -261,6 +261,33 @@ _DECODE = frozenset({_E._KEY_DESERIALIZATION, _E._VALUE_DESERIALIZATION, _E._BAD
 
 def _flag(value: object) -> bool:
     return str(value).lower() in ("true", "1", "yes", "on")
+
+
+_T = TypeVar("_T")
+
+#: errors of a request sent before the client learnt a partition's current leader
+_LEADER_MOVING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
+
+
+def _while_leaders_move(call: Callable[[], _T], timeout: float) -> _T:
+    """``call()``, asked again every 0.1 s for up to ``timeout`` s while it fails for
+    want of a partition's leader. Right after a topic is made, or while a leader moves,
+    a broker can answer NOT_LEADER_FOR_PARTITION until its metadata catches up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            if err is None or err.code() not in _LEADER_MOVING or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
 
 
 def _kafka_error(exc: BaseException) -> KafkaError | None:
@@ -633,11 +660,33 @@ class KafkaBackend:
             created = False
         except Exception as exc:
             raise map_error(exc) from exc
-        if not created:
+        if created:
+            self._await_leaders(topic, partitions)
+        else:
             partitions = self._check_existing(topic, spec, config)
         self._partition_counts[topic] = (partitions, time.monotonic() + _METADATA_TTL)
         for group in spec.groups:
             self._declare_group(topic, partitions, group, fresh_topic=created)
+
+    def _await_leaders(self, topic: str, partitions: int) -> None:
+        """Return once every partition of a topic just made has a leader the metadata
+        names: a broker acknowledges CreateTopics before its metadata shows the topic,
+        and a subscriber that looks too early finds no topic."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        while time.monotonic() < deadline:
+            try:
+                metadata = self._admin_client().list_topics(topic, timeout=self.reconnect_timeout)
+            except KafkaException as exc:
+                raise map_error(exc) from exc
+            found = metadata.topics.get(topic)
+            if (
+                found is not None
+                and found.error is None
+                and len(found.partitions) == partitions
+                and all(p.leader >= 0 for p in found.partitions.values())
+            ):
+                return
+            time.sleep(0.05)
 
     def _partition_count(self, topic: str) -> int:
         try:
@@ -689,12 +738,7 @@ class KafkaBackend:
         missing = [tp.partition for tp in committed.topic_partitions if tp.offset < 0]
         if not missing:
             return
-        if fresh_topic:
-            ends = dict.fromkeys(missing, 0)
-        else:
-            specs = {TopicPartition(topic, p): OffsetSpec.earliest() for p in missing}  # type: ignore[no-untyped-call]
-            futures = admin.list_offsets(specs, request_timeout=self.reconnect_timeout)
-            ends = {tp.partition: self._wait(f).offset for tp, f in futures.items()}
+        ends = dict.fromkeys(missing, 0) if fresh_topic else self._earliest_offsets(topic, missing)
         offsets = [TopicPartition(topic, p, o) for p, o in ends.items()]
         future = admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, offsets)])
         try:
@@ -702,6 +746,19 @@ class KafkaBackend:
         except PolybusError as exc:
             # A live member has the group: it already reads from its own position.
             log.debug("group %r of %r keeps its position: %s", group, topic, exc)
+
+    def _earliest_offsets(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        specs = {TopicPartition(topic, p): OffsetSpec.earliest() for p in partitions}  # type: ignore[no-untyped-call]
+        timeout = self.reconnect_timeout
+
+        def ask() -> dict[int, int]:
+            futures = self._admin_client().list_offsets(specs, request_timeout=timeout)
+            return {tp.partition: f.result(timeout).offset for tp, f in futures.items()}
+
+        try:
+            return _while_leaders_move(ask, timeout)
+        except Exception as exc:
+            raise map_error(exc) from exc
 
     # -- publishing -------------------------------------------------------------
 
@@ -1091,14 +1148,17 @@ class KafkaSubscription:
             consumer.assign(tps)
             return
         now_ms = int(time.time() * 1000)
-        by_time = consumer.offsets_for_times(
-            [TopicPartition(topic, p, now_ms) for p in numbers], timeout=timeout
+        by_time = _while_leaders_move(
+            lambda: consumer.offsets_for_times(
+                [TopicPartition(topic, p, now_ms) for p in numbers], timeout=timeout
+            ),
+            timeout,
         )
         tps = []
         for tp in by_time:
             state = _Partition(tp.partition)
             if tp.offset < 0:  # nothing at or after now: start at the end
-                tp.offset = consumer.get_watermark_offsets(tp, timeout=timeout)[1]
+                tp.offset = self._watermarks(tp)[1]
             else:
                 # A broker answer to trust only as far as the records' timestamps agree:
                 # skip older records until the first one stamped at or after now.
@@ -1107,6 +1167,13 @@ class KafkaSubscription:
             self._partitions[tp.partition] = state
             tps.append(TopicPartition(topic, tp.partition, tp.offset))
         consumer.assign(tps)
+
+    def _watermarks(self, tp: TopicPartition) -> tuple[int, int]:
+        """The low and high watermark of ``tp``, as its leader reports them."""
+        timeout = self._reconnect_timeout
+        return _while_leaders_move(
+            lambda: self._consumer.get_watermark_offsets(tp, timeout), timeout
+        )
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._joined = True
@@ -1622,16 +1689,14 @@ class KafkaSubscription:
                         positions[p] = state.next
                 lags = {}
                 for p, position in positions.items():
-                    low, high = consumer.get_watermark_offsets(
-                        TopicPartition(topic, p), timeout=timeout
-                    )
+                    low, high = self._watermarks(TopicPartition(topic, p))
                     lags[p] = max(0, high - (low if position is None else position))
                 return lags
             metadata = consumer.list_topics(topic, timeout=timeout).topics[topic]
             tps = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
             lags = {}
             for tp in consumer.committed(tps, timeout=timeout):
-                low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+                low, high = self._watermarks(tp)
                 lags[tp.partition] = max(0, high - (tp.offset if tp.offset >= 0 else low))
             return lags
         except KafkaException as exc:
