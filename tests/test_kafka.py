@@ -1,7 +1,8 @@
 """Kafka adapter specifics: interop with plain confluent-kafka clients, construction from a
 client or URL options, rebalance safety, reconnects, transactions and error mapping.
 
-Runs against the broker ``polybus.testing.servers`` finds or starts (Tansu by default).
+Runs against the broker ``polybus.testing.servers`` finds or starts: Apache Kafka where
+Java is, Tansu elsewhere.
 Run as a script, this module is the child process of the transaction crash test.
 """
 
@@ -43,7 +44,7 @@ from polybus.adapters.kafka import (  # noqa: E402
 )
 from polybus.testing import servers  # noqa: E402
 from polybus.testing.conformance import drain, publish_retrying  # noqa: E402
-from polybus.testing.plugin import require_server  # noqa: E402
+from polybus.testing.plugin import proxied_kafka, require_server  # noqa: E402
 from polybus.testing.proxy import TcpProxy  # noqa: E402
 
 DEADLINE = 20.0
@@ -297,19 +298,10 @@ def test_concurrent_publishers_get_their_own_receipts(
 
 
 @pytest.fixture
-def outage() -> Iterator[tuple[str, TcpProxy]]:
-    """A private Tansu broker reached only through a proxy: (bootstrap, proxy)."""
-    if not servers.kafka_is_tansu():
-        pytest.skip("starts its own Tansu broker behind a proxy")
-    reason = servers.kafka_unavailable()
-    if reason:
-        pytest.skip(f"kafka backend unavailable: {reason}")
-    broker_port, proxy_port = servers.free_port(), servers.free_port()
-    with (
-        servers.tansu(broker_port, advertised_port=proxy_port),
-        TcpProxy("127.0.0.1", broker_port, listen_port=proxy_port) as proxy,
-    ):
-        yield f"127.0.0.1:{proxy_port}", proxy
+def outage(bootstrap: str) -> Iterator[tuple[str, TcpProxy]]:
+    """The suite's broker reached only through a proxy: (bootstrap, proxy)."""
+    with proxied_kafka() as (url, proxy):
+        yield url.removeprefix("kafka://"), proxy
 
 
 def test_publish_and_fetch_survive_a_broker_outage(outage: tuple[str, TcpProxy]) -> None:

@@ -58,16 +58,15 @@ def _proxied_url(url: str, default_port: int) -> Iterator[tuple[str, TcpProxy]]:
 
 
 @contextmanager
-def _proxied_kafka() -> Iterator[tuple[str, TcpProxy]]:
-    if not servers.kafka_is_tansu():
-        pytest.skip("Kafka fault tests start their own Tansu broker behind the proxy")
-    # The broker advertises the proxy's port, so every client connection goes through it.
-    broker_port, proxy_port = servers.free_port(), servers.free_port()
-    with (
-        servers.tansu(broker_port, advertised_port=proxy_port),
-        TcpProxy("127.0.0.1", broker_port, listen_port=proxy_port) as proxy,
-    ):
-        yield f"kafka://127.0.0.1:{proxy_port}", proxy
+def proxied_kafka() -> Iterator[tuple[str, TcpProxy]]:
+    """``(url, proxy)``: the suite's own Kafka broker, reached only through ``proxy``."""
+    kafka = servers.local_kafka()
+    if kafka is None or kafka.kind == "container":
+        pytest.skip(
+            "Kafka fault tests need the broker the suite starts: unset POLYBUS_KAFKA_BOOTSTRAP"
+        )
+    with kafka.behind_proxy() as (bootstrap, proxy):
+        yield f"kafka://{bootstrap}", proxy
 
 
 _TANSU_GAPS = {
@@ -83,7 +82,7 @@ BACKENDS: list[BackendCase] = [
         "kafka",
         lambda tmp: f"kafka://{servers.kafka_bootstrap()}",
         servers.kafka_unavailable,
-        _proxied_kafka,
+        proxied_kafka,
         lambda: _TANSU_GAPS if servers.kafka_is_tansu() else {},
     ),
     BackendCase(

