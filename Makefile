@@ -11,7 +11,7 @@ UV := .uv/bin/uv
 # Resolve against the interpreter PY names; never download one behind the user's back.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: demo test test-latest upgrade lint format bench clean services
+.PHONY: demo test test-latest upgrade lint format bench clean services kafka
 
 $(UV):
 	$(PY) -m venv .uv
@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP) lint services
 	scripts/ensure-browser
+	$(BIN)/python -m polybus.testing.apache_kafka fetch
 	$(BIN)/python -m pytest -n 4
 
 # The suite against the newest releases the library's ranges allow, in .venv-latest,
@@ -45,6 +46,10 @@ upgrade: $(UV)
 services:
 	scripts/ensure-services
 
+# Apache Kafka on 127.0.0.1:9092 in the foreground until Ctrl-C (the tests start their own).
+kafka: $(STAMP)
+	$(BIN)/python -m polybus.testing.apache_kafka run 9092
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
@@ -55,6 +60,7 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks examples
 
 bench: $(STAMP) services
+	$(BIN)/python -m polybus.testing.apache_kafka fetch
 	$(BIN)/python benchmarks/native_engine.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/compare.py
