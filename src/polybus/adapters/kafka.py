@@ -255,6 +255,9 @@ _SESSION_LOST = frozenset(
 )
 #: a newer producer with the same transactional.id took over: aborting is pointless
 _PRODUCER_FENCED = frozenset({_E._FENCED, _E.PRODUCER_FENCED})
+#: how librdkafka reports, in a transaction, a group coordinator whose broker died
+#: ("Failed to commit offsets to transaction on broker (none)"): abort, then retry
+_COORDINATOR_GONE = frozenset({_E._STATE})
 _ENCODE = frozenset({_E._KEY_SERIALIZATION, _E._VALUE_SERIALIZATION})
 _DECODE = frozenset({_E._KEY_DESERIALIZATION, _E._VALUE_DESERIALIZATION, _E._BAD_MSG})
 
@@ -1381,14 +1384,43 @@ class KafkaSubscription:
                 self._produce_all(producer, topic, records)
             if planned:
                 offsets = [TopicPartition(self._topic, s.number, point) for s, point in planned]
-                metadata = self._consumer.consumer_group_metadata()
-                producer.send_offsets_to_transaction(offsets, metadata, timeout)
+                self._send_offsets(producer, offsets, timeout)
             producer.commit_transaction(timeout)
         except KafkaException as exc:
             raise self._transaction_failed(producer, exc) from exc
         except BaseException:
-            self._abort(producer)
+            if producer is self._transactional:  # not one dropped mid-call
+                self._abort(producer)
             raise
+
+    def _send_offsets(
+        self, producer: Producer, offsets: list[TopicPartition], timeout: float
+    ) -> None:
+        """``send_offsets_to_transaction``, in a thread and bounded: librdkafka (up to
+        2.16 at least, issues 5456 and 5511) can wait for ever, past its own timeout, for
+        a group coordinator whose broker died. Then the producer is dropped, so its
+        transaction is never committed, and ConnectionLost is raised."""
+        metadata = self._consumer.consumer_group_metadata()
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def send() -> None:
+            try:
+                producer.send_offsets_to_transaction(offsets, metadata, timeout)
+            except BaseException as exc:  # raised in the caller's thread below
+                failure.append(exc)
+            done.set()
+
+        threading.Thread(target=send, name="polybus-kafka-send-offsets", daemon=True).start()
+        if not done.wait(timeout + _DELIVERY_GRACE):
+            self._drop_transactional(idle=done)
+            raise ConnectionLost(
+                f"Kafka did not take group {self._group!r}'s offsets into the transaction "
+                f"within {timeout:.0f} s (its group coordinator is unreachable); the "
+                "transaction is aborted and its acked records are delivered again; retry it"
+            )
+        if failure:
+            raise failure[0]
 
     def _produce_all(self, producer: Producer, topic: str, records: Sequence[OutRecord]) -> None:
         produce = producer.produce
@@ -1430,7 +1462,7 @@ class KafkaSubscription:
                 f"{text}: the group moved on (the inputs' partitions belong to a newer "
                 "generation) or a newer producer took over; nothing was committed"
             )
-        if err.code() in _CONNECTION or err.retriable():
+        if err.code() in _CONNECTION or err.code() in _COORDINATOR_GONE or err.retriable():
             if aborted:
                 return ConnectionLost(
                     f"{text}: the transaction was aborted and its acked records are delivered "
@@ -1452,14 +1484,17 @@ class KafkaSubscription:
             self._drop_transactional()
             return False
 
-    def _drop_transactional(self) -> None:
+    def _drop_transactional(self, idle: threading.Event | None = None) -> None:
         """Close the transactional producer; the next transaction makes a new one (with the
-        same id, which fences this one and aborts what it left open)."""
+        same id, which fences this one and aborts what it left open). ``idle``, if given,
+        is set once no call of ours is inside the producer: it is closed only then."""
         producer, self._transactional = self._transactional, None
         if producer is None:
             return
 
         def close() -> None:  # holds the last reference: librdkafka's destroy runs here too
+            if idle is not None:
+                idle.wait()
             try:
                 producer.purge()
                 producer.flush(0)
