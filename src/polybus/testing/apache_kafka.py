@@ -224,7 +224,7 @@ class KafkaCluster:
         node.process = None
 
     def leader(self, topic: str, partition: int = 0) -> int:
-        """The id of the node leading ``partition`` of ``topic``."""
+        """The id of the node that leads ``partition`` of ``topic``."""
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
@@ -232,6 +232,15 @@ class KafkaCluster:
             admin.list_topics(topic, timeout=10).topics[topic].partitions[partition].leader
         )
         return leader
+
+    def coordinator(self, group: str) -> int:
+        """The id of the node that coordinates consumer group ``group``."""
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        described = admin.describe_consumer_groups([group], request_timeout=10)[group]
+        node: int = described.result(10).coordinator.id
+        return node
 
     def stop(self) -> None:
         """Kill every node (their data is thrown away) and remove the data."""
@@ -296,6 +305,7 @@ class KafkaCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in a test run does not reach it half-way
+                preexec_fn=_die_with_parent,
             )
 
     def _launch(self, node: _Node, lib: Path) -> None:
@@ -353,6 +363,15 @@ class KafkaCluster:
         for node in self.nodes:
             if node.process is not None and node.process.poll() is not None:
                 raise RuntimeError(f"Apache Kafka node {node.node_id} exited: {_tail(node)}")
+
+
+def _die_with_parent() -> None:
+    """In the broker's process before Java starts: on Linux, have the kernel SIGKILL it
+    when the test process that started it dies, even of SIGKILL, so none is left behind."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def _cluster_id() -> str:
