@@ -354,8 +354,12 @@ class KafkaCluster:
                         raise
         finally:
             consumer.close()
-        producer = Producer(
-            {"bootstrap.servers": self.bootstrap, "transactional.id": "polybus-ready"}
+        producer = Producer(  # log_level 3: its "coordinator load in progress" is expected
+            {
+                "bootstrap.servers": self.bootstrap,
+                "transactional.id": "polybus-ready",
+                "log_level": 3,
+            }
         )
         producer.init_transactions(max(1.0, deadline - time.monotonic()))
 
