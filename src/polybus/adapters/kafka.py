@@ -1416,8 +1416,9 @@ class KafkaSubscription:
             self._drop_transactional(idle=done)
             raise ConnectionLost(
                 f"Kafka did not take group {self._group!r}'s offsets into the transaction "
-                f"within {timeout:.0f} s (its group coordinator is unreachable); the "
-                "transaction is aborted and its acked records are delivered again; retry it"
+                f"within {timeout:.0f} s (its group coordinator is unreachable); nothing "
+                "of it is committed (the next transaction, or the broker at its timeout, "
+                "aborts it) and its acked records are delivered again; retry it"
             )
         if failure:
             raise failure[0]
