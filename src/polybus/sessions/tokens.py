@@ -450,9 +450,11 @@ class SharedRevocations(Revocations):
     instance reads the topic (from its start, so one started later learns what
     was revoked before it started) and applies it within about ``poll`` plus
     the backend's delivery delay: a few milliseconds on memory, native, Redis
-    and RabbitMQ; on Kafka up to the consumer's ``fetch.wait.max.ms``
-    (librdkafka's default is 500 ms; ``kafka://...?fetch.wait.max.ms=20`` on
-    the bus's URL brings it to tens of ms). The topic has one partition and
+    and RabbitMQ; 10-15 ms on Apache Kafka, most of it the producer's
+    ``linger.ms`` (``kafka://...?linger.ms=0&fetch.wait.max.ms=10`` on the bus's
+    URL brings it to about 3 ms). A Kafka-protocol broker that answers a fetch
+    only at its ``fetch.wait.max.ms`` (librdkafka's default is 500 ms) adds up
+    to that. The topic has one partition and
     keeps messages for ``retention`` seconds, after which every token they
     concern has expired.
 
