@@ -488,6 +488,85 @@ def test_v9_1_1_fuzzed_tokens_only_ever_raise_invalid_token(text: str) -> None:
         tokens.verify(text)
 
 
+def forge_text(key: HMACKey | Ed25519Key, header: str, claims: str) -> str:
+    """A token signed with ``key`` over header and claims given as JSON text."""
+    signing_input = b64encode(header.encode()) + "." + b64encode(claims.encode())
+    return signing_input + "." + key.sign(signing_input.encode())
+
+
+def header_text(key: HMACKey | Ed25519Key) -> str:
+    return json.dumps({"alg": key.alg, "kid": key.kid, "typ": "at+jwt"})
+
+
+def test_v9_1_1_deeply_nested_json_is_refused_not_a_crash(
+    tokens: Tokens, key: HMACKey | Ed25519Key, clock: Clock
+) -> None:
+    nested = "[" * 2000 + "]" * 2000  # under the size limit, over Python's recursion limit
+    unsigned = b64encode(nested.encode()) + ".e30.AAAA"
+    assert len(unsigned) < MAX_TOKEN_LENGTH
+    with pytest.raises(InvalidToken, match="not JSON"):
+        tokens.verify(unsigned)
+    claims = json.dumps(good_claims(clock))[:-1] + f', "x": {nested}}}'
+    with pytest.raises(InvalidToken, match="not JSON"):
+        tokens.verify(forge_text(key, header_text(key), claims))
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [
+        ("exp", "NaN"),
+        ("iat", "NaN"),
+        ("nbf", "NaN"),
+        ("exp", "Infinity"),
+        ("iat", "-Infinity"),
+        ("exp", "1e400"),  # parsed as infinity
+        ("exp", "1" + "0" * 400),  # an integer no float holds
+        ("exp", "1e300"),
+        ("iat", "-1"),
+    ],
+)
+def test_v9_1_1_time_claims_are_finite_times_in_range(
+    tokens: Tokens, key: HMACKey | Ed25519Key, clock: Clock, claim: str, value: str
+) -> None:
+    claims = json.dumps(good_claims(clock, **{claim: 0}))
+    claims = claims.replace(f'"{claim}": 0', f'"{claim}": {value}')
+    with pytest.raises(InvalidToken, match=f"{claim}|not JSON"):  # NaN and Infinity: no JSON
+        tokens.verify(forge_text(key, header_text(key), claims))
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats()  # NaN and the infinities included: json.dumps writes them
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+CLAIM_NAMES = st.sampled_from(["exp", "iat", "nbf", "sub", "jti", "aud", "iss", "x"])
+#: numbers as time claims get them wrong: non-finite, negative, past any date, not floats
+NUMBERS = st.floats() | st.integers() | st.integers(min_value=10**300, max_value=10**400)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(CLAIM_NAMES, NUMBERS | JSON), st.dictionaries(st.text(max_size=8), JSON))
+def test_v9_1_1_fuzzed_signed_claims_verify_or_raise_invalid_token(
+    changes: dict[str, Any], header_extra: dict[str, Any]
+) -> None:
+    clock = Clock()
+    key = HMACKey("k1", b"k" * 32)
+    tokens = Tokens(Keyring(key), issuer=ISSUER, audience=AUDIENCE, clock=clock)
+    header = json.dumps({**header_extra, "alg": "HS256", "kid": "k1", "typ": "at+jwt"})
+    token = forge_text(key, header, json.dumps({**good_claims(clock), **changes}))
+    try:
+        claims = tokens.verify(token)
+    except InvalidToken:
+        return
+    for name in ("exp", "iat"):
+        assert type(claims[name]) in (int, float)
+        assert 0 <= claims[name] < 1e12
+
+
 def test_token_errors_belong_to_the_polybus_tree() -> None:
     for error in (
         InvalidToken,

@@ -694,6 +694,21 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _REFUSED_HEADERS = frozenset({"jku", "jwk", "x5u", "x5c", "crit", "b64", "zip", "enc"})
 
 
+#: what json.loads raises for text that is no JSON, or nested past the recursion limit
+_NOT_JSON = (ValueError, UnicodeDecodeError, RecursionError)
+#: the latest time a claim may name: the end of year 9999, as seconds since 1970
+_LATEST = 253_402_300_799
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(text: bytes, **hooks: Any) -> Any:
+    """JSON without the NaN and Infinity that Python's parser accepts by default."""
+    return json.loads(text, parse_constant=_refuse_constant, **hooks)
+
+
 def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
     value = claims.get(name)
     if value is None:
@@ -702,6 +717,8 @@ def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | 
         return None
     if type(value) is not int and type(value) is not float:  # bool is no NumericDate
         raise InvalidToken(f"token claim {name!r} is not a number")
+    if not 0 <= value <= _LATEST:  # also false for NaN
+        raise InvalidToken(f"token claim {name!r} is not a time between 1970 and 9999")
     return float(value)
 
 
@@ -888,10 +905,10 @@ class Tokens:
         if known is not None:
             return known[0], known[1], True
         try:
-            header = json.loads(b64decode(header_part), object_pairs_hook=_no_duplicates)
+            header = _json(b64decode(header_part), object_pairs_hook=_no_duplicates)
         except InvalidToken:
             raise
-        except (ValueError, UnicodeDecodeError) as exc:
+        except _NOT_JSON as exc:
             raise InvalidToken("token header is not JSON") from exc
         if not isinstance(header, dict):
             raise InvalidToken("token header is not a JSON object")
@@ -931,8 +948,8 @@ class Tokens:
         if token_typ != typ:
             raise InvalidToken(f"token type {token_typ!r} where {typ!r} was expected")
         try:
-            claims = json.loads(b64decode(payload_part))
-        except (ValueError, UnicodeDecodeError) as exc:
+            claims = _json(b64decode(payload_part))
+        except _NOT_JSON as exc:
             raise InvalidToken("token claims are not JSON") from exc
         if type(claims) is not dict:
             raise InvalidToken("token claims are not a JSON object")
