@@ -69,6 +69,9 @@ def test_codecs_round_trip_and_refuse_what_they_cannot_encode() -> None:
         assert decoder_for(ct)(payload) == value
     with pytest.raises(EncodeError, match="set"):
         encode({1, 2})
+    for not_json in (float("nan"), float("inf"), -float("inf")):  # json.dumps would write NaN
+        with pytest.raises(EncodeError, match="JSON compliant"):
+            encode({"x": [not_json]})
     with pytest.raises(EncodeError, match="no codec"):
         encode(object(), "application/x-custom")
     with pytest.raises(DecodeError, match="not valid application/json"):
@@ -103,6 +106,8 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
             bus.publish("t", "x", key=42)  # type: ignore[arg-type]
         with pytest.raises(EncodeError):
             bus.publish_many("t", ["fine", {1, 2}])
+        with pytest.raises(EncodeError):
+            bus.publish_many("t", ["fine", {"x": float("nan")}])
         with pytest.raises(ConfigurationError, match="invalid topic name"):
             bus.publish("../etc", "x")
         with pytest.raises(ConfigurationError, match="exists with 1 partitions"):

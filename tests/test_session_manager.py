@@ -389,6 +389,9 @@ def test_data_is_json_or_msgpack_never_pickle(manager: SessionManager) -> None:
     session["when"] = {1, 2}  # a set: neither JSON nor msgpack
     with pytest.raises(EncodeError, match="JSON"):
         manager.save(session)
+    session["when"] = float("nan")  # Python's json would write NaN, which is no JSON
+    with pytest.raises(EncodeError, match="JSON"):
+        manager.save(session)
     with open_sessions("memory://?codec=msgpack") as packed:
         s = packed.load(None)
         s["raw"] = b"\x00\xff"  # msgpack keeps bytes

@@ -30,7 +30,8 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-_json_encoder = json.JSONEncoder(separators=(",", ":"), default=_json_default)
+# allow_nan=False: NaN and Infinity are no JSON, and other parsers refuse them
+_json_encoder = json.JSONEncoder(separators=(",", ":"), default=_json_default, allow_nan=False)
 _json_decoder = json.JSONDecoder()
 
 

@@ -102,7 +102,7 @@ class SessionRecord(NamedTuple):
     data: dict[str, Any]
 
 
-_json_encode = json.JSONEncoder(separators=(",", ":")).encode
+_json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  # no NaN: no JSON
 _json_decode = json.JSONDecoder().decode
 _json_str = json.encoder.encode_basestring_ascii  # what the encoder writes a str with
 _float_repr = float.__repr__  # what the encoder writes a finite float with
