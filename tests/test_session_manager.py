@@ -162,6 +162,19 @@ def test_v7_2_4_login_again_rotates_again(manager: SessionManager, clock: Clock)
     assert second.created_at == clock.now  # a new authentication: a new absolute deadline
 
 
+def test_v7_2_4_another_users_login_starts_with_no_data(manager: SessionManager) -> None:
+    """A shared browser: alice's session, then bob logs in on it. Bob must not get what
+    alice stored; alice logging in again keeps it."""
+    alices = logged_in(manager, payout_account="alice-iban")
+    again = manager.login(manager.load(alices.id), "alice")
+    assert again["payout_account"] == "alice-iban"
+    bobs = manager.login(manager.load(again.id), "bob")
+    assert bobs.user_id == "bob"
+    assert dict(bobs) == {}
+    assert dict(manager.load(bobs.id)) == {}
+    assert manager.load(again.id).is_new  # and alice's session ended with the switch
+
+
 def test_v7_2_4_a_privilege_change_rotates_the_id(manager: SessionManager, clock: Clock) -> None:
     session = logged_in(manager, role="user")
     created = session.created_at

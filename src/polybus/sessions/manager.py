@@ -333,7 +333,9 @@ class SessionManager:
     # -- id rotation and termination ---------------------------------------------------
 
     def login(self, session: Session, user_id: str, *, client: ClientInfo | None = None) -> Session:
-        """A stored, new session of ``user_id`` with ``session``'s data and a new id.
+        """A stored, new session of ``user_id`` with a new id, and ``session``'s data if
+        it was anonymous or ``user_id``'s: another user's login starts with no data, so
+        it never sees what the previous user stored.
 
         ``session`` (its id) stops working before this returns. Its absolute
         timeout starts anew: this is a new authentication.
@@ -352,7 +354,7 @@ class SessionManager:
             now + self.idle_timeout,  # <= the absolute deadline, which starts now
             client,
             self._fingerprint(client),
-            dict(session._data),
+            dict(session._data) if session.user_id in (None, user_id) else {},
         )
         return self._replace(session, record, session_id)
 
