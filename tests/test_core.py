@@ -6,6 +6,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from pydantic import BaseModel
 import polybus
 from polybus import BackendUnavailable, ConfigurationError, DecodeError, EncodeError, Message
 from polybus.codecs import JSON, MSGPACK, decoder_for, encode
+from polybus.errors import redact_url
 from polybus.message import uuid7
+from polybus.patterns.inbox import RedisInbox
 
 
 def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
@@ -157,3 +160,49 @@ def test_cli_lists_topics_groups_and_records(
     assert out[-1].startswith("0:0 ")
     assert main(["topics", "nats://x"]) == 1
     assert "unknown URL scheme" in capsys.readouterr().err
+
+
+SECRET = "s3cr3t-pw"
+
+
+@pytest.mark.parametrize(
+    ("open_", "url", "names"),
+    [
+        (polybus.connect, f"kafka://user:{SECRET}@127.0.0.1:9092?x=1", "'x'"),
+        (
+            polybus.connect,
+            f"kafka://user:{SECRET}@127.0.0.1:9092?reconnect_timeout=soon",
+            "seconds",
+        ),
+        (polybus.connect, f"kafka://127.0.0.1:9092?sasl.password={SECRET}&x=1", "'x'"),
+        (polybus.connect, f"kafka://user:{SECRET}@127.0.0.1:9092/path", "no path"),
+        (polybus.connect, f"redis://:{SECRET}@127.0.0.1:6379/0?x=1", "'x'"),
+        (polybus.connect, f"amqp://guest:{SECRET}@127.0.0.1/%2F?x=1", "'x'"),
+        (polybus.connect, f"nope://user:{SECRET}@host", "scheme"),
+        (polybus.open_sessions, f"redis://:{SECRET}@127.0.0.1:port", "bad Redis URL"),
+        (polybus.open_sessions, f"redis+sentinel://:{SECRET}@h:port/mymaster", "Sentinel"),
+        (polybus.open_sessions, f"redis+sentinel://:{SECRET}@h:26379", "no Sentinel service"),
+        (polybus.open_sessions, f"kafka://user:{SECRET}@127.0.0.1:9092?x=1", "'x'"),
+        (polybus.open_sessions, f"amqp://guest:{SECRET}@127.0.0.1?x=1", "'x'"),
+        (RedisInbox, f"redis://:{SECRET}@127.0.0.1:port", "bad Redis URL"),
+    ],
+)
+def test_errors_show_urls_without_their_secrets(
+    open_: Callable[[str], object], url: str, names: str
+) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        open_(url)
+    assert names in str(raised.value)
+    assert SECRET not in str(raised.value)
+    assert "***" in str(raised.value) or "@" not in url
+
+
+def test_redact_url_keeps_all_but_the_secrets() -> None:
+    assert redact_url("amqp://guest:pw@host:5672/%2F?heartbeat=5&token=t") == (
+        "amqp://guest:***@host:5672/%2F?heartbeat=5&token=***"
+    )
+    assert redact_url("redis://:pw@a,b/0") == "redis://:***@a,b/0"
+    assert redact_url("kafka://h:9092?ssl.key.password=p&linger.ms=5") == (
+        "kafka://h:9092?ssl.key.password=***&linger.ms=5"
+    )
+    assert redact_url("native:///var/lib/bus") == "native:///var/lib/bus"

@@ -7,6 +7,9 @@ broker client to handle failures.
 
 from __future__ import annotations
 
+import re
+from urllib.parse import urlsplit
+
 __all__ = [
     "BackendUnavailable",
     "CapabilityError",
@@ -22,6 +25,7 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "TopicNotFound",
+    "redact_url",
 ]
 
 
@@ -96,3 +100,29 @@ class RemoteError(PolybusError):
         super().__init__(f"{type}: {message}" if message else type)
         self.type = type
         self.message = message
+
+
+#: query options whose values are secrets (sasl.password, ssl.key.password, token, ...)
+_SECRET_OPTION = re.compile(r"pass|secret|token|credential|key", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` as an error message or a log line may show it: the password, and the
+    value of any option named like a secret, replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None
+    except ValueError:
+        return "<a URL that cannot be parsed>"
+    shown = url
+    if has_password:
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        shown = shown.replace(f"//{parts.netloc}", f"//{userinfo.split(':', 1)[0]}:***@{hosts}", 1)
+    if parts.query:
+        query = "&".join(
+            f"{name}=***" if _SECRET_OPTION.search(name) else f"{name}{eq}{value}"
+            for name, eq, value in (pair.partition("=") for pair in parts.query.split("&"))
+        )
+        fragment = f"#{parts.fragment}" if parts.fragment else ""
+        shown = f"{shown.partition('?')[0]}?{query}{fragment}"
+    return shown

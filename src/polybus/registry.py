@@ -7,7 +7,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from .adapters.base import Backend
-from .errors import BackendUnavailable, ConfigurationError
+from .errors import BackendUnavailable, ConfigurationError, redact_url
 
 __all__ = ["SCHEMES", "open_backend"]
 
@@ -65,14 +65,16 @@ def open_backend(target: object) -> Backend:
     url = target
     if "://" not in url:
         raise ConfigurationError(
-            f"bad bus URL {url!r}: expected scheme://..., e.g. 'native:///var/lib/app/bus', "
+            f"bad bus URL {redact_url(url)!r}: expected scheme://..., e.g. "
+            "'native:///var/lib/app/bus', "
             "'memory://', 'kafka://localhost:9092', 'amqp://localhost', 'redis://localhost'"
         )
     scheme = urlsplit(url).scheme.lower()
     entry = SCHEMES.get(scheme)
     if entry is None:
         raise BackendUnavailable(
-            f"unknown URL scheme {scheme!r} in {url!r}; known schemes: {', '.join(sorted(SCHEMES))}"
+            f"unknown URL scheme {scheme!r} in {redact_url(url)!r}; known schemes: "
+            f"{', '.join(sorted(SCHEMES))}"
         )
     if entry.client is not None:
         try:

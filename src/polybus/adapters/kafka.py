@@ -117,6 +117,7 @@ from ..errors import (
     MessageTooLarge,
     PolybusError,
     TopicNotFound,
+    redact_url,
 )
 from .base import Capability, InRecord, OutRecord, Receipt, Start, Subscription, TopicSpec
 
@@ -369,9 +370,13 @@ def from_url(url: str) -> KafkaBackend:
     parts = urlsplit(url)
     hosts = parts.netloc.rpartition("@")[2]
     if not hosts:
-        raise ConfigurationError(f"{url!r} names no broker: use kafka://host:9092[,host2:9092]")
+        raise ConfigurationError(
+            f"{redact_url(url)!r} names no broker: use kafka://host:9092[,host2:9092]"
+        )
     if parts.path not in ("", "/"):
-        raise ConfigurationError(f"{url!r}: a Kafka URL has no path; put options after '?'")
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: a Kafka URL has no path; put options after '?'"
+        )
     config: dict[str, Any] = {"bootstrap.servers": hosts}
     if parts.username is not None:
         config["sasl.username"] = unquote(parts.username)
@@ -386,7 +391,8 @@ def from_url(url: str) -> KafkaBackend:
             options[name] = value
         else:
             raise ConfigurationError(
-                f"unknown option {name!r} in {url!r}; known: {', '.join(_OPTIONS)}, or a "
+                f"unknown option {name!r} in {redact_url(url)!r}; known: "
+                f"{', '.join(_OPTIONS)}, or a "
                 f"librdkafka property: {', '.join(_UNDOTTED)} or one with a dot (linger.ms=5)"
             )
     try:
@@ -394,7 +400,7 @@ def from_url(url: str) -> KafkaBackend:
         replication_factor = int(options.get("replication_factor", "-1"))
     except ValueError as exc:
         raise ConfigurationError(
-            f"bad option value in {url!r}: reconnect_timeout is seconds, "
+            f"bad option value in {redact_url(url)!r}: reconnect_timeout is seconds, "
             f"replication_factor an integer ({exc})"
         ) from None
     return KafkaBackend(

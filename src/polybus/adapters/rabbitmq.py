@@ -107,6 +107,7 @@ from ..errors import (
     MessageTooLarge,
     PolybusError,
     TopicNotFound,
+    redact_url,
 )
 from ..message import CONTENT_TYPE, CORRELATION_ID, MESSAGE_ID, TIMESTAMP
 from .base import (
@@ -328,21 +329,13 @@ def _channel_error(code: int, text: str) -> PolybusError:
 # -- construction --------------------------------------------------------------
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _number(options: dict[str, str], name: str, default: float, url: str) -> float:
     try:
         value = float(options.get(name, default))
     except ValueError:
-        raise ConfigurationError(f"{name} must be a number in {_redact(url)!r}") from None
+        raise ConfigurationError(f"{name} must be a number in {redact_url(url)!r}") from None
     if value <= 0:
-        raise ConfigurationError(f"{name} must be positive in {_redact(url)!r}")
+        raise ConfigurationError(f"{name} must be positive in {redact_url(url)!r}")
     return value
 
 
@@ -350,7 +343,9 @@ def from_url(url: str) -> RabbitMQBackend:
     """Connect to the broker ``url`` names: ``amqp[s]://user:password@host:port/vhost?options``."""
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("amqp", "amqps"):
-        raise ConfigurationError(f"not a RabbitMQ URL: {_redact(url)!r}; use amqp:// or amqps://")
+        raise ConfigurationError(
+            f"not a RabbitMQ URL: {redact_url(url)!r}; use amqp:// or amqps://"
+        )
     ours: dict[str, str] = {}
     theirs: list[tuple[str, str]] = []
     unknown: list[str] = []
@@ -363,16 +358,16 @@ def from_url(url: str) -> RabbitMQBackend:
             unknown.append(name)
     if unknown:
         raise ConfigurationError(
-            f"unknown option(s) {sorted(unknown)} in {_redact(url)!r}; "
+            f"unknown option(s) {sorted(unknown)} in {redact_url(url)!r}; "
             f"known: {', '.join(sorted(_OPTIONS + _PIKA_OPTIONS))}"
         )
     try:
         parameters = pika.URLParameters(urlunsplit(parts._replace(query=urlencode(theirs))))
     except (ValueError, TypeError) as exc:
-        raise ConfigurationError(f"bad RabbitMQ URL {_redact(url)!r}: {exc}") from None
+        raise ConfigurationError(f"bad RabbitMQ URL {redact_url(url)!r}: {exc}") from None
     history = ours.get("history", "true").lower()
     if history not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        raise ConfigurationError(f"history must be true or false in {_redact(url)!r}")
+        raise ConfigurationError(f"history must be true or false in {redact_url(url)!r}")
     return RabbitMQBackend(
         parameters,
         reconnect_timeout=_number(ours, "reconnect_timeout", 30.0, url),

@@ -103,6 +103,7 @@ from ..errors import (
     MessageTooLarge,
     PolybusError,
     TopicNotFound,
+    redact_url,
 )
 from ..log.engine import check_name, partition_for_key
 from .base import (
@@ -172,7 +173,7 @@ def from_url(url: str) -> RedisBackend:
             theirs.append((name, value))
         else:
             raise ConfigurationError(
-                f"unknown option {name!r} in {url!r}; known: "
+                f"unknown option {name!r} in {redact_url(url)!r}; known: "
                 f"{', '.join(sorted(_OPTIONS | _CLIENT_OPTIONS))}"
             )
     client_url = urlunsplit(parts._replace(query=urlencode(theirs)))
@@ -185,7 +186,7 @@ def from_url(url: str) -> RedisBackend:
         else:
             client = redis.Redis.from_url(client_url, **kwargs)
     except (ValueError, TypeError) as exc:
-        raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+        raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
     except Exception as exc:
         raise map_error(exc) from exc
     maxlen = ours.get("maxlen")

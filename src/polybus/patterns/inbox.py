@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ..errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError
+from ..errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError, redact_url
 from ..log import Log, Partition
 from ._sql import Dialect, check_table, close_quietly, dialect_of, rollback_quietly
 
@@ -326,10 +326,11 @@ class RedisInbox:
         self._ttl_ms = _ttl_ms(ttl)
         self._owned = isinstance(client, str)
         if isinstance(client, str):
+            url = client
             try:
-                client = redis_module.Redis.from_url(client)
+                client = redis_module.Redis.from_url(url)
             except ValueError as exc:
-                raise ConfigurationError(f"bad Redis URL {client!r}: {exc}") from exc
+                raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
         elif not isinstance(client, redis_module.Redis | redis_module.cluster.RedisCluster):
             raise ConfigurationError(
                 f"cannot use a {type(client).__module__}.{type(client).__qualname__}: pass a "

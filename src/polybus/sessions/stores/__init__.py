@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from ...bus import connect
-from ...errors import BackendUnavailable, ConfigurationError, PolybusError
+from ...errors import BackendUnavailable, ConfigurationError, PolybusError, redact_url
 from ..base import CODECS, SessionStore, SessionStoreUnavailable
 
 T = TypeVar("T")
@@ -48,7 +48,8 @@ def url_options(url: str, known: set[str]) -> dict[str, str]:
     unknown = set(options) - known
     if unknown:
         raise ConfigurationError(
-            f"unknown option(s) {sorted(unknown)} in {url!r}; known: {', '.join(sorted(known))}"
+            f"unknown option(s) {sorted(unknown)} in {redact_url(url)!r}; "
+            f"known: {', '.join(sorted(known))}"
         )
     return options
 

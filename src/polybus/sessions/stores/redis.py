@@ -41,7 +41,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from ...errors import ConfigurationError, DecodeError
+from ...errors import ConfigurationError, DecodeError, redact_url
 from ..base import (
     CODECS,
     Head,
@@ -269,11 +269,13 @@ def _sentinel_client(url: str, client_options: dict[str, Any]) -> redis.Redis:
         try:
             hosts.append((host.strip("[]"), int(port)))
         except ValueError:
-            raise ConfigurationError(f"bad Sentinel address {hostport!r} in {url!r}") from None
+            raise ConfigurationError(
+                f"bad Sentinel address {hostport!r} in {redact_url(url)!r}"
+            ) from None
     path = [p for p in parts.path.split("/") if p]
     if not path:
         raise ConfigurationError(
-            f"{url!r} names no Sentinel service: use redis+sentinel://host:26379/mymaster[/db]"
+            f"{redact_url(url)!r} names no Sentinel service: use redis+sentinel://host:26379/mymaster[/db]"
         )
     db = int(path[1]) if len(path) > 1 else 0
     password = unquote(parts.password) if parts.password else None
@@ -316,7 +318,7 @@ def from_url(url: str, **options: Any) -> RedisStore:
             client_url = urlunsplit(parts._replace(query=urlencode(theirs)))
             client = redis.Redis.from_url(client_url, **client_options)
     except (ValueError, TypeError) as exc:
-        raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+        raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
     except redis.RedisError as exc:  # a Cluster client asks for the slots at once
         raise _unavailable(exc) from exc
     ours.pop("cluster", None)
