@@ -578,6 +578,24 @@ def test_a_store_that_is_down_gets_a_503_never_an_error_page(
     assert reply.set_cookies == []
 
 
+@pytest.mark.parametrize("make", [starlette_app, flask_app], ids=["starlette", "flask"])
+@pytest.mark.parametrize(("method", "path"), [("GET", "/whoami"), ("POST", "/incr")])
+def test_fail_open_serves_anonymously_and_keeps_the_cookie_for_later(
+    make: Callable[[dict[str, Any]], Callable[..., Reply]], method: str, path: str
+) -> None:
+    """With the store down, fail_open serves the request as anonymous; the user's cookie
+    must survive it, so the session is theirs again once the store is back."""
+    keys = Keyring(HMACKey.generate("cookie-1"))
+    dead = f"redis://127.0.0.1:{servers.free_port()}/0"
+    with SessionManager(dead, on_unavailable="fail_open") as manager:
+        call = make({"manager": manager, "keys": keys})
+        cookie = f"{COOKIE}={CookieSigner(keys).sign(new_session_id())}"
+        reply = call(method, path, {"Cookie": cookie})
+    assert reply.status == 200
+    assert reply.body["user"] is None
+    assert reply.set_cookies == []
+
+
 def test_session_of_names_a_missing_middleware() -> None:
     with pytest.raises(ConfigurationError, match="middleware"):
         session_of({"type": "http"})

@@ -27,7 +27,8 @@ instances read from a local view (``store.linearizable`` tells whether
 compare-and-set holds across instances). Store failures follow
 ``on_unavailable``: ``"fail_closed"`` (default) raises
 :class:`SessionStoreUnavailable`; ``"fail_open"`` serves a new, unsaved session
-and logs a warning. Logout, rotation and revocation always raise when the
+and logs a warning (the middleware leaves the cookie as it is, so the session is
+the user's again once the store is back). Logout, rotation and revocation always raise when the
 store is down: they cannot be confirmed otherwise.
 
 A store never holds a session id: it keeps each session under

@@ -316,6 +316,8 @@ class LazySession(MutableMapping[str, Any]):
                 session = manager.rotate(session)
         self._actions.clear()
         self._session = session
+        if session.transient:  # served while the store is down: the cookie is for later
+            return []
         if manager.save(session):
             if session.id != self._cookie_id or cookie.max_age is not None:
                 return [cookie.set(signer.sign(session.id))]
