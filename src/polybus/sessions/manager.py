@@ -374,14 +374,11 @@ class SessionManager:
             session.ended = True
             return Session(session.record(id=store_key(session_id)), session_id)
         current = self.store.load(session.store_key)
-        if current is not None:  # a real conflict raises here, with nothing changed
-            same = current.version == session.version
-            data = dict(session._data) if same else self._merge(session, current)
-        # deleted before the new one is stored: if that finds it gone, it was ended
-        # meanwhile, and stays ended
-        if current is None or not self.store.delete(session.store_key):
+        if current is None:  # ended meanwhile, and stays ended
             session.ended = True
             return self.new(session.client)
+        same = current.version == session.version  # a real conflict raises, changing nothing
+        data = dict(session._data) if same else self._merge(session, current)
         now = self._clock()
         record = session.record(
             id=store_key(session_id),
@@ -390,8 +387,14 @@ class SessionManager:
             expires_at=min(now + self.idle_timeout, session.created_at + self.absolute_timeout),
             data=data,
         )
+        # The new id is stored before the old one is deleted, so a "log out everywhere"
+        # at any moment finds one of them. If the old one is gone by the delete, the
+        # session was ended meanwhile: the new one is deleted too, and it stays ended.
         self.store.save(record)
         session.ended = True
+        if not self.store.delete(session.store_key):
+            self.store.delete(record.id)
+            return self.new(session.client)
         return Session(record, session_id)
 
     def _replace(self, old: Session, record: SessionRecord, session_id: str) -> Session:

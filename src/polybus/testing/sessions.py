@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -41,6 +41,7 @@ __all__ = [
     "store_case",
     "test_delete_ends_the_session_on_every_instance",
     "test_expired_session_is_never_returned",
+    "test_logging_out_everywhere_during_a_rotation_ends_the_rotated_session",
     "test_logging_out_everywhere_right_after_a_login_elsewhere_ends_it",
     "test_login_rotation_ends_the_old_id_on_every_instance",
     "test_other_instances_see_a_save",
@@ -324,6 +325,48 @@ def test_logging_out_everywhere_right_after_a_login_elsewhere_ends_it(
     assert second.delete_user("gina") == 1
     wait_until(lambda: first.load(rec.id) is None, "the delete to reach the first instance")
     assert first.user_sessions("gina") == []
+
+
+class _Interleaved:
+    """A store that runs ``hook`` once, just before the first ``save`` or ``delete``
+    (``step``) after :meth:`arm`: a request that lands between two steps of another."""
+
+    def __init__(self, store: SessionStore, step: str, hook: Callable[[], object]) -> None:
+        self._store, self._step, self._hook, self._armed = store, step, hook, False
+
+    def arm(self) -> None:
+        self._armed = True
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._store, name)
+        if name != self._step or not self._armed:
+            return call
+
+        def first_runs_the_hook(*args: Any, **kwargs: Any) -> Any:
+            self._armed = False
+            self._hook()
+            return call(*args, **kwargs)
+
+        return first_runs_the_hook
+
+
+@pytest.mark.parametrize("step", ["save", "delete"])
+def test_logging_out_everywhere_during_a_rotation_ends_the_rotated_session(
+    open_session_store: Callable[..., SessionStore], step: str
+) -> None:
+    """ASVS 7.4.2: "log out everywhere" landing between the steps of a rotation (storing
+    the new id, deleting the old) must end the session under its new id too."""
+    store = open_session_store()
+    manager = SessionManager(store)
+    interleaved = _Interleaved(store, step, lambda: manager.logout_everywhere("hana"))
+    rotating = SessionManager(cast(SessionStore, interleaved))
+    session = rotating.login(rotating.load(None), "hana")
+    interleaved.arm()
+    rotated = rotating.rotate(session)
+    assert rotated.user_id is None, "the rotation brought the ended session back"
+    assert manager.load(rotated.id).is_new
+    assert manager.load(session.id).is_new
+    assert manager.sessions_of("hana") == []
 
 
 def test_login_rotation_ends_the_old_id_on_every_instance(
