@@ -67,6 +67,9 @@ class CountingStore:
     def delete(self, session_id: str) -> bool:
         return self.inner.delete(session_id)
 
+    def user_tag(self, user_id: str) -> str | None:
+        return self.inner.user_tag(user_id)
+
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
         return self.inner.user_sessions(user_id)
 

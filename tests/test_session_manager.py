@@ -99,7 +99,7 @@ def test_v7_2_3_ids_are_256_bits_from_secrets(monkeypatch: pytest.MonkeyPatch) -
         return real(nbytes)
 
     monkeypatch.setattr(session_base.secrets, "token_urlsafe", spy)
-    ids = {new_session_id() for _ in range(1000)} | {new_session_id("u") for _ in range(1000)}
+    ids = {new_session_id() for _ in range(1000)} | {new_session_id("beef") for _ in range(1000)}
     assert len(ids) == 2000
     assert set(asked) == {32}
     for sid in list(ids)[:50]:

@@ -298,19 +298,19 @@ def _fields(r: SessionRecord) -> list[Any]:
 CODECS: dict[str, RecordCodec] = {"json": RecordCodec(), "msgpack": _MsgpackCodec()}
 
 
-def user_tag(user_id: str) -> str:
-    """Four hex digits shared by every session id of ``user_id``.
+def user_tag(user_id: str, secret: bytes) -> str:
+    """Four hex digits shared by every session id of ``user_id``, keyed with ``secret``.
 
-    Redis hashes a session and its user's index to one Cluster slot by it;
-    other stores ignore it. Sixteen bits tell nothing useful about the user.
+    Redis hashes a session and its user's index to one Cluster slot by it. Keyed, so
+    that nobody without the secret can tell from ids whose they are, or link them.
     """
-    return hashlib.blake2b(user_id.encode(), digest_size=2).hexdigest()
+    return hashlib.blake2b(user_id.encode(), digest_size=2, key=secret).hexdigest()
 
 
-def new_session_id(user_id: str | None = None) -> str:
-    """A fresh id: 256 random bits from :mod:`secrets`, after the user's tag if any."""
+def new_session_id(tag: str | None = None) -> str:
+    """A fresh id: 256 random bits from :mod:`secrets`, after ``tag`` and a dot if given."""
     token = secrets.token_urlsafe(32)
-    return token if user_id is None else f"{user_tag(user_id)}.{token}"
+    return token if tag is None else f"{tag}.{token}"
 
 
 def store_key(session_id: str) -> str:
@@ -362,6 +362,12 @@ class SessionStore(Protocol):
 
     def delete(self, session_id: str) -> bool:
         """Remove the session and its index entry; True if it existed. Idempotent."""
+        ...
+
+    def user_tag(self, user_id: str) -> str | None:
+        """What a new session id of ``user_id`` starts with, or None for nothing: a store
+        that keeps a user's sessions together by it (Redis) keys it with a secret it
+        keeps, so that an id does not tell whose it is."""
         ...
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:

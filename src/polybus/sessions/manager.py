@@ -345,7 +345,7 @@ class SessionManager:
             raise ConfigurationError(f"user_id must be a non-empty str, not {user_id!r}")
         now = self._clock()
         client = client or session.client
-        session_id = new_session_id(user_id)
+        session_id = new_session_id(self.store.user_tag(user_id))
         record = SessionRecord(
             store_key(session_id),
             user_id,
@@ -369,7 +369,8 @@ class SessionManager:
         anonymous session comes back instead. A session never stored only
         gets a new id; it is stored by the next save, as before.
         """
-        session_id = new_session_id(session.user_id)
+        tag = self.store.user_tag(session.user_id) if session.user_id is not None else None
+        session_id = new_session_id(tag)
         if not session.version:
             session.ended = True
             return Session(session.record(id=store_key(session_id)), session_id)

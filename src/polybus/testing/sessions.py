@@ -10,6 +10,7 @@ of a service do. A missing server skips (fails under ``CI=true``).
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 import time
 import uuid
@@ -39,6 +40,7 @@ __all__ = [
     "StoreCase",
     "open_session_store",
     "store_case",
+    "test_a_session_id_does_not_tell_whose_it_is",
     "test_delete_ends_the_session_on_every_instance",
     "test_expired_session_is_never_returned",
     "test_logging_out_everywhere_during_a_rotation_ends_the_rotated_session",
@@ -191,13 +193,18 @@ _last_created = [0.0]
 
 
 def record(
-    user_id: str | None = None, *, version: int = 1, ttl: float = 600.0, **data: Any
+    store: SessionStore,
+    user_id: str | None = None,
+    *,
+    version: int = 1,
+    ttl: float = 600.0,
+    **data: Any,
 ) -> SessionRecord:
-    """A new session's record; each is created strictly after the one before (lists are
-    sorted by creation time)."""
+    """A new session's record for ``store``; each is created strictly after the one before
+    (lists are sorted by creation time)."""
     now = _last_created[0] = max(time.time(), _last_created[0] + 0.001)
     return SessionRecord(
-        new_session_id(user_id),
+        new_session_id(store.user_tag(user_id) if user_id is not None else None),
         user_id,
         version,
         now,
@@ -214,7 +221,9 @@ def test_round_trip_keeps_every_field(
     open_session_store: Callable[..., SessionStore], codec: str
 ) -> None:
     store = open_session_store(codec=codec)
-    rec = record("alice", cart=["book", 2], prefs={"theme": "dark"}, n=1.5, ok=True, none=None)
+    rec = record(
+        store, "alice", cart=["book", 2], prefs={"theme": "dark"}, n=1.5, ok=True, none=None
+    )
     rec = rec._replace(fingerprint="f" * 32)
     store.save(rec)
     assert store.load(rec.id) == rec
@@ -223,7 +232,7 @@ def test_round_trip_keeps_every_field(
 
 def test_save_is_compare_and_set(open_session_store: Callable[..., SessionStore]) -> None:
     store = open_session_store()
-    rec = record(a=1)
+    rec = record(store, a=1)
     store.save(rec)
     with pytest.raises(SessionConflict) as caught:
         store.save(rec._replace(data={"a": 2}))  # version 1 again
@@ -235,13 +244,13 @@ def test_save_is_compare_and_set(open_session_store: Callable[..., SessionStore]
     assert loaded is not None
     assert (loaded.version, loaded.data) == (2, {"a": 3})
     with pytest.raises(SessionConflict) as caught:
-        store.save(record(version=2))  # version 2 of a session that does not exist
+        store.save(record(store, version=2))  # version 2 of a session that does not exist
     assert caught.value.current_version == 0
 
 
 def test_other_instances_see_a_save(open_session_store: Callable[..., SessionStore]) -> None:
     first, second = open_session_store(), open_session_store()
-    rec = record("bob", step=1)
+    rec = record(first, "bob", step=1)
     first.save(rec)
     assert first.load(rec.id) == rec  # read-your-writes on the writing instance
     wait_until(lambda: second.load(rec.id) == rec, "the save to reach the second instance")
@@ -257,7 +266,7 @@ def test_expired_session_is_never_returned(
 ) -> None:
     """ASVS 7.3.1: the store itself enforces expiry, whether or not anyone deletes it."""
     store = open_session_store()
-    rec = record("carol", ttl=0.6, a=1)
+    rec = record(store, "carol", ttl=0.6, a=1)
     store.save(rec)
     assert store.load(rec.id) == rec
     assert [r.id for r in store.user_sessions("carol")] == [rec.id]
@@ -274,7 +283,7 @@ def test_delete_ends_the_session_on_every_instance(
 ) -> None:
     """ASVS 7.4.1: after termination the session cannot be used, on any instance."""
     first, second = open_session_store(), open_session_store()
-    rec = record("dave", a=1)
+    rec = record(first, "dave", a=1)
     first.save(rec)
     wait_until(lambda: second.load(rec.id) is not None, "the save to reach the second instance")
     assert first.delete(rec.id) is True
@@ -292,8 +301,8 @@ def test_user_index_lists_and_ends_a_users_sessions(
 ) -> None:
     """ASVS 7.4.2, 7.4.3, 7.5.2: list a user's sessions, end all of them or all but one."""
     first, second = open_session_store(), open_session_store()
-    mine = [record("erin", n=i) for i in range(3)]
-    other = record("frank")
+    mine = [record(first, "erin", n=i) for i in range(3)]
+    other = record(first, "frank")
     for rec in [*mine, other]:
         first.save(rec)
     assert [r.id for r in first.user_sessions("erin")] == [r.id for r in mine]
@@ -320,7 +329,7 @@ def test_logging_out_everywhere_right_after_a_login_elsewhere_ends_it(
     first, second = open_session_store(), open_session_store()
     if not first.linearizable:
         pytest.skip("a replicated store ends the sessions it has seen (documented)")
-    rec = record("gina")
+    rec = record(first, "gina")
     first.save(rec)
     assert second.delete_user("gina") == 1
     wait_until(lambda: first.load(rec.id) is None, "the delete to reach the first instance")
@@ -348,6 +357,18 @@ class _Interleaved:
             return call(*args, **kwargs)
 
         return first_runs_the_hook
+
+
+def test_a_session_id_does_not_tell_whose_it_is(
+    open_session_store: Callable[..., SessionStore],
+) -> None:
+    """ASVS 7.2.3: the ids of two users carry no tag anyone can compute from a user name
+    (a store that tags ids, for Redis Cluster slots, keys the tag with its secret)."""
+    manager = SessionManager(open_session_store())
+    users = ["ivy", "jack"]
+    tags = [manager.login(manager.load(None), user).id.partition(".")[0] for user in users]
+    guessable = [hashlib.blake2b(user.encode(), digest_size=2).hexdigest() for user in users]
+    assert tags != guessable
 
 
 @pytest.mark.parametrize("step", ["save", "delete"])
@@ -485,7 +506,7 @@ def test_store_down_raises_session_store_unavailable(store_case: StoreCase) -> N
 def _open_and_save(url: str) -> None:
     store = open_store(url)  # a store that keeps a local view fails here already
     try:
-        store.save(record(a=1))
+        store.save(record(store, a=1))
     finally:
         store.close()
 

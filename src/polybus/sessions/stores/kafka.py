@@ -255,6 +255,9 @@ class KafkaStore:
             self._append_all([(sid, _DELETED) for sid in known])
         return len(known)
 
+    def user_tag(self, user_id: str) -> None:
+        return None  # the ids need no tag here
+
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
         with self._cond:
             items = self._view.live_of(user_id, time.time())

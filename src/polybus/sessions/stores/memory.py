@@ -80,6 +80,9 @@ class MemoryStore:
             item = self._table.view.drop(session_id)
         return item is not None and item.expires_at > time.time()
 
+    def user_tag(self, user_id: str) -> None:
+        return None  # the ids need no tag here
+
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
         with self._table.lock:
             items = self._table.view.live_of(user_id, time.time())

@@ -184,6 +184,9 @@ class NativeStore:
             self._tombstones([session_id])
             return live
 
+    def user_tag(self, user_id: str) -> None:
+        return None  # the ids need no tag here
+
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
         try:
             with self._lock:

@@ -368,6 +368,9 @@ class RabbitMQStore:
                         self._apply(m)
         return len(messages)
 
+    def user_tag(self, user_id: str) -> None:
+        return None  # the ids need no tag here
+
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
         with self._cond:
             items = self._view.live_of(user_id, time.time())

@@ -7,9 +7,10 @@ URLs: ``redis://[user:pass@]host:port/db``, ``rediss://`` (TLS), ``...?cluster=t
 (``socket_timeout``, ...). :class:`RedisStore` also wraps any existing
 ``redis.Redis`` (a Sentinel's ``master_for(...)`` too) or ``RedisCluster``.
 
-Keys. A user's session id starts with the user's tag (:func:`~polybus.sessions.base.user_tag`),
-which is the Cluster hash tag of both the session and its user's index, so one
-Lua script updates them atomically on one node:
+Keys. A user's session id starts with the user's tag (:func:`~polybus.sessions.base.user_tag`,
+keyed with a secret kept in Redis under ``<prefix>:tag-secret``), which is the Cluster
+hash tag of both the session and its user's index, so one Lua script updates them
+atomically on one node:
 
 - ``<prefix>:{<tag>}:s:<id>``: the session, ``<version>:<record>``, expiring (PXAT) at the
   record's ``expires_at``: Redis itself forgets an expired session;
@@ -27,6 +28,7 @@ the ones this store last saved or read (it keeps them decoded, for the last
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, cast
@@ -136,6 +138,7 @@ class RedisStore:
         self._heads: dict[str, tuple[bytes, Head]] = {}
         self._indexed: dict[str, int] = {}  # session id -> its index entry's score seen
         self._delete_user = client.register_script(_DELETE_USER)
+        self._tag_secret: bytes | None = None
 
     def _run(self, script: Script, keys: list[str], args: list[bytes | int | str]) -> Any:
         """EVALSHA, loading the script first if the server lost it (a restart, a failover).
@@ -212,9 +215,21 @@ class RedisStore:
         except redis.RedisError as exc:
             raise _unavailable(exc) from exc
 
+    def user_tag(self, user_id: str) -> str:
+        """The user's tag, keyed with a secret this Redis keeps (``<prefix>:tag-secret``,
+        made once by whichever instance needs it first), so every instance agrees."""
+        if self._tag_secret is None:
+            key = f"{self.prefix}:tag-secret"
+            try:
+                self.client.set(key, secrets.token_bytes(32), nx=True)
+                self._tag_secret = cast(bytes, self.client.get(key))
+            except redis.RedisError as exc:
+                raise _unavailable(exc) from exc
+        return user_tag(user_id, self._tag_secret)
+
     def _user_index(self, user_id: str) -> tuple[str, str]:
         """The user's index key and the key prefix of the user's sessions."""
-        tag = user_tag(user_id)
+        tag = self.user_tag(user_id)
         return f"{self.prefix}:{{{tag}}}:u:{user_id}", f"{self.prefix}:{{{tag}}}:s:"
 
     def user_sessions(self, user_id: str) -> list[SessionRecord]:
