@@ -21,6 +21,7 @@ from .adapters.base import (
 )
 from .codecs import decoder_for, encode
 from .errors import CapabilityError, ClosedError, ConfigurationError, DecodeError
+from .log import check_name
 from .message import (
     CAUSATION_ID,
     CONTENT_TYPE,
@@ -404,6 +405,10 @@ class Bus:
         partition count.
         """
         self._check()
+        # one rule on every backend, so that code moved between them keeps working
+        check_name("topic", topic)
+        for group in groups:
+            check_name("group", group)
         spec = TopicSpec(
             partitions=partitions,
             default_partitions=self.default_partitions,
@@ -521,6 +526,8 @@ class Bus:
         """
         self._check()
         self._ensure(topic)
+        if group is not None:
+            check_name("group", group)
         if group is None and Capability.EPHEMERAL_GROUPS not in self.capabilities:
             raise CapabilityError("this backend has no ephemeral subscriptions")
         start = start or ("latest" if group is None else "earliest")

@@ -4,7 +4,7 @@ It imports no broker client. See :class:`Log` for the entry point, and
 :meth:`Consumer.transaction` for appends and acks committed together.
 """
 
-from .engine import Log, Topic, TopicConfig
+from .engine import Log, Topic, TopicConfig, check_name
 from .format import Record
 from .group import Consumer
 from .partition import FsyncPolicy, Partition
@@ -21,4 +21,5 @@ __all__ = [
     "Topic",
     "TopicConfig",
     "Transaction",
+    "check_name",
 ]

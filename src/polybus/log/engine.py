@@ -26,6 +26,9 @@ _FSYNC = ("always", "interval", "never")
 
 
 def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a valid topic or group name (``kind`` says which) on every
+    backend: 1-200 letters, digits, '.', '_' or '-', not starting with '.' or '-'.
+    Raises ConfigurationError naming the rule otherwise."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigurationError(
             f"invalid {kind} name {name!r}: use 1-200 letters, digits, '.', '_' or '-', "

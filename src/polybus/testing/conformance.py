@@ -45,6 +45,7 @@ __all__ = [
     "test_round_trip_keeps_value_key_headers_and_envelope",
     "test_seek_replays",
     "test_tombstones_arrive_without_a_value_or_are_refused",
+    "test_topic_and_group_names_follow_one_rule",
 ]
 
 Connect = Callable[[], polybus.Bus]
@@ -109,6 +110,20 @@ def test_round_trip_keeps_value_key_headers_and_envelope(connect: Connect, topic
         assert d.topic == topic
         assert d.group == "g"
         assert d.attempt == 1
+
+
+@pytest.mark.parametrize("bad", ["bad topic/name*", "", ".hidden", "x" * 201, "café"])
+def test_topic_and_group_names_follow_one_rule(connect: Connect, topic: str, bad: str) -> None:
+    """The same names are refused on every backend, so code moved between them works."""
+    bus = connect()
+    with pytest.raises(ConfigurationError, match="invalid topic name"):
+        bus.declare(bad)
+    with pytest.raises(ConfigurationError, match="invalid topic name"):
+        bus.publish(bad, "x")
+    with pytest.raises(ConfigurationError, match="invalid group name"):
+        bus.declare(topic, groups=[bad])
+    with pytest.raises(ConfigurationError, match="invalid group name"):
+        bus.subscribe(topic, bad)
 
 
 def test_tombstones_arrive_without_a_value_or_are_refused(connect: Connect, topic: str) -> None:
