@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -210,6 +211,37 @@ def test_bad_options_are_refused_with_what_to_do() -> None:
             Retry(delay=-1)
         with pytest.raises(ConfigurationError, match="no bus to run on"):
             Worker(App())
+
+
+def test_a_bad_registration_is_refused_at_decoration_not_when_a_worker_starts() -> None:
+    app = App("memory://")
+    with pytest.raises(ConfigurationError, match=r"concurency.*the options are .*concurrency"):
+        app.consumer("t", concurency=4)
+    with pytest.raises(ConfigurationError, match="guarantee must be"):
+        app.consumer("t", guarantee="exactly_once")
+    with pytest.raises(ConfigurationError, match="inbox"):
+        app.consumer("t", guarantee="exactly-once")
+    with pytest.raises(ConfigurationError, match="unexpected keyword"):
+        app.responder("t", retries=3)
+    assert app.registrations == []
+
+
+def test_worker_run_outside_the_main_thread_says_what_to_use() -> None:
+    worker = Worker(App("memory://"))
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except ConfigurationError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert len(raised) == 1
+    assert "worker.start() and worker.stop()" in str(raised[0])
+    worker.stop()
 
 
 def test_backoff_grows_caps_and_spreads() -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import http.server
+import inspect
 import itertools
 import json
 import logging
@@ -146,6 +147,39 @@ class _Lane:
                 consumer._done()
 
 
+def _check_settings(
+    guarantee: str,
+    inbox: object,
+    transactional: bool,
+    concurrency: int,
+    strict_order: bool,
+    batch: int,
+    max_held: int,
+) -> None:
+    """Raise ConfigurationError for Consumer settings that cannot work on any bus."""
+    if guarantee not in ("at-most-once", "at-least-once", "exactly-once"):
+        raise ConfigurationError(
+            f"guarantee must be at-most-once, at-least-once or exactly-once, not {guarantee!r}"
+        )
+    if guarantee == "exactly-once" and inbox is None and not transactional:
+        raise ConfigurationError(
+            "exactly-once needs an inbox (inbox=...) or transactional=True on a backend "
+            "with transactions"
+        )
+    if transactional and guarantee == "at-most-once":
+        raise ConfigurationError(
+            "transactional=True commits the input with the outputs: it gives "
+            "exactly-once, not at-most-once"
+        )
+    if transactional and (concurrency != 1 or strict_order):
+        raise ConfigurationError(
+            "a transactional consumer runs one transaction at a time: "
+            "use concurrency=1 and no strict_order, and run more worker processes"
+        )
+    if concurrency < 1 or batch < 1 or max_held < 1:
+        raise ConfigurationError("concurrency, batch and max_held must be at least 1")
+
+
 class Consumer:
     """One handler over one topic's group: fetch, handle, retry, dead-letter, settle.
 
@@ -177,33 +211,12 @@ class Consumer:
         max_held: int = 1000,
         invoke: Invoke = _call,
     ) -> None:
-        if guarantee not in ("at-most-once", "at-least-once", "exactly-once"):
+        _check_settings(guarantee, inbox, transactional, concurrency, strict_order, batch, max_held)
+        if transactional and Capability.TRANSACTIONS not in bus.capabilities:
             raise ConfigurationError(
-                f"guarantee must be at-most-once, at-least-once or exactly-once, not {guarantee!r}"
+                "transactional=True needs a backend with transactions (native, memory, "
+                "Kafka); use an inbox for exactly-once here"
             )
-        if guarantee == "exactly-once" and inbox is None and not transactional:
-            raise ConfigurationError(
-                "exactly-once needs an inbox (inbox=...) or transactional=True on a backend "
-                "with transactions"
-            )
-        if transactional:
-            if guarantee == "at-most-once":
-                raise ConfigurationError(
-                    "transactional=True commits the input with the outputs: it gives "
-                    "exactly-once, not at-most-once"
-                )
-            if concurrency != 1 or strict_order:
-                raise ConfigurationError(
-                    "a transactional consumer runs one transaction at a time: "
-                    "use concurrency=1 and no strict_order, and run more worker processes"
-                )
-            if Capability.TRANSACTIONS not in bus.capabilities:
-                raise ConfigurationError(
-                    "transactional=True needs a backend with transactions (native, memory, "
-                    "Kafka); use an inbox for exactly-once here"
-                )
-        if concurrency < 1 or batch < 1 or max_held < 1:
-            raise ConfigurationError("concurrency, batch and max_held must be at least 1")
         self.bus = bus
         self.topic = topic
         self.handler = handler
@@ -587,6 +600,30 @@ class _Registration:
     options: dict[str, Any]
 
 
+_CONSUMER = inspect.signature(Consumer)
+
+
+def _checked(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of a registration, checked when it is made rather than when a worker
+    starts: unknown names and settings that cannot work raise ConfigurationError."""
+    try:
+        bound = _CONSUMER.bind_partial(None, "", None, **options)  # bus, topic, handler
+    except TypeError as exc:
+        known = sorted(set(_CONSUMER.parameters) - {"bus", "topic", "handler"})
+        raise ConfigurationError(f"{exc}; the options are {', '.join(known)}") from None
+    settings = {n: p.default for n, p in _CONSUMER.parameters.items()} | bound.arguments
+    _check_settings(
+        settings["guarantee"],
+        settings["inbox"],
+        settings["transactional"],
+        settings["concurrency"],
+        settings["strict_order"],
+        settings["batch"],
+        settings["max_held"],
+    )
+    return options
+
+
 class App:
     """A set of handlers, registered with :meth:`consumer`; run by a :class:`Worker`.
 
@@ -603,6 +640,8 @@ class App:
         """Register the decorated function as the handler of ``topic`` for ``group``
         (default: the function's name). ``options`` are :class:`Consumer`'s."""
 
+        _checked(options)
+
         def register(handler: Handler) -> Handler:
             self.registrations.append(
                 _Registration(topic, handler, {"group": group or handler.__name__, **options})
@@ -618,6 +657,8 @@ class App:
         on ``topic``: its return value, or the exception it raises, is the reply.
         ``options`` are :class:`Consumer`'s (no retries: a failure is the reply)."""
         from .request_reply import responder  # a pattern built on this module
+
+        _checked(options)
 
         def register(handler: Handler) -> Handler:
             self.registrations.append(
@@ -708,7 +749,15 @@ class Worker:
         return clean
 
     def run(self, *, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
-        """Start, block until one of ``signals`` arrives (or :meth:`stop`), then stop."""
+        """Start, block until one of ``signals`` arrives (or :meth:`stop`), then stop.
+
+        Call it from the main thread, the only one Python lets handle signals; from any
+        other, use :meth:`start` and :meth:`stop`."""
+        if threading.current_thread() is not threading.main_thread():
+            raise ConfigurationError(
+                "Worker.run() handles SIGTERM and SIGINT, which only the main thread can: "
+                "call it there, or use worker.start() and worker.stop() from this thread"
+            )
         previous = {s: signal.signal(s, lambda *_: self._stop.set()) for s in signals}
         try:
             self.start()
