@@ -14,6 +14,8 @@ from pydantic import BaseModel
 
 import polybus
 from polybus import BackendUnavailable, ConfigurationError, DecodeError, EncodeError, Message
+from polybus.adapters.base import Capability
+from polybus.adapters.native import NativeBackend
 from polybus.codecs import JSON, MSGPACK, decoder_for, encode
 from polybus.errors import redact_url
 from polybus.message import uuid7
@@ -206,3 +208,23 @@ def test_redact_url_keeps_all_but_the_secrets() -> None:
         "kafka://h:9092?ssl.key.password=***&linger.ms=5"
     )
     assert redact_url("native:///var/lib/bus") == "native:///var/lib/bus"
+
+
+def test_memory_is_one_store_per_process_unless_named() -> None:
+    with polybus.connect("memory://") as a, polybus.connect("memory://") as b:
+        a.declare("shared", groups=["g"])
+        a.publish("shared", "seen by b")
+        with b.subscribe("shared", "g") as sub:
+            assert [d.value for d in sub.fetch(10, timeout=5)] == ["seen by b"]
+        assert Capability.MULTI_PROCESS not in a.capabilities
+    with polybus.connect("memory://") as a, polybus.connect("memory://other") as c:
+        a.declare("mine")
+        assert isinstance(a.backend, NativeBackend)
+        assert isinstance(c.backend, NativeBackend)
+        assert "mine" in a.backend.log.topics()
+        assert "mine" not in c.backend.log.topics()
+
+
+def test_a_native_url_with_a_host_part_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigurationError, match=r"native:///tmp/x"):
+        polybus.connect("native://tmp/x")

@@ -49,16 +49,21 @@ def from_url(url: str) -> NativeBackend:
             "known: fsync, fsync_interval, skip_corrupt"
         )
     if parts.scheme == "memory":
+        # memory:// is the process's one default store, memory://<name> a store of its own
         name = parts.netloc + parts.path
-        if not name:
-            return NativeBackend(Log(None))
         with _shared_lock:
             log, users = _shared.get(name, (None, 0))
             if log is None or log._closed:
                 log, users = Log(None), 0
             _shared[name] = (log, users + 1)
         return NativeBackend(log, shared_name=name)
-    path = unquote(parts.netloc + parts.path)
+    if parts.netloc:
+        raise ConfigurationError(
+            f"{url!r} names the host {parts.netloc!r}, not a directory: write "
+            f"native:///{parts.netloc}{parts.path} for the absolute path "
+            f"/{parts.netloc}{parts.path} (three slashes)"
+        )
+    path = unquote(parts.path)
     if not path:
         raise ConfigurationError(f"{url!r} names no directory: use native:///absolute/path")
     try:
@@ -181,6 +186,8 @@ class NativeBackend:
 
     def __init__(self, log: Log, *, shared_name: str | None = None) -> None:
         self.log = log
+        if shared_name is not None:  # memory: other processes cannot reach it
+            self.capabilities = NativeBackend.capabilities & ~Capability.MULTI_PROCESS
         self._shared_name = shared_name
         self._closed = False
         self._subscriptions: set[NativeSubscription] = set()
