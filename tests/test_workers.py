@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -288,3 +289,60 @@ def test_health_reports_a_stuck_consumer(tmp_path: Path) -> None:
         err.value.close()
         assert worker.stop() is True
         assert worker.health()["status"] == "stopped"
+
+
+def test_inspect_commands_say_why_they_see_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-log"
+    assert main(["topics", f"native://{missing}"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not missing.exists(), "inspecting created the directory"
+    assert main(["groups", "memory://", "orders"]) == 1
+    assert "process of its own" in capsys.readouterr().err
+
+
+def test_tail_shows_every_partition_by_time_unless_one_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"native://{tmp_path / 'bus'}"
+    with polybus.connect(url) as bus:
+        bus.declare("orders", partitions=3)
+        receipts = []
+        for i in range(6):
+            receipts.append(bus.publish("orders", f"order {i}", key=f"customer-{i}"))
+            time.sleep(0.002)  # a millisecond timestamp of its own: the merge's order
+    assert len({r.partition for r in receipts}) > 1
+    assert main(["tail", url, "orders"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[-1].strip("'") for line in lines] == [str(i) for i in range(6)]
+    assert main(["tail", url, "orders", "--partition", str(receipts[0].partition)]) == 0
+    only = capsys.readouterr().out.splitlines()
+    assert len(only) == sum(r.partition == receipts[0].partition for r in receipts)
+
+
+def test_worker_command_with_a_health_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "jobs_app.py").write_text(APP)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "polybus.cli",
+                "worker",
+                "jobs_app:app",
+                "--health-port",
+                str(port),
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "BUS_URL": "memory://", "OUT": str(tmp_path / "out.txt")},
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert f"cannot serve health on 127.0.0.1:{port}" in proc.stderr

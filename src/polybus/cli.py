@@ -2,7 +2,7 @@
 
 polybus topics native:///var/lib/app/bus
 polybus groups native:///var/lib/app/bus orders
-polybus tail   native:///var/lib/app/bus orders --partition 0 --offset 0 -n 10
+polybus tail   native:///var/lib/app/bus orders [--partition 0] [--offset 0] [-n 10]
 polybus dlq list    URL orders billing
 polybus dlq show    URL orders billing MESSAGE_ID
 polybus dlq redrive URL orders billing (MESSAGE_ID ... | --all)
@@ -16,13 +16,16 @@ and ``tail`` read native logs.
 from __future__ import annotations
 
 import argparse
+import heapq
 import importlib
+import itertools
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from .adapters.native import NativeBackend
 from .bus import connect
@@ -46,13 +49,30 @@ def _groups(log: Log, args: argparse.Namespace) -> None:
 
 
 def _tail(log: Log, args: argparse.Namespace) -> None:
-    part = log.topic(args.topic).partitions[args.partition]
-    for rec in part.read(args.offset, args.n):
+    partitions = log.topic(args.topic).partitions
+    if args.partition is not None:
+        partitions = [partitions[args.partition]]
+    # every partition's first n from the offset, merged by time: the first n of them all
+    records = heapq.merge(
+        *(part.read(args.offset, args.n) for part in partitions),
+        key=lambda rec: rec.timestamp_ms,
+    )
+    for rec in itertools.islice(records, args.n):
         value = rec.value if rec.value is None else rec.value[:120]
         print(f"{rec.partition}:{rec.offset} ts={rec.timestamp_ms} key={rec.key!r} {value!r}")
 
 
 def _native(args: argparse.Namespace) -> None:
+    parts = urlsplit(args.url)
+    if parts.scheme == "memory":
+        raise ConfigurationError(
+            "a memory:// bus lives inside the process that opened it, and this command runs "
+            "in a process of its own, so it would see nothing: inspect a native:/// directory"
+        )
+    if parts.scheme == "native" and not os.path.isdir(unquote(parts.path)):
+        raise ConfigurationError(
+            f"{unquote(parts.path)!r} does not exist: there is no native log there to inspect"
+        )
     backend = open_backend(args.url)
     try:
         if not isinstance(backend, NativeBackend):
@@ -129,10 +149,18 @@ def _worker(args: argparse.Namespace) -> None:
         raise ConfigurationError(f"cannot load {args.app!r}: {exc}; use module:app") from exc
     if not isinstance(app, App):
         raise ConfigurationError(f"{args.app!r} is a {type(app).__name__}, not a polybus App")
-    worker = Worker(app, args.url, stop_timeout=args.stop_timeout).start()
+    worker = Worker(app, args.url, stop_timeout=args.stop_timeout)
     if args.health_port is not None:
-        port = worker.serve_health(args.health_port, args.health_host)
+        try:
+            port = worker.serve_health(args.health_port, args.health_host)
+        except OSError as exc:
+            worker.stop()
+            raise ConfigurationError(
+                f"cannot serve health on {args.health_host}:{args.health_port}: "
+                f"{exc.strerror or exc}; choose another --health-port"
+            ) from None
         print(f"polybus: health on http://{args.health_host}:{port}/health", flush=True)
+    worker.start()
     print(
         f"polybus: running {len(worker.consumers)} consumer(s); stop with SIGTERM or ^C", flush=True
     )
@@ -150,10 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups.add_argument("url")
     groups.add_argument("topic")
     groups.set_defaults(run=_native, inspect=_groups)
-    tail = commands.add_parser("tail", help="print records of one partition")
+    tail = commands.add_parser("tail", help="print records of a topic, by time")
     tail.add_argument("url")
     tail.add_argument("topic")
-    tail.add_argument("--partition", type=int, default=0)
+    tail.add_argument("--partition", type=int, default=None, help="only this one")
     tail.add_argument("--offset", type=int, default=0)
     tail.add_argument("-n", type=int, default=20)
     tail.set_defaults(run=_native, inspect=_tail)
