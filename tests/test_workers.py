@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,9 +97,19 @@ def test_worker_process_stops_on_sigterm_after_finishing_what_it_started(
             assert line, "the worker exited before serving health"
             if "/health" in line:
                 port = int(line.rsplit(":", 1)[1].split("/")[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
-            report = json.load(reply)
-        assert reply.status == 200
+
+        def healthy() -> bool:  # 503 until the consumers run: health is served first
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    report.update(json.load(r))
+                    return r.status == 200
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503:
+                    raise
+                return False
+
+        report: dict[str, Any] = {}
+        _wait_for(healthy, "health to say ok")
         assert report["status"] == "ok"
         assert report["consumers"]["jobs:workers"]["alive"] is True
         _wait_for(lambda: any(line.startswith("start") for line in _lines(tmp_path)), "a start")
