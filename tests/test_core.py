@@ -17,9 +17,10 @@ from polybus import BackendUnavailable, ConfigurationError, DecodeError, EncodeE
 from polybus.adapters.base import Capability
 from polybus.adapters.native import NativeBackend
 from polybus.codecs import JSON, MSGPACK, decoder_for, encode
-from polybus.errors import redact_url
+from polybus.errors import BrokerUnreachable, ConnectionLost, redact_url
 from polybus.message import uuid7
 from polybus.patterns.inbox import RedisInbox
+from polybus.testing import servers
 
 
 def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
@@ -228,3 +229,28 @@ def test_memory_is_one_store_per_process_unless_named() -> None:
 def test_a_native_url_with_a_host_part_is_refused_with_the_fix() -> None:
     with pytest.raises(ConfigurationError, match=r"native:///tmp/x"):
         polybus.connect("native://tmp/x")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "kafka://127.0.0.1:{port}",
+        "redis://127.0.0.1:{port}/0",
+        "amqp://guest:guest@127.0.0.1:{port}/%2F",
+        "redis://no-such-host.invalid:6379/0",
+    ],
+)
+def test_a_broker_that_is_not_there_is_named_within_seconds(url: str) -> None:
+    url = url.format(port=servers.free_port())  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(BrokerUnreachable, match="is it running") as raised:
+        polybus.connect(f"{url}{'&' if '?' in url else '?'}connect_timeout=0.5")
+    assert time.monotonic() - started < 3
+    host_port = url.split("@")[-1].split("//")[-1].split("/")[0]
+    assert host_port in str(raised.value)
+    assert not isinstance(raised.value, ConnectionLost)  # there was no connection to lose
+
+
+def test_connect_timeout_must_be_seconds() -> None:
+    with pytest.raises(ConfigurationError, match="connect_timeout must be a positive number"):
+        polybus.connect("redis://127.0.0.1:6379/0?connect_timeout=soon")

@@ -13,6 +13,7 @@ from .adapters.base import Capability, Receipt
 from .bus import Bus, Subscriber, connect
 from .errors import (
     BackendUnavailable,
+    BrokerUnreachable,
     CapabilityError,
     ClosedError,
     ConfigurationError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackendUnavailable",
+    "BrokerUnreachable",
     "Bus",
     "Capability",
     "CapabilityError",

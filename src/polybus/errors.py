@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "BackendUnavailable",
+    "BrokerUnreachable",
     "CapabilityError",
     "ClosedError",
     "ConfigurationError",
@@ -39,6 +40,12 @@ class ConfigurationError(PolybusError, ValueError):
 
 class BackendUnavailable(ConfigurationError):
     """The URL names a backend whose client library is not installed, or no backend at all."""
+
+
+class BrokerUnreachable(PolybusError):
+    """No broker answered at the address a bus was opened with (refused, unknown host,
+    or silent) within ``connect_timeout``: wrong address, or the broker is not running.
+    Unlike :class:`ConnectionLost`, there never was a connection to lose."""
 
 
 class CapabilityError(PolybusError):

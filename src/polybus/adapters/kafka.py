@@ -3,7 +3,9 @@
 # transactional producer share per-partition private state, which needs an interface first.
 """Apache Kafka as a backend, on confluent-kafka (librdkafka): ``kafka://host:port[,host:port]``.
 
-URL options: ``reconnect_timeout=<seconds>`` (default 30: how long a publish
+URL options: ``connect_timeout=<seconds>`` (default 2: how long opening a bus waits
+for any bootstrap broker to accept a connection before raising BrokerUnreachable),
+``reconnect_timeout=<seconds>`` (default 30: how long a publish
 waits for the broker before raising ConnectionLost, and how long a
 subscription tolerates an unreachable cluster before its fetch raises it) and
 ``replication_factor=<n>`` for topics this adapter creates (default: the
@@ -119,6 +121,7 @@ from ..errors import (
     TopicNotFound,
     redact_url,
 )
+from ._support import connect_timeout, ensure_reachable
 from .base import Capability, InRecord, OutRecord, Receipt, Start, Subscription, TopicSpec
 
 
@@ -135,7 +138,7 @@ __all__ = ["KafkaBackend", "KafkaSubscription", "from_client", "from_url", "map_
 
 log = logging.getLogger("polybus.kafka")
 
-_OPTIONS = ("reconnect_timeout", "replication_factor")
+_OPTIONS = ("connect_timeout", "reconnect_timeout", "replication_factor")
 _UNDOTTED = ("acks", "debug", "partitioner", "retries")  #: librdkafka properties without a dot
 #: consumer settings every subscribe() chooses itself; a config that sets them is refused
 _OWNED = (
@@ -403,6 +406,16 @@ def from_url(url: str) -> KafkaBackend:
             f"bad option value in {redact_url(url)!r}: reconnect_timeout is seconds, "
             f"replication_factor an integer ({exc})"
         ) from None
+    addresses = []
+    for address in hosts.split(","):
+        host, colon, port = address.strip().rpartition(":")
+        try:
+            addresses.append((host.strip("[]"), int(port)) if colon else (port, 9092))
+        except ValueError:
+            raise ConfigurationError(
+                f"bad broker address {address!r} in {redact_url(url)!r}: use host:port"
+            ) from None
+    ensure_reachable("Kafka broker", addresses, connect_timeout(options.get("connect_timeout")))
     return KafkaBackend(
         config, reconnect_timeout=reconnect_timeout, replication_factor=replication_factor
     )

@@ -60,7 +60,9 @@ unroutable return, or when the connection stays down past
 published again after reconnecting (at-least-once).
 
 URL options (besides pika's own: ``heartbeat``, ``socket_timeout``,
-``ssl_options``, ...): ``reconnect_timeout=<seconds>`` (30),
+``ssl_options``, ...): ``reconnect_timeout=<seconds>`` (30), ``connect_timeout=<seconds>``
+(2: how long opening a bus waits for the broker to accept a connection before raising
+BrokerUnreachable),
 ``queue_type=quorum|classic``, ``prefetch=<n>`` (basic.qos per subscriber,
 1000; lower it for slow handlers, so that the members of a work queue share
 the work), ``confirm_window=<n>`` (1000), ``history=true|false`` (true; false
@@ -110,6 +112,7 @@ from ..errors import (
     redact_url,
 )
 from ..message import CONTENT_TYPE, CORRELATION_ID, MESSAGE_ID, TIMESTAMP
+from ._support import connect_timeout, ensure_reachable
 from .base import (
     Capability,
     InRecord,
@@ -155,7 +158,14 @@ _BUS_CLOSED = "bus is closed; connect again"
 _SUBSCRIPTION_CLOSED = "subscription is closed; subscribe again"
 _CLOSE_WAIT = 5.0  # how long closing waits for the broker's close-ok
 
-_OPTIONS = ("confirm_window", "history", "prefetch", "queue_type", "reconnect_timeout")
+_OPTIONS = (
+    "confirm_window",
+    "connect_timeout",
+    "history",
+    "prefetch",
+    "queue_type",
+    "reconnect_timeout",
+)
 _PIKA_OPTIONS = tuple(
     sorted(
         n.removeprefix("_set_url_") for n in dir(pika.URLParameters) if n.startswith("_set_url_")
@@ -368,6 +378,8 @@ def from_url(url: str) -> RabbitMQBackend:
     history = ours.get("history", "true").lower()
     if history not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
         raise ConfigurationError(f"history must be true or false in {redact_url(url)!r}")
+    timeout = connect_timeout(ours.get("connect_timeout"))
+    ensure_reachable("RabbitMQ", [(parameters.host, parameters.port)], timeout)
     return RabbitMQBackend(
         parameters,
         reconnect_timeout=_number(ours, "reconnect_timeout", 30.0, url),

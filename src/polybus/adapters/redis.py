@@ -4,9 +4,11 @@
 """Redis Streams as a backend: ``redis://[user:pass@]host:port/db`` and ``rediss://`` (TLS).
 
 URL options: ``prefix=<name>`` (key prefix, default ``polybus``), ``reconnect_timeout=<s>``
-(default 30), ``maxlen=<n>`` (cap each partition stream of the topics this bus declares at
-about n entries), ``cluster=true`` (connect with :class:`redis.cluster.RedisCluster`), and
-redis-py's own URL options (``socket_timeout``, ``ssl_cert_reqs``, ``client_name``, ...).
+(default 30), ``connect_timeout=<s>`` (default 2: how long opening a bus waits for Redis to
+accept a connection before raising BrokerUnreachable), ``maxlen=<n>`` (cap each partition
+stream of the topics this bus declares at about n entries), ``cluster=true`` (connect
+with :class:`redis.cluster.RedisCluster`), and redis-py's own URL options
+(``socket_timeout``, ``ssl_cert_reqs``, ``client_name``, ...).
 :func:`from_client` wraps an existing ``redis.Redis`` or ``redis.cluster.RedisCluster``.
 
 Keys. Every key of a topic carries the hash tag ``{<topic>}``, so a topic lives in one
@@ -106,6 +108,7 @@ from ..errors import (
     redact_url,
 )
 from ..log.engine import check_name, partition_for_key
+from ._support import connect_timeout, ensure_reachable
 from .base import (
     Capability,
     InRecord,
@@ -127,7 +130,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-_OPTIONS = {"prefix", "reconnect_timeout", "maxlen", "cluster"}
+_OPTIONS = {"prefix", "reconnect_timeout", "maxlen", "cluster", "connect_timeout"}
 #: redis-py's URL options that it passes through as strings rather than parsing
 _CLIENT_STRING_OPTIONS = {
     "client_name",
@@ -177,6 +180,9 @@ def from_url(url: str) -> RedisBackend:
                 f"{', '.join(sorted(_OPTIONS | _CLIENT_OPTIONS))}"
             )
     client_url = urlunsplit(parts._replace(query=urlencode(theirs)))
+    if parts.scheme in ("redis", "rediss"):
+        timeout = connect_timeout(ours.get("connect_timeout"))
+        ensure_reachable("Redis", [(parts.hostname or "localhost", parts.port or 6379)], timeout)
     # No retries inside redis-py: this adapter retries until its own reconnect deadline.
     kwargs: dict[str, Any] = {"retry": Retry(NoBackoff(), 0)}
     try:

@@ -1,0 +1,53 @@
+"""What the network adapters share (they never import each other)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+
+from ..errors import BrokerUnreachable, ConfigurationError
+
+__all__ = ["CONNECT_TIMEOUT", "connect_timeout", "ensure_reachable"]
+
+CONNECT_TIMEOUT = 2.0  #: seconds a new bus waits for its broker to answer at all
+
+
+def connect_timeout(value: str | None) -> float:
+    """The ``connect_timeout`` URL option in seconds; ConfigurationError if it is not one."""
+    if value is None:
+        return CONNECT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigurationError(
+            f"connect_timeout must be a positive number of seconds, not {value!r}"
+        )
+    return seconds
+
+
+def ensure_reachable(server: str, addresses: Sequence[tuple[str, int]], timeout: float) -> None:
+    """Return once one of ``addresses`` accepts a TCP connection, trying again until
+    ``timeout`` seconds have passed (a broker may be starting); then raise
+    BrokerUnreachable naming every address and why it failed, so that a wrong address
+    or a stopped broker is said at once rather than after a reconnect timeout."""
+    deadline = time.monotonic() + timeout
+    why: dict[tuple[str, int], str] = {}
+    while True:
+        for host, port in addresses:
+            left = deadline - time.monotonic()
+            try:
+                with socket.create_connection((host, port), timeout=max(0.05, left)):
+                    return
+            except OSError as exc:
+                why[(host, port)] = exc.strerror or type(exc).__name__
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    failures = "; ".join(f"{host}:{port}: {reason}" for (host, port), reason in why.items())
+    raise BrokerUnreachable(
+        f"no {server} answers at {failures} (tried for {timeout:g} s): is it running, "
+        "and is that its address? (URL option connect_timeout=<seconds> waits longer)"
+    )
