@@ -1114,6 +1114,7 @@ class KafkaSubscription:
         self._lock = threading.Lock()
         self._partitions: dict[int, _Partition] = {}
         self._requeued: deque[InRecord] = deque()
+        self._requeue_turn = True  #: with max_records=1, whether a requeued record goes next
         self._next_commit = 0.0
         self._down_since: float | None = None
         self._failure: KafkaError | None = None  #: fatal: every fetch raises it
@@ -1584,9 +1585,14 @@ class KafkaSubscription:
             self._commit(None, asynchronous=True)
         out: list[InRecord] = []
         if self._requeued:
+            # Leave consume() room (every other call when max_records is 1): only it serves
+            # rebalances, and a member whose given-back records keep failing, because the
+            # coordinator forgot it, must still get to rejoin.
+            take = max_records - 1 if max_records > 1 else int(self._requeue_turn)
+            self._requeue_turn = not self._requeue_turn
             with self._lock:
                 requeued = self._requeued
-                while requeued and len(out) < max_records:
+                while requeued and len(out) < take:
                     out.append(requeued.popleft())
         room = min(max_records - len(out), _MAX_CONSUME)
         if room <= 0:
