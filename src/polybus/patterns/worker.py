@@ -1,3 +1,6 @@
+# Over 800 lines until Consumer (fetch, lanes, retries, settling) moves to a module of its
+# own, leaving App, Worker and the health endpoint here; request_reply imports Output from
+# this module and this one its responder, a circle that split would also end.
 """Handlers and the workers that run them: retries, dead letters, guarantees, graceful stop.
 
 >>> app = App()
