@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -29,6 +30,9 @@ from polybus.cli import main
 from polybus.patterns.dlq import DeadLetters
 from polybus.patterns.retry import NO_RETRY, Retry, RetryPolicy
 from polybus.patterns.worker import App, Consumer, Worker, derived_id
+from polybus.testing import servers
+from polybus.testing.plugin import require_server
+from polybus.testing.proxy import TcpProxy
 
 DEADLINE = 20.0
 
@@ -357,3 +361,51 @@ def test_worker_command_with_a_health_port_in_use_says_so_in_one_line(tmp_path: 
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert f"cannot serve health on 127.0.0.1:{port}" in proc.stderr
+
+
+def test_worker_command_waits_for_a_broker_that_is_not_there_yet(tmp_path: Path) -> None:
+    """Health answers 503 naming the address while the broker does not answer, and the
+    worker starts its consumers once it does (the broker here: Redis behind a proxy that
+    starts listening later)."""
+    require_server("redis", servers.redis_unavailable())
+    redis_url = urlsplit(servers.redis_url())
+    port = servers.free_port()
+    (tmp_path / "jobs_app.py").write_text(APP)
+    url = f"redis://127.0.0.1:{port}/0?connect_timeout=0.2&prefix=t{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polybus.cli", "worker", "jobs_app:app", "--health-port", "0"],
+        cwd=tmp_path,
+        env={**os.environ, "BUS_URL": url, "OUT": str(tmp_path / "out.txt")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        health = ""
+        while not health:
+            line = proc.stdout.readline()
+            assert line, "the worker exited instead of waiting for its broker"
+            if "/health" in line:
+                health = line.split(" on ", 1)[1].strip()
+
+        def status() -> tuple[int, dict[str, Any]]:
+            try:
+                with urllib.request.urlopen(health, timeout=5) as reply:
+                    return reply.status, json.load(reply)
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.load(exc)
+
+        code, report = status()
+        assert (code, report["status"]) == (503, "unreachable")
+        assert f"127.0.0.1:{port}" in report["reason"]
+        host, real_port = redis_url.hostname or "127.0.0.1", redis_url.port or 6379
+        with TcpProxy(host, real_port, listen_port=port):
+            _wait_for(lambda: status()[0] == 200, "the worker to start once Redis answers")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(DEADLINE) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

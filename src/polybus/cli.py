@@ -160,9 +160,11 @@ def _worker(args: argparse.Namespace) -> None:
                 f"{exc.strerror or exc}; choose another --health-port"
             ) from None
         print(f"polybus: health on http://{args.health_host}:{port}/health", flush=True)
-    worker.start()
+    if worker.unreachable:  # run() waits for it, and health answers 503 meanwhile
+        print(f"polybus: {worker.unreachable}; waiting for it", file=sys.stderr, flush=True)
     print(
-        f"polybus: running {len(worker.consumers)} consumer(s); stop with SIGTERM or ^C", flush=True
+        f"polybus: running {len(app.registrations)} consumer(s); stop with SIGTERM or ^C",
+        flush=True,
     )
     worker.run()
 

@@ -52,7 +52,14 @@ from typing import Any, Literal, NamedTuple
 
 from ..adapters.base import Capability, OutRecord
 from ..bus import Bus, BusTransaction, Subscriber, _to_out, connect
-from ..errors import ClosedError, ConfigurationError, DecodeError, FencedError, PolybusError
+from ..errors import (
+    BrokerUnreachable,
+    ClosedError,
+    ConfigurationError,
+    DecodeError,
+    FencedError,
+    PolybusError,
+)
 from ..message import Delivery, Message
 from .dlq import dead_letter_copy, dead_letter_topic
 from .inbox import Inbox
@@ -61,6 +68,7 @@ from .retry import DUE, NO_RETRY, RetryPolicy, retry_copy, retry_topic
 __all__ = ["App", "Consumer", "Guarantee", "Output", "Worker"]
 
 log = logging.getLogger("polybus.worker")
+_RECONNECT_PAUSE = 3.0  # seconds between a worker's tries to reach a broker that did not answer
 
 Guarantee = Literal["at-most-once", "at-least-once", "exactly-once"]
 Handler = Callable[[Delivery], Any]
@@ -699,19 +707,36 @@ class Worker:
         if target is None:
             raise ConfigurationError("no bus to run on: pass a Bus or URL, or App(url=...)")
         self._own_bus = not isinstance(target, Bus)
-        self.bus = connect(target) if isinstance(target, str) else target
+        self._target = target
+        self._registrations = app.registrations
+        self._invoke = invoke
         self.stop_timeout = stop_timeout
-        self.consumers = [
-            Consumer(self.bus, r.topic, r.handler, invoke=invoke, **r.options)
-            for r in app.registrations
-        ]
+        self.bus: Bus | None = None
+        self.consumers: list[Consumer] = []
+        self.unreachable: str | None = None  #: why the broker did not answer yet, if it did not
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._health: http.server.ThreadingHTTPServer | None = None
         self.stopped = threading.Event()
+        try:
+            self._connect()
+        except BrokerUnreachable as exc:  # start() raises it again; run() waits for the broker
+            self.unreachable = str(exc)
+
+    def _connect(self) -> None:
+        bus = connect(self._target) if isinstance(self._target, str) else self._target
+        self.consumers = [
+            Consumer(bus, r.topic, r.handler, invoke=self._invoke, **r.options)
+            for r in self._registrations
+        ]
+        self.bus, self.unreachable = bus, None
 
     def start(self) -> Worker:
-        """Subscribe every consumer and start polling; returns at once. Idempotent."""
+        """Subscribe every consumer and start polling; returns at once. Idempotent.
+
+        Raises BrokerUnreachable when the broker still does not answer."""
+        if self.bus is None:
+            self._connect()
         if self._threads:
             return self
         for consumer in self.consumers:
@@ -746,13 +771,14 @@ class Worker:
             self._health.shutdown()
             self._health.server_close()
             self._health = None
-        if self._own_bus:
+        if self._own_bus and self.bus is not None:
             self.bus.close()
         self.stopped.set()
         return clean
 
     def run(self, *, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
         """Start, block until one of ``signals`` arrives (or :meth:`stop`), then stop.
+        A broker that does not answer yet is tried again until it does.
 
         Call it from the main thread, the only one Python lets handle signals; from any
         other, use :meth:`start` and :meth:`stop`."""
@@ -763,7 +789,15 @@ class Worker:
             )
         previous = {s: signal.signal(s, lambda *_: self._stop.set()) for s in signals}
         try:
-            self.start()
+            while self.bus is None and not self._stop.is_set():
+                try:
+                    self._connect()
+                except BrokerUnreachable as exc:  # health answers 503 meanwhile
+                    self.unreachable = str(exc)
+                    log.warning("%s; trying again", exc)
+                    self._stop.wait(_RECONNECT_PAUSE)
+            if not self._stop.is_set():
+                self.start()
             while not self._stop.wait(0.5):
                 pass
         finally:
@@ -772,11 +806,15 @@ class Worker:
             self.stop()
 
     def health(self) -> dict[str, Any]:
-        """``{"status": "ok" | "failing" | "stopped", "consumers": {name: stats}}``.
+        """``{"status": "ok" | "failing" | "unreachable" | "stopped", "consumers": {name:
+        stats}}``, with the ``reason`` when the broker has not answered yet.
 
         A consumer fails its check when its polling thread died or has not
         polled for ``2 * session_timeout`` seconds (a handler stuck that long).
         """
+        if self.bus is None:
+            status = "stopped" if self._stop.is_set() else "unreachable"
+            return {"status": status, "reason": self.unreachable, "consumers": {}}
         now = time.monotonic()
         consumers = {}
         healthy = True
