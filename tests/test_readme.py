@@ -34,3 +34,13 @@ def test_a_readme_block_runs_as_written(code: str, tmp_path: Path) -> None:
     assert done.returncode == 0, f"{code}\n--- stderr:\n{done.stderr[-3000:]}"
     if "print(" in code:  # it got to its result: a message fetched, a reply, a count
         assert done.stdout.strip(), f"{code}\n--- printed nothing"
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    named = set(re.findall(r"`(test_\w+)`", README.read_text()))
+    sources = [*README.parent.glob("tests/*.py"), *README.parent.glob("src/polybus/testing/*.py")]
+    defined = {
+        name for path in sources for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)
+    }
+    assert named, "the README names no tests"
+    assert named <= defined, f"named in the README but not defined: {sorted(named - defined)}"
