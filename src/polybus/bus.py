@@ -399,9 +399,10 @@ class Bus:
         """Create ``topic`` and its durable ``groups`` if missing; idempotent.
 
         ``partitions=None`` keeps an existing topic's count or uses the bus
-        default. Groups declared here get every message published from now
-        on, even before a member subscribes (fan-out). ``retention`` is in
-        seconds. Raises ConfigurationError if the topic exists with another
+        default. A group new here gets every message the topic keeps, and then
+        every one published, even before a member subscribes (fan-out); on
+        RabbitMQ only those published from its declaration on. ``retention``
+        is in seconds. Raises ConfigurationError if the topic exists with another
         partition count.
         """
         self._check()

@@ -27,18 +27,18 @@ content type application/json; other fields beside ``value`` arrive as headers b
 Offsets are stream ids (``"1700000000000-0"``); an entry's timestamp is its id's milliseconds.
 
 Groups. A durable group is a stream consumer group on every partition stream, created at
-declare (``TopicSpec.groups``: from the end, so it gets everything published from then on) or
-at first subscribe (``earliest``: id 0, ``latest``: ``$``). Each subscription is one consumer
-with a unique name. A fetch reads the first partition that has new records, starting one
-partition further each time, so members fetching in turn spread over the partitions; only when
-none has any does it block (XREADGROUP BLOCK) on all of them. After a full batch it asks for
-the next batch at once (prefetch), so Redis works while the application handles this one. An
-ephemeral subscriber is a consumer group of its own named ``~ephemeral:<reap-after-ms>:<id>``
-(a name no user group can have), destroyed on close; groups of crashed processes are reaped
-when a later ephemeral subscriber or a declare finds all their consumers idle longer than
-``reap-after`` (60 session timeouts, at least 10 minutes). A group that vanished (key deleted,
-server restarted empty) is recreated by the next fetch: durable ones from id 0 (nothing lost,
-perhaps duplicates), ephemeral ones from ``$``.
+declare (``TopicSpec.groups``: from id 0, so it gets everything the streams keep, as a new
+group does on native and Kafka) or at first subscribe (``earliest``: id 0, ``latest``: ``$``).
+Each subscription is one consumer with a unique name. A fetch reads the first partition that
+has new records, starting one partition further each time, so members fetching in turn spread
+over the partitions; only when none has any does it block (XREADGROUP BLOCK) on all of them.
+After a full batch it asks for the next batch at once (prefetch), so Redis works while the
+application handles this one. An ephemeral subscriber is a consumer group of its own named
+``~ephemeral:<reap-after-ms>:<id>`` (a name no user group can have), destroyed on close; groups
+of crashed processes are reaped when a later ephemeral subscriber or a declare finds all their
+consumers idle longer than ``reap-after`` (60 session timeouts, at least 10 minutes). A group
+that vanished (key deleted, server restarted empty) is recreated by the next fetch: durable
+ones from id 0 (nothing lost, perhaps duplicates), ephemeral ones from ``$``.
 
 Redelivery. ``session_timeout`` is a visibility timeout: a record neither acked nor nacked
 within it of its delivery may be claimed (XAUTOCLAIM) by any member of the group, the idle
@@ -837,8 +837,8 @@ class RedisBackend:
             raise ConfigurationError(f"topic {topic!r} exists with {'; '.join(differs)}")
         with self._lock:
             self._topics[topic] = t
-        for g in spec.groups:
-            self._create_groups(t, g.encode(), b"$")
+        for g in spec.groups:  # a new group gets what the streams keep, as on every backend
+            self._create_groups(t, g.encode(), b"0")
         self._reap_ephemeral(t)
 
     def publish(self, topic: str, records: Sequence[OutRecord]) -> list[Receipt]:

@@ -67,18 +67,22 @@ def reply_topic(topic: str) -> str:
 class Requester:
     """Sends requests to ``topic`` and waits for their replies; thread-safe.
 
-    ``timeout`` (seconds) is the default for each request. Use as a context
-    manager or call :meth:`close`.
+    ``timeout`` (seconds) is the default for each request. ``group`` is the
+    responders' group (``App.responder``'s default): it is declared here, as a
+    RabbitMQ producer declares the queue it sends to, so requests sent before any
+    responder runs wait for one. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, bus: Bus, topic: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, bus: Bus, topic: str, *, timeout: float = 30.0, group: str = "responders"
+    ) -> None:
         self.bus = bus
         self.topic = topic
         self.timeout = timeout
         self.id = uuid7()
         self.reply_topic = reply_topic(topic)
         self.late_replies = 0  #: replies that came after their request timed out
-        bus.declare(topic)
+        bus.declare(topic, groups=[group])
         bus.declare(self.reply_topic)
         self._replies = bus.subscribe(self.reply_topic)
         self._lock = threading.Lock()

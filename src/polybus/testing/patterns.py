@@ -33,8 +33,10 @@ __all__ = [
     "test_fanout_retry_reaches_only_its_group",
     "test_graceful_stop_finishes_started_work_and_loses_nothing",
     "test_handler_outputs_are_published_with_derived_ids",
+    "test_jobs_published_before_the_workers_group_exists_are_processed",
     "test_request_reply_keeps_many_in_flight",
     "test_request_reply_times_out_and_counts_the_late_reply",
+    "test_requests_sent_before_the_responder_starts_are_answered",
     "test_retry_does_not_block_the_messages_behind_it",
     "test_retry_survives_a_restart_during_the_backoff",
     "test_strict_order_holds_back_only_the_failed_key",
@@ -265,6 +267,51 @@ def test_request_reply_keeps_many_in_flight(connect: Connect, topic: str) -> Non
                 requester.request("boom")
             assert err.value.type == "ValueError"
             assert requester.late_replies == 0
+    finally:
+        worker.stop()
+
+
+def test_requests_sent_before_the_responder_starts_are_answered(
+    connect: Connect, topic: str
+) -> None:
+    """The requester declares the responders' group, so its requests wait for them."""
+    app = App()
+
+    @app.responder(topic)
+    def double(d: Delivery) -> Any:
+        return d.message.value * 2
+
+    with Requester(connect(), topic, timeout=DEADLINE) as requester:
+        futures = [requester.submit(n) for n in range(10)]
+        worker = Worker(app, connect()).start()
+        try:
+            assert [f.result().value for f in futures] == [n * 2 for n in range(10)]
+        finally:
+            worker.stop()
+
+
+def test_jobs_published_before_the_workers_group_exists_are_processed(
+    connect: Connect, topic: str
+) -> None:
+    """A new durable group gets every message the topic keeps, whether a declare or the
+    first subscribe makes it: the same on every backend that keeps messages."""
+    bus = connect()
+    if not bus.capabilities & polybus.Capability.SEEK:  # RabbitMQ without a history stream
+        pytest.skip("a backend that keeps no history has nothing to give a new group")
+    bus.publish_many(topic, list(range(10)))
+    app = App()
+    done: list[int] = []
+
+    @app.consumer(topic, group="workers")
+    def work(d: Delivery) -> None:
+        done.append(d.message.value)
+
+    worker = Worker(app, connect()).start()
+    try:
+        end = time.monotonic() + DEADLINE
+        while len(done) < 10 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert sorted(done) == list(range(10))
     finally:
         worker.stop()
 
