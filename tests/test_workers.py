@@ -17,7 +17,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,11 +63,13 @@ def _wait_for(condition: Callable[[], bool], what: str, poll: Consumer | None = 
             poll.poll(0.05)
 
 
-def _start_worker(tmp_path: Path, *args: str, slow: float = 0.0) -> subprocess.Popen[str]:
+def _start_worker(
+    tmp_path: Path, *args: str, slow: float = 0.0, bus_url: str | None = None
+) -> subprocess.Popen[str]:
     (tmp_path / "jobs_app.py").write_text(APP)
     env = {
         **os.environ,
-        "BUS_URL": f"native://{tmp_path / 'bus'}",
+        "BUS_URL": bus_url or f"native://{tmp_path / 'bus'}",
         "OUT": str(tmp_path / "out.txt"),
         "SLOW": str(slow),
     }
@@ -78,6 +81,38 @@ def _start_worker(tmp_path: Path, *args: str, slow: float = 0.0) -> subprocess.P
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@contextmanager
+def _worker_with_health(
+    tmp_path: Path, *, slow: float = 0.0, bus_url: str | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """The worker command with a health endpoint: (the process, its health URL); killed
+    afterwards."""
+    proc = _start_worker(tmp_path, "--health-port", "0", slow=slow, bus_url=bus_url)
+    try:
+        assert proc.stdout is not None
+        health = ""
+        while not health:
+            line = proc.stdout.readline()
+            assert line, "the worker exited before serving health"
+            if "/health" in line:
+                health = line.split(" on ", 1)[1].strip()
+        yield proc, health
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _health(url: str) -> tuple[int, dict[str, Any]]:
+    """The health endpoint's status code and report (503 included)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
 
 
 def _lines(tmp_path: Path) -> list[str]:
@@ -92,38 +127,15 @@ def test_worker_process_stops_on_sigterm_after_finishing_what_it_started(
     with polybus.connect(url) as bus:
         bus.declare("jobs", partitions=1, groups=["workers"])
         bus.publish_many("jobs", list(range(50)))
-    proc = _start_worker(tmp_path, "--health-port", "0", slow=0.2)
-    try:
-        assert proc.stdout is not None
-        port = 0
-        while not port:
-            line = proc.stdout.readline()
-            assert line, "the worker exited before serving health"
-            if "/health" in line:
-                port = int(line.rsplit(":", 1)[1].split("/")[0])
-
-        def healthy() -> bool:  # 503 until the consumers run: health is served first
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    report.update(json.load(r))
-                    return r.status == 200
-            except urllib.error.HTTPError as exc:
-                if exc.code != 503:
-                    raise
-                return False
-
-        report: dict[str, Any] = {}
-        _wait_for(healthy, "health to say ok")
+    with _worker_with_health(tmp_path, slow=0.2) as (proc, health):
+        # 503 until the consumers run: health is served first
+        _wait_for(lambda: _health(health)[0] == 200, "health to say ok")
+        report = _health(health)[1]
         assert report["status"] == "ok"
         assert report["consumers"]["jobs:workers"]["alive"] is True
         _wait_for(lambda: any(line.startswith("start") for line in _lines(tmp_path)), "a start")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
     lines = _lines(tmp_path)
     started = {line.split()[1] for line in lines if line.startswith("start")}
     done = {line.split()[1] for line in lines if line.startswith("done")}
@@ -370,42 +382,13 @@ def test_worker_command_waits_for_a_broker_that_is_not_there_yet(tmp_path: Path)
     require_server("redis", servers.redis_unavailable())
     redis_url = urlsplit(servers.redis_url())
     port = servers.free_port()
-    (tmp_path / "jobs_app.py").write_text(APP)
     url = f"redis://127.0.0.1:{port}/0?connect_timeout=0.2&prefix=t{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "polybus.cli", "worker", "jobs_app:app", "--health-port", "0"],
-        cwd=tmp_path,
-        env={**os.environ, "BUS_URL": url, "OUT": str(tmp_path / "out.txt")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        health = ""
-        while not health:
-            line = proc.stdout.readline()
-            assert line, "the worker exited instead of waiting for its broker"
-            if "/health" in line:
-                health = line.split(" on ", 1)[1].strip()
-
-        def status() -> tuple[int, dict[str, Any]]:
-            try:
-                with urllib.request.urlopen(health, timeout=5) as reply:
-                    return reply.status, json.load(reply)
-            except urllib.error.HTTPError as exc:
-                return exc.code, json.load(exc)
-
-        code, report = status()
+    with _worker_with_health(tmp_path, bus_url=url) as (proc, health):
+        code, report = _health(health)
         assert (code, report["status"]) == (503, "unreachable")
         assert f"127.0.0.1:{port}" in report["reason"]
         host, real_port = redis_url.hostname or "127.0.0.1", redis_url.port or 6379
         with TcpProxy(host, real_port, listen_port=port):
-            _wait_for(lambda: status()[0] == 200, "the worker to start once Redis answers")
+            _wait_for(lambda: _health(health)[0] == 200, "the worker to start once Redis answers")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(DEADLINE) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
