@@ -107,7 +107,7 @@ from ..errors import (
     TopicNotFound,
     redact_url,
 )
-from ..log.engine import check_name, partition_for_key
+from ..log.engine import partition_for_key
 from ._support import connect_timeout, ensure_reachable
 from .base import (
     Capability,
@@ -736,7 +736,6 @@ class RedisBackend:
         t = self._topics.get(topic)
         if t is not None:
             return t
-        check_name("topic", topic)
         meta_key = self._key(topic, "meta")
         [meta] = self._call(
             meta_key, [_pack(b"HMGET", meta_key, b"partitions", b"retention_ms", b"maxlen")]
@@ -799,9 +798,6 @@ class RedisBackend:
         CapabilityError for ``retention_bytes`` or ``compact`` (Redis cannot do them).
         """
         self._check()
-        check_name("topic", topic)
-        for g in spec.groups:
-            check_name("group", g)
         if spec.retention_bytes is not None:
             raise CapabilityError(
                 "Redis cannot trim a stream by bytes: use retention (age) or the maxlen URL option"
@@ -898,8 +894,6 @@ class RedisBackend:
     ) -> RedisSubscription:
         """Join ``group`` (created on first use at ``start``) or read as an ephemeral member."""
         self._check()
-        if group is not None:
-            check_name("group", group)
         if session_timeout <= 0:
             raise ConfigurationError("session_timeout must be positive")
         if start not in ("earliest", "latest"):
