@@ -614,7 +614,7 @@ class _Registration:
 _CONSUMER = inspect.signature(Consumer)
 
 
-def _checked(options: dict[str, Any]) -> dict[str, Any]:
+def _check_options(options: dict[str, Any]) -> None:
     """``options`` of a registration, checked when it is made rather than when a worker
     starts: unknown names and settings that cannot work raise ConfigurationError."""
     try:
@@ -632,7 +632,6 @@ def _checked(options: dict[str, Any]) -> dict[str, Any]:
         settings["batch"],
         settings["max_held"],
     )
-    return options
 
 
 class App:
@@ -651,7 +650,7 @@ class App:
         """Register the decorated function as the handler of ``topic`` for ``group``
         (default: the function's name). ``options`` are :class:`Consumer`'s."""
 
-        _checked(options)
+        _check_options(options)
 
         def register(handler: Handler) -> Handler:
             self.registrations.append(
@@ -669,7 +668,7 @@ class App:
         ``options`` are :class:`Consumer`'s (no retries: a failure is the reply)."""
         from .request_reply import responder  # a pattern built on this module
 
-        _checked(options)
+        _check_options(options)
 
         def register(handler: Handler) -> Handler:
             self.registrations.append(
@@ -789,15 +788,14 @@ class Worker:
             )
         previous = {s: signal.signal(s, lambda *_: self._stop.set()) for s in signals}
         try:
-            while self.bus is None and not self._stop.is_set():
+            while not self._stop.is_set():
                 try:
-                    self._connect()
+                    self.start()
+                    break
                 except BrokerUnreachable as exc:  # health answers 503 meanwhile
                     self.unreachable = str(exc)
                     log.warning("%s; trying again", exc)
                     self._stop.wait(_RECONNECT_PAUSE)
-            if not self._stop.is_set():
-                self.start()
             while not self._stop.wait(0.5):
                 pass
         finally:
