@@ -297,6 +297,29 @@ def _while_leaders_move(call: Callable[[], _T], timeout: float) -> _T:
         time.sleep(0.1)
 
 
+def _bounded(call: Callable[[], object], seconds: float, name: str) -> threading.Event | None:
+    """Run ``call`` in a daemon thread, as librdkafka can block past its own timeouts, and
+    wait up to ``seconds``. None when it returned (what it raised is raised here); else
+    the event it sets when it finally does."""
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # raised in the caller's thread below
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    if not done.wait(seconds):
+        return done
+    if failure:
+        raise failure[0]
+    return None
+
+
 def _kafka_error(exc: BaseException) -> KafkaError | None:
     args = getattr(exc, "args", ())
     return args[0] if args and isinstance(args[0], KafkaError) else None
@@ -1322,22 +1345,19 @@ class KafkaSubscription:
                 for p, state in self._partitions.items()
                 if state.committed >= 0
             ]
-        done = threading.Event()
 
-        def commit() -> None:  # in a thread: librdkafka waits for a coordinator for ever
+        def commit() -> None:  # bounded: librdkafka waits for a coordinator for ever
             try:
                 self._consumer.commit(offsets=offsets, asynchronous=False)
             except (KafkaException, RuntimeError) as exc:  # they failed, or were applied
                 log.info("Kafka commit for group %r failed: %s", self._group, exc)
-            done.set()
 
-        if offsets:
-            threading.Thread(target=commit, name="polybus-kafka-commit", daemon=True).start()
-            if not done.wait(self._transaction_timeout):
-                raise ConnectionLost(
-                    f"Kafka did not confirm group {self._group!r}'s earlier commits within "
-                    f"{self._transaction_timeout:.0f} s; the transaction was not sent"
-                )
+        wait = self._transaction_timeout
+        if offsets and _bounded(commit, wait, "polybus-kafka-commit") is not None:
+            raise ConnectionLost(
+                f"Kafka did not confirm group {self._group!r}'s earlier commits within "
+                f"{self._transaction_timeout:.0f} s; the transaction was not sent"
+            )
         self._sent_async = False
 
     def _on_failed_delivery(self, err: KafkaError, msg: Any) -> None:
@@ -1421,27 +1441,19 @@ class KafkaSubscription:
         a group coordinator whose broker died. Then the producer is dropped, so its
         transaction is never committed, and ConnectionLost is raised."""
         metadata = self._consumer.consumer_group_metadata()
-        failure: list[BaseException] = []
-        done = threading.Event()
-
-        def send() -> None:
-            try:
-                producer.send_offsets_to_transaction(offsets, metadata, timeout)
-            except BaseException as exc:  # raised in the caller's thread below
-                failure.append(exc)
-            done.set()
-
-        threading.Thread(target=send, name="polybus-kafka-send-offsets", daemon=True).start()
-        if not done.wait(timeout + _DELIVERY_GRACE):
-            self._drop_transactional(idle=done)
+        stuck = _bounded(
+            lambda: producer.send_offsets_to_transaction(offsets, metadata, timeout),
+            timeout + _DELIVERY_GRACE,
+            "polybus-kafka-send-offsets",
+        )
+        if stuck is not None:
+            self._drop_transactional(idle=stuck)
             raise ConnectionLost(
                 f"Kafka did not take group {self._group!r}'s offsets into the transaction "
                 f"within {timeout:.0f} s (its group coordinator is unreachable); nothing "
                 "of it is committed (the next transaction, or the broker at its timeout, "
                 "aborts it) and its acked records are delivered again; retry it"
             )
-        if failure:
-            raise failure[0]
 
     def _produce_all(self, producer: Producer, topic: str, records: Sequence[OutRecord]) -> None:
         produce = producer.produce
