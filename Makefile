@@ -22,7 +22,7 @@ $(STAMP): $(UV) pyproject.toml uv.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/order_workflow.py
+	$(BIN)/python -m examples.order_fanout
 	$(BIN)/python examples/payments.py
 
 test: $(STAMP) lint services

@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m examples.<name> [--url URL]`` (see examples/README.md)."""

@@ -1,0 +1,1 @@
+"""Order placed, fan-out: payment, inventory and notifications as durable groups."""
