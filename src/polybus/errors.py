@@ -23,6 +23,7 @@ __all__ = [
     "FencedError",
     "MessageTooLarge",
     "PolybusError",
+    "Rejected",
     "RemoteError",
     "RequestTimeout",
     "TopicNotFound",
@@ -72,7 +73,12 @@ class EncodeError(PolybusError, TypeError):
     """A value could not be encoded by the chosen codec; nothing was written."""
 
 
-class DecodeError(PolybusError, ValueError):
+class Rejected(PolybusError):
+    """A message that cannot be processed as it is: trying it again cannot help, so a
+    worker sends it to the dead-letter topic at once, whatever its retry policy."""
+
+
+class DecodeError(Rejected, ValueError):
     """A payload could not be decoded with the codec its content type names."""
 
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..adapters.base import InRecord, OutRecord
-from ..errors import ConfigurationError, DecodeError, PolybusError
+from ..errors import ConfigurationError, PolybusError, Rejected
 from ..message import ATTEMPT, MESSAGE_ID
 
 __all__ = [
@@ -89,7 +89,8 @@ class RetryPolicy:
     at ``max_delay``, less a random share of up to ``jitter`` of it (so retries
     of many messages that failed together spread out). Exceptions in
     ``retry_on`` are retried unless they are also in ``give_up_on``; a
-    :class:`~polybus.errors.DecodeError` never is (the payload will not change).
+    :class:`~polybus.errors.Rejected` (e.g. a DecodeError) never is: the message will
+    not change.
     """
 
     max_attempts: int = 5
@@ -114,7 +115,7 @@ class RetryPolicy:
 
     def retries(self, exc: BaseException, attempt: int) -> bool:
         """Whether a message whose try number ``attempt`` raised ``exc`` is tried again."""
-        if attempt >= self.max_attempts or isinstance(exc, DecodeError):
+        if attempt >= self.max_attempts or isinstance(exc, Rejected):
             return False
         if isinstance(exc, Retry):
             return True

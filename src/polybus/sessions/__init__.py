@@ -23,6 +23,7 @@ from .base import (
     new_session_id,
     store_key,
 )
+from .context import ContextRefused, UserContext
 from .manager import SessionInfo, SessionManager, handle_of
 from .middleware import CookieSettings, SessionMiddleware, WSGISessionMiddleware, session_of
 from .sticky import HashRing, NoLiveInstance, StickyRouter
@@ -46,6 +47,7 @@ from .tokens import (
 
 __all__ = [
     "ClientInfo",
+    "ContextRefused",
     "CookieSettings",
     "Ed25519Key",
     "HMACKey",
@@ -73,6 +75,7 @@ __all__ = [
     "TokenReplayed",
     "TokenRevoked",
     "Tokens",
+    "UserContext",
     "WSGISessionMiddleware",
     "handle_of",
     "new_session_id",

@@ -22,6 +22,7 @@ from polybus.patterns.inbox import MemoryInbox
 from polybus.patterns.request_reply import Requester
 from polybus.patterns.retry import Retry, RetryPolicy
 from polybus.patterns.worker import App, Consumer, Output, Worker
+from polybus.sessions import HMACKey, Keyring, Tokens, UserContext
 
 __all__ = [
     "test_async_bus_round_trip_never_blocks_the_loop",
@@ -41,6 +42,7 @@ __all__ = [
     "test_retry_survives_a_restart_during_the_backoff",
     "test_strict_order_holds_back_only_the_failed_key",
     "test_undecodable_payload_goes_to_the_dead_letter_topic",
+    "test_a_message_whose_user_context_does_not_verify_is_dead_lettered_at_once",
 ]
 
 Connect = Callable[..., polybus.Bus]
@@ -206,6 +208,51 @@ def test_undecodable_payload_goes_to_the_dead_letter_topic(connect: Connect, top
     assert letter.reason == "undecodable"
     assert letter.attempts == 1
     assert letter.message.payload == b"{not json"
+
+
+def test_a_message_whose_user_context_does_not_verify_is_dead_lettered_at_once(
+    connect: Connect, topic: str
+) -> None:
+    """The gateway pattern: only a context the edge signed for this very message, and
+    still valid, gets a handler to act; the others are dead-lettered, never retried."""
+    edge_key = HMACKey.generate("edge")
+    context = UserContext(Tokens(Keyring(edge_key), issuer="edge", audience="services"))
+    forger = UserContext(
+        Tokens(Keyring(HMACKey.generate("edge")), issuer="edge", audience="services")
+    )
+    past = UserContext(
+        Tokens(
+            Keyring(edge_key), issuer="edge", audience="services", clock=lambda: time.time() - 3600
+        )
+    )
+    good = context.attach(Message("good"), "user-1")
+    moved = Message("moved", headers={"user-context": good.headers["user-context"]})
+    sent = [
+        good,
+        forger.attach(Message("forged"), "user-1"),
+        past.attach(Message("expired"), "user-1"),
+        moved,
+        Message("none"),
+    ]
+    bus = connect()
+    bus.declare(topic, partitions=1, groups=["g"])
+    acted: list[tuple[str, str]] = []
+
+    def handle(d: Delivery) -> None:
+        acted.append((d.message.value, context.verify(d)["sub"]))
+
+    consumer = Consumer(bus, topic, handle, group="g", retry=FAST).start()
+    bus.publish_many(topic, sent)
+    run_until([consumer], lambda: consumer.stats.dead_lettered == 4)
+    consumer.stop()
+    assert acted == [("good", "user-1")]
+    assert consumer.stats.retried == 0
+    with DeadLetters(bus, topic, "g") as dead:
+        letters = {letter.message.value: letter for letter in dead.list()}
+    assert sorted(letters) == ["expired", "forged", "moved", "none"]
+    assert {letter.attempts for letter in letters.values()} == {1}
+    assert "expired" in letters["expired"].error
+    assert "another" in letters["moved"].error
 
 
 def test_dead_letters_redrive_to_their_group_and_purge(connect: Connect, topic: str) -> None:
