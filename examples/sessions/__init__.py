@@ -1,0 +1,1 @@
+"""Sessions across instances: sticky routing, a shared store, tokens, and the gateway."""
