@@ -1,0 +1,1 @@
+"""Submission evaluation queue: an HTTP endpoint enqueues, competing judges run programs."""
