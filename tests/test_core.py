@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import time
 import uuid
@@ -249,6 +250,19 @@ def test_a_broker_that_is_not_there_is_named_within_seconds(url: str) -> None:
     host_port = url.split("@")[-1].split("//")[-1].split("/")[0]
     assert host_port in str(raised.value)
     assert not isinstance(raised.value, ConnectionLost)  # there was no connection to lose
+
+
+def test_a_rabbitmq_that_accepts_but_never_answers_is_named_within_seconds() -> None:
+    with socket.socket() as silent:  # the kernel accepts connections; nobody speaks AMQP
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(BrokerUnreachable, match="overloaded or stuck") as raised:
+            polybus.connect(f"amqp://guest:pw@127.0.0.1:{port}/%2F?connect_timeout=0.5")
+    assert time.monotonic() - started < 8
+    assert f"127.0.0.1:{port}" in str(raised.value)
+    assert "pw" not in str(raised.value)
 
 
 def test_connect_timeout_must_be_seconds() -> None:

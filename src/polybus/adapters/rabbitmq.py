@@ -67,7 +67,7 @@ published again after reconnecting (at-least-once).
 URL options (besides pika's own: ``heartbeat``, ``socket_timeout``,
 ``ssl_options``, ...): ``reconnect_timeout=<seconds>`` (30), ``connect_timeout=<seconds>``
 (2: how long opening a bus waits for the broker to accept a connection before raising
-BrokerUnreachable),
+BrokerUnreachable; then at least 5 s more for it to open the AMQP connection),
 ``queue_type=quorum|classic``, ``prefetch=<n>`` (basic.qos per subscriber,
 1000; lower it for slow handlers, so that the members of a work queue share
 the work), ``confirm_window=<n>`` (1000), ``history=true|false`` (true; false
@@ -108,6 +108,7 @@ from pika.adapters.utils import connection_workflow  # type: ignore[import-untyp
 from pika.data import decode_value  # type: ignore[import-untyped]
 
 from ..errors import (
+    BrokerUnreachable,
     CapabilityError,
     ClosedError,
     ConfigurationError,
@@ -164,6 +165,7 @@ _MIN_BACKOFF, _MAX_BACKOFF = 0.05, 2.0
 _BUS_CLOSED = "bus is closed; connect again"
 _SUBSCRIPTION_CLOSED = "subscription is closed; subscribe again"
 _CLOSE_WAIT = 5.0  # how long closing waits for the broker's close-ok
+_HANDSHAKE_TIMEOUT = 5.0  # at least this long for a reachable broker to open a connection
 
 _OPTIONS = (
     "confirm_window",
@@ -394,6 +396,8 @@ def from_url(url: str) -> RabbitMQBackend:
         prefetch=int(_number(ours, "prefetch", 1000, url)),
         confirm_window=int(_number(ours, "confirm_window", 1000, url)),
         history=history in ("true", "1", "yes", "on"),
+        # the broker answered TCP; a healthy one then opens in milliseconds
+        handshake_timeout=max(timeout, _HANDSHAKE_TIMEOUT),
     )
 
 
@@ -2091,7 +2095,10 @@ class RabbitMQBackend:
 
     ``parameters`` is a ``pika.ConnectionParameters`` or ``pika.URLParameters``;
     the backend connects at once and raises ConnectionLost if it cannot within
-    ``reconnect_timeout`` (ConfigurationError for refused credentials).
+    ``reconnect_timeout`` (ConfigurationError for refused credentials). With
+    ``handshake_timeout``, a broker that does not finish opening the connection
+    within it (one that accepts TCP connections but is overloaded or stuck)
+    raises BrokerUnreachable instead.
     """
 
     def __init__(
@@ -2103,6 +2110,7 @@ class RabbitMQBackend:
         prefetch: int = 1000,
         confirm_window: int = 1000,
         history: bool = True,
+        handshake_timeout: float | None = None,
     ) -> None:
         if not isinstance(parameters, pika.connection.Parameters):
             raise ConfigurationError(
@@ -2133,7 +2141,7 @@ class RabbitMQBackend:
         self._consumer_link: _Link | None = None
         try:
             self._link.start()
-            self._link.wait_open(time.monotonic() + reconnect_timeout)
+            self._open_first(handshake_timeout)
         except BaseException:
             self._link.close()
             self._loop.stop()
@@ -2151,6 +2159,20 @@ class RabbitMQBackend:
         if self.history:
             self.capabilities |= Capability.SEEK | Capability.SEEK_TIME | Capability.RETENTION
         self._loop.submit(lambda: self._link.attach(self._publisher))
+
+    def _open_first(self, handshake_timeout: float | None) -> None:
+        if handshake_timeout is None:
+            self._link.wait_open(time.monotonic() + self.reconnect_timeout)
+            return
+        try:
+            self._link.wait_open(time.monotonic() + handshake_timeout)
+        except ConnectionLost:
+            raise BrokerUnreachable(
+                f"RabbitMQ at {self._link.where} did not open a connection within "
+                f"{handshake_timeout:g} s ({_describe(self._link.error)}): it accepts TCP "
+                "connections but is overloaded or stuck (URL option connect_timeout=<seconds> "
+                "waits longer)"
+            ) from None
 
     def _check(self) -> None:
         if self.closed:

@@ -25,6 +25,7 @@ from polybus.patterns.worker import App, Consumer, Output, Worker
 from polybus.sessions import HMACKey, Keyring, Tokens, UserContext
 
 __all__ = [
+    "test_a_message_whose_user_context_does_not_verify_is_dead_lettered_at_once",
     "test_async_bus_round_trip_never_blocks_the_loop",
     "test_async_worker_runs_coroutine_handlers_with_retries_and_replies",
     "test_at_most_once_never_retries_or_redelivers",
@@ -42,7 +43,6 @@ __all__ = [
     "test_retry_survives_a_restart_during_the_backoff",
     "test_strict_order_holds_back_only_the_failed_key",
     "test_undecodable_payload_goes_to_the_dead_letter_topic",
-    "test_a_message_whose_user_context_does_not_verify_is_dead_lettered_at_once",
 ]
 
 Connect = Callable[..., polybus.Bus]
