@@ -746,7 +746,17 @@ class KafkaBackend:
 
     def _check_existing(self, topic: str, spec: TopicSpec, wanted: dict[str, str]) -> int:
         """Compare an existing topic with ``spec``; return its partition count."""
-        count = self._partition_count(topic)
+        # another declarer may have created it a moment ago, before its metadata is out
+        deadline = time.monotonic() + self.reconnect_timeout
+        while True:
+            try:
+                count = self._partition_count(topic)
+                break
+            except TopicNotFound:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+        self._await_leaders(topic, count)
         if spec.partitions is not None and spec.partitions != count:
             raise ConfigurationError(
                 f"Kafka topic {topic!r} exists with {count} partitions, declared with "

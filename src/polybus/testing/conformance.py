@@ -7,6 +7,7 @@ A backend that lacks a capability skips the tests that need it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -32,6 +33,7 @@ __all__ = [
     "test_competing_consumers_share_without_loss_or_duplication",
     "test_consumer_resumes_after_connection_cut",
     "test_declare_is_idempotent_and_names_a_mismatch",
+    "test_declaring_one_new_topic_from_several_buses_at_once",
     "test_delay_holds_back_one_message_without_blocking_others",
     "test_durable_group_resumes_where_it_left_off",
     "test_empty_fetch_returns_within_timeout",
@@ -340,6 +342,32 @@ def test_declare_is_idempotent_and_names_a_mismatch(connect: Connect, topic: str
     bus.publish(topic, "still works")
     with bus.subscribe(topic, "g") as sub:
         assert [d.message.value for d in drain(sub, 1)] == ["still works"]
+
+
+def test_declaring_one_new_topic_from_several_buses_at_once(connect: Connect, topic: str) -> None:
+    """Services starting together each declare the topic and group they use: every one
+    succeeds, and the group gets what was published meanwhile, once."""
+    buses = [connect() for _ in range(4)]
+    start = threading.Barrier(len(buses))
+    errors: list[BaseException] = []
+
+    def declare(bus: polybus.Bus) -> None:
+        start.wait()
+        try:
+            bus.declare(topic, partitions=2, groups=["g"])
+            bus.publish(topic, "declared")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=declare, args=(bus,)) for bus in buses]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+    assert errors == []
+    with buses[0].subscribe(topic, "g") as sub:
+        assert [d.message.value for d in drain(sub, 4)] == ["declared"] * 4
+        assert sub.fetch(10, timeout=0.3) == []
 
 
 def _publish_through_cuts(
