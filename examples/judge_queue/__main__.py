@@ -5,7 +5,7 @@
   publishes the submission to ``submissions`` and never waits for a judge.
 * Judges, N processes in one durable group (``judges``), compete for submissions.
   Each runs one program at a time in a child Python process, with the problem's
-  input and a 0.5 s time limit, and publishes its verdict (accepted, wrong answer,
+  input and a 1 s CPU time limit, and publishes its verdict (accepted, wrong answer,
   time limit exceeded, runtime error) to ``verdicts``.
 * The endpoint reads ``verdicts`` in a durable group of its own and serves them:
   ``GET /submissions/<id>``.

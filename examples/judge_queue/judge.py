@@ -2,7 +2,7 @@
 
 Each judge takes one submission at a time (``batch=1``, so the members of the group
 share a burst instead of one of them fetching it all), runs the program in a child
-Python process with the problem's input and a wall-clock time limit, and returns the
+Python process with the problem's input and a CPU time limit, and returns the
 verdict as an ``Output`` to the verdicts topic, keyed by the submission id. The worker
 publishes the verdict before it acks the submission, and the verdict's message id is
 derived from the submission's, so a submission judged again after a judge died
@@ -16,6 +16,7 @@ while the judges work through a backlog.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,20 +27,24 @@ from polybus.patterns.worker import App, Output, Worker
 
 from .problems import PROBLEMS, Problem, Verdict
 
-TIME_LIMIT_S = 0.5
+#: CPU seconds a program may use (whole seconds: RLIMIT_CPU's unit). CPU time, not wall
+#: time, as judges count it: a busy machine slows a program down without using it up.
+TIME_LIMIT_S = 1
+WALL_LIMIT_S = 10.0  # for a program that waits instead of computing
 NICENESS = 10
 #: where a real judge would sandbox the program (no network, no files, a memory cap),
-#: this only caps its CPU time, so a child whose judge was killed cannot spin for ever
+#: this only caps its CPU time; the kernel ends a child that passes it (SIGXCPU), even
+#: one whose judge was killed
 SANDBOX = (
     "import resource, sys\n"
     "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
-    "resource.setrlimit(resource.RLIMIT_CPU, (2, 2))\n"
+    f"resource.setrlimit(resource.RLIMIT_CPU, ({TIME_LIMIT_S}, {TIME_LIMIT_S + 1}))\n"
     "source = sys.argv.pop()\n"
     "exec(compile(source, '<submission>', 'exec'), {'__name__': '__main__'})\n"
 )
 
 
-def judge(problem: Problem, source: str, time_limit: float = TIME_LIMIT_S) -> Verdict:
+def judge(problem: Problem, source: str) -> Verdict:
     """Run ``source`` on ``problem``'s input and say what it earned."""
     try:
         run = subprocess.run(
@@ -48,9 +53,11 @@ def judge(problem: Problem, source: str, time_limit: float = TIME_LIMIT_S) -> Ve
             capture_output=True,
             text=True,
             errors="replace",
-            timeout=time_limit,
+            timeout=WALL_LIMIT_S,
         )
     except subprocess.TimeoutExpired:  # run() has killed the child
+        return Verdict.TIME_LIMIT_EXCEEDED
+    if run.returncode in (-signal.SIGXCPU, -signal.SIGKILL):  # past the CPU limit
         return Verdict.TIME_LIMIT_EXCEEDED
     if run.returncode != 0:
         return Verdict.RUNTIME_ERROR
