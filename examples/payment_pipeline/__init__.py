@@ -1,0 +1,1 @@
+"""Payment pipeline: fraud check, ledger, balance and notification as stage processes."""
