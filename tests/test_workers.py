@@ -29,6 +29,7 @@ import polybus
 from polybus import ConfigurationError, Message
 from polybus.cli import main
 from polybus.patterns.dlq import DeadLetters
+from polybus.patterns.inbox import MemoryInbox
 from polybus.patterns.retry import NO_RETRY, Retry, RetryPolicy
 from polybus.patterns.worker import App, Consumer, Worker, derived_id
 from polybus.testing import servers
@@ -249,6 +250,8 @@ def test_a_bad_registration_is_refused_at_decoration_not_when_a_worker_starts() 
         app.consumer("t", guarantee="exactly_once")
     with pytest.raises(ConfigurationError, match="inbox"):
         app.consumer("t", guarantee="exactly-once")
+    with pytest.raises(ConfigurationError, match="do not combine"):
+        app.consumer("t", transactional=True, inbox=MemoryInbox())
     with pytest.raises(ConfigurationError, match="unexpected keyword"):
         app.responder("t", retries=3)
     assert app.registrations == []

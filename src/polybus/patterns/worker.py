@@ -182,6 +182,12 @@ def _check_settings(
             "transactional=True commits the input with the outputs: it gives "
             "exactly-once, not at-most-once"
         )
+    if transactional and inbox is not None:
+        raise ConfigurationError(
+            "transactional=True and inbox=... do not combine: the inbox commits in its own "
+            "database, so a bus transaction aborted after it would lose the outputs; call "
+            "inbox.process() around the database work inside the handler, or use one of them"
+        )
     if transactional and (concurrency != 1 or strict_order):
         raise ConfigurationError(
             "a transactional consumer runs one transaction at a time: "
