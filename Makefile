@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed-$(notdir $(PY))
 UV := .uv/bin/uv
 # Resolve against the interpreter PY names; never download one behind the user's back.
 export UV_PYTHON_DOWNLOADS := never
+# In the order examples/README.md tells them.
+EXAMPLES := order_fanout payment_pipeline ride_matching video_pipeline judge_queue chess sessions
 
-.PHONY: demo test test-latest upgrade lint format bench clean services kafka
+.PHONY: demo test test-latest upgrade lint format bench compare clean services kafka
 
 $(UV):
 	$(PY) -m venv .uv
@@ -21,9 +23,12 @@ $(STAMP): $(UV) pyproject.toml uv.lock
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync -q --locked --all-groups --python $(PY)
 	touch $(STAMP)
 
+# Every example on the embedded engine, at the small sizes (python -m examples.<name> for more).
 demo: $(STAMP)
-	$(BIN)/python -m examples.order_fanout
-	$(BIN)/python examples/payments.py
+	@for example in $(EXAMPLES); do \
+		echo "== python -m examples.$$example --quick"; \
+		$(BIN)/python -m examples.$$example --quick || exit 1; \
+	done
 
 test: $(STAMP) lint services
 	scripts/ensure-browser
@@ -67,6 +72,11 @@ bench: $(STAMP) services
 	$(BIN)/python benchmarks/patterns.py
 	$(BIN)/python benchmarks/sessions.py
 	$(BIN)/python benchmarks/tokens.py
+
+# The same workloads and every example on each backend: one table, a chart and JSON.
+compare: $(STAMP) services
+	$(BIN)/python -m polybus.testing.apache_kafka fetch
+	$(BIN)/python benchmarks/compare.py
 
 clean:
 	rm -rf .uv $(VENV) .venv-latest build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

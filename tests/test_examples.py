@@ -45,6 +45,14 @@ def test_the_example_has_a_readme_with_its_command(example: str) -> None:
     assert f"python -m examples.{example}" in readme.read_text()
 
 
+def test_make_demo_and_the_index_name_every_example() -> None:
+    makefile = (CHECKOUT / "Makefile").read_text()
+    listed = next(line for line in makefile.splitlines() if line.startswith("EXAMPLES :="))
+    assert sorted(listed.split(":=")[1].split()) == EXAMPLES
+    index = (CHECKOUT / "examples" / "README.md").read_text()
+    assert [e for e in EXAMPLES if f"({e}/)" not in index] == []
+
+
 def test_an_unreachable_broker_is_one_line_within_seconds() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "examples.order_fanout", "--url", "redis://:pw@127.0.0.1:1/0"],
