@@ -121,9 +121,7 @@ def rabbitmq_delete_topic(topic: str, groups: tuple[str, ...]) -> None:
     try:
         ch = conn.channel()
         for group in groups:
-            queue = rabbitmq.queue_name(topic, group)
-            ch.queue_delete(queue)
-            ch.exchange_delete(rabbitmq.filling_flag_name(queue))
+            ch.queue_delete(rabbitmq.queue_name(topic, group))
         ch.queue_delete(rabbitmq.history_queue_name(topic))
         ch.exchange_delete(topic)
         ch.exchange_delete(rabbitmq.partitions_exchange_name(topic))
