@@ -48,14 +48,7 @@ def topic(url: str) -> Iterator[str]:
     """A fresh topic; its exchanges and queues are deleted afterwards (the broker is shared)."""
     name = f"rmqtest-{uuid.uuid4().hex[:10]}"
     yield name
-    conn = pika.BlockingConnection(pika.URLParameters(url))
-    ch = conn.channel()
-    for group in GROUPS:
-        ch.queue_delete(rabbitmq.queue_name(name, group))
-    ch.queue_delete(rabbitmq.history_queue_name(name))
-    ch.exchange_delete(name)
-    ch.exchange_delete(rabbitmq.partitions_exchange_name(name))
-    conn.close()
+    servers.rabbitmq_delete_topic(name, GROUPS)
 
 
 @pytest.fixture
@@ -403,6 +396,69 @@ def test_retention_maps_to_the_history_stream(
         bus.declare(topic, retention=7200, retention_bytes=10_000_000)
     with pytest.raises(CapabilityError, match="compact"):
         bus.declare(topic, compact=True)
+
+
+def test_a_new_group_is_filled_from_the_history_once_while_others_declare_it(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    """Four processes' worth of buses declare the same new group at once, with a publisher
+    running: the history arrives once each and in order, nothing published is lost."""
+    old = [f"old-{i}" for i in range(2500)]  # more than one copy transaction
+    connect().publish_many(topic, old)
+    live = [f"live-{i}" for i in range(300)]
+    buses = [connect() for _ in range(4)]
+    start = threading.Barrier(len(buses) + 1)
+
+    def declare(bus: polybus.Bus) -> None:
+        start.wait()
+        bus.declare(topic, groups=["g"])
+
+    def publish() -> None:
+        start.wait()
+        for value in live:
+            buses[0].publish(topic, value)
+
+    threads = [threading.Thread(target=declare, args=(b,)) for b in buses]
+    threads.append(threading.Thread(target=publish))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    with connect().subscribe(topic, "g") as sub:
+        got = [d.message.value for d in drain(sub, len(old) + len(live))]
+        got += [d.message.value for d in sub.fetch(1000, timeout=0.3)]  # duplicates, if any
+    assert [v for v in got if v.startswith("old")] == old
+    assert set(live) <= set(got)
+
+
+def test_a_fill_cut_short_is_done_again(
+    connect: Callable[..., polybus.Bus], topic: str, admin: Callable[[], Any]
+) -> None:
+    """A process that died while filling a new group's queue left its flag; the next
+    declaration fills the queue again (at-least-once), and clears the flag."""
+    bus = connect()
+    bus.publish_many(topic, list(range(10)))
+    queue = rabbitmq.queue_name(topic, "g")
+    flag = rabbitmq.filling_flag_name(queue)
+    channel = admin()
+    channel.exchange_declare(flag, "fanout", durable=True)
+    channel.queue_declare(queue, durable=True, arguments=rabbitmq.queue_arguments())
+    bus.declare(topic, groups=["g"])
+    with bus.subscribe(topic, "g") as sub:
+        assert [d.message.value for d in drain(sub, 10)] == list(range(10))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+        admin().exchange_declare(flag, passive=True)
+
+
+def test_a_new_group_starting_at_the_latest_gets_no_history(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    bus = connect()
+    bus.publish(topic, "old")
+    with bus.subscribe(topic, "g", start="latest") as sub:
+        bus.publish(topic, "new")
+        assert [d.message.value for d in drain(sub, 1)] == ["new"]
+        assert sub.fetch(10, timeout=0.3) == []
 
 
 def test_without_history_there_is_no_seek_and_no_retention(

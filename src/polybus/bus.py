@@ -401,7 +401,8 @@ class Bus:
         ``partitions=None`` keeps an existing topic's count or uses the bus
         default. A group new here gets every message the topic keeps, and then
         every one published, even before a member subscribes (fan-out); on
-        RabbitMQ only those published from its declaration on. ``retention``
+        RabbitMQ with ``history=false`` only those published from its declaration
+        on. ``retention``
         is in seconds. Raises ConfigurationError if the topic exists with another
         partition count.
         """

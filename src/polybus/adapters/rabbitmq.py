@@ -19,9 +19,14 @@ group names are percent-escaped in queue names, so no two names collide):
   (default 7 days) and ``x-max-length-bytes``; a group's queue keeps its
   backlog until the group consumes it, as RabbitMQ queues do.
 - **durable group** ``G``: a durable queue ``T/G`` bound to ``T``, a quorum
-  queue unless ``queue_type=classic``. It exists from its first declaration
-  (``declare(groups=...)`` or the first subscribe) and gets every message
-  published from then on; ``start`` does not reach back before that.
+  queue unless ``queue_type=classic``. Created by ``declare(groups=...)`` or a
+  first subscribe with ``start="earliest"``, it is first filled with a copy of
+  ``T.history`` (about 27 k msg/s here), so it holds what the topic keeps, as
+  a new group does on every backend; without a history, or made by a subscribe
+  with ``start="latest"``, it gets what is published from then on. While it is
+  filled an exclusive queue ``polybus.filling-lock.T/G`` keeps other processes
+  waiting, and an exchange ``polybus.filling.T/G`` exists until the copy is
+  complete: a copy cut short is done again (at-least-once).
 - **ephemeral subscriber**: an exclusive, auto-delete, server-named queue
   bound to ``T``; ``start="earliest"`` first replays the history.
 - **order**: members of a group compete for one queue, so there is no per-key
@@ -74,6 +79,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import copy
 import functools
 import logging
@@ -129,6 +135,7 @@ __all__ = [
     "EXCHANGE_TYPE",
     "RabbitMQBackend",
     "RabbitMQSubscription",
+    "filling_flag_name",
     "from_client",
     "from_url",
     "history_queue_name",
@@ -2128,6 +2135,7 @@ class RabbitMQBackend:
         self._subscriptions: set[RabbitMQSubscription] = set()
         self._lock = threading.Lock()
         self._declarations = _Declarations()
+        self._filling = threading.Lock()  # one copy into a new group's queue at a time
         self._loop = _Loop()
         self._link = _Link(self._loop, parameters, "publish", reconnect_timeout, self._declarations)
         self._consumer_link: _Link | None = None
@@ -2238,10 +2246,71 @@ class RabbitMQBackend:
         self._declare(("bind", stream, topic), f"history of topic {topic!r}")
 
     def _declare_group(self, topic: str, group: str) -> None:
+        """Declare ``group``'s queue; a queue new here first gets the topic's history."""
         queue = queue_name(topic, group)
         args = tuple(self._queue_arguments().items())
-        self._declare(("queue", queue, args), f"group {group!r} of topic {topic!r}")
-        self._declare(("bind", queue, topic), f"group {group!r} of topic {topic!r}")
+        what = f"group {group!r} of topic {topic!r}"
+        if self.history and self._needs_history(queue):
+            try:
+                with self._filling:
+                    self._fill_from_history(topic, queue, args)
+            except pex.AMQPError as exc:
+                raise _declare_error(exc, what) from exc
+        self._declare(("queue", queue, args), what)
+        self._declare(("bind", queue, topic), what)
+
+    def _needs_history(self, queue: str) -> bool:
+        """``queue`` does not exist yet, or a copy of the history into it was cut short."""
+        flag = filling_flag_name(queue)
+        return not self._exists(
+            lambda ch, done: ch.queue_declare(queue, passive=True, callback=done)
+        ) or self._exists(lambda ch, done: ch.exchange_declare(flag, passive=True, callback=done))
+
+    def _fill_from_history(self, topic: str, queue: str, args: tuple[Any, ...]) -> None:
+        """Create ``queue`` holding every message ``topic``'s history keeps, then bind it.
+
+        An exclusive queue is the lock, so that one process copies while the others
+        wait. A flag exchange exists until the copy is complete: a copy cut short (a
+        crash) is done again by the next declaration, duplicating what was copied
+        (at-least-once). The bulk is copied before the queue is bound, so it keeps its
+        order; what is published while the binding is made may arrive twice.
+        """
+        flag = filling_flag_name(queue)
+        lock = f"polybus.filling-lock.{queue}"
+        _check_name("exchange", flag)
+        _check_name("queue", lock)
+        self._take_lock(lock)
+        try:
+            if not self._needs_history(queue):
+                return  # another process filled it while this one waited for the lock
+            # copies go through the flag exchange, which keeps their routing keys (keys)
+            self._rpc(("exchange", flag, False, ()))
+            self._rpc(("queue", queue, args))
+            self._rpc(("bind", queue, flag))
+            offset = self._copy_history(topic, flag, "first")
+            self._rpc(("bind", queue, topic))
+            self._copy_history(topic, flag, offset)  # what came during the binding
+            self._control.call(lambda ch, done: ch.exchange_delete(flag, callback=done))
+        finally:
+            with contextlib.suppress(PolybusError, pex.AMQPError):
+                self._control.call(lambda ch, done: ch.queue_delete(lock, callback=done))
+
+    def _take_lock(self, lock: str) -> None:
+        declare = functools.partial(_declare_exclusive, lock)
+        while True:
+            try:
+                self._control.call(declare)
+                return
+            except pex.ChannelClosedByBroker as exc:
+                if _reply(exc)[0] != 405:  # RESOURCE_LOCKED: another process holds it
+                    raise
+            time.sleep(0.1)
+            self._check()
+
+    def _copy_history(self, topic: str, exchange: str, start: object) -> int:
+        copy = _HistoryCopy(history_queue_name(topic), exchange, start, self.prefetch)
+        self._loop.submit(lambda: copy.run(self._link.connection))
+        return _wait(copy.done, lambda: self.closed)
 
     def _queue_arguments(self) -> dict[str, Any]:
         return queue_arguments(self.queue_type)
@@ -2305,8 +2374,9 @@ class RabbitMQBackend:
         self._check()
         _check_name("topic", topic)
         if group is not None:
-            _check_name("group", group)
             _check_name("queue", queue_name(topic, group))
+            if start == "earliest":
+                self._declare_group(topic, group)  # a group new here starts with the history
         if group is None and start == "earliest" and not self.history:
             raise CapabilityError("start='earliest' needs the topic history (history=true)")
         link = self._consumer()
@@ -2382,6 +2452,132 @@ def _history_arguments(retention_ms: int | None, retention_bytes: int | None) ->
     if retention_bytes is not None:
         args.append(("x-max-length-bytes", retention_bytes))
     return tuple(args)
+
+
+def filling_flag_name(queue: str) -> str:
+    """The exchange that exists while ``queue`` is being filled from its topic's history."""
+    return f"polybus.filling.{queue}"
+
+
+def _declare_exclusive(name: str, channel: Any, done: Callable[[Any], None]) -> None:
+    channel.queue_declare(name, exclusive=True, auto_delete=True, callback=done)
+
+
+class _HistoryCopy:
+    """Publishes a history stream's messages, from ``start`` up to an end marker appended
+    first, to ``exchange`` (I/O thread).
+
+    A stream delivery is acknowledged (which is its credit) only once its copy is
+    confirmed, so at most ``prefetch`` copies are in flight. ``done`` gets the stream
+    offset after the marker.
+    """
+
+    def __init__(self, stream: str, exchange: str, start: object, prefetch: int) -> None:
+        self.done: Future[int] = Future()
+        self._stream, self._exchange, self._start = stream, exchange, start
+        self._prefetch = prefetch
+        self._marker = uuid.uuid4().hex
+        self._out: Any = None
+        self._reader: Any = None
+        self._published = 0  # publisher-confirm tags used on the out channel
+        self._copies: deque[tuple[int, int]] = deque()  # (copy's tag, stream delivery tag)
+        self._confirmed_alone: set[int] = set()  # confirmed ahead of an older copy
+        self._end: int | None = None
+
+    def run(self, connection: Any) -> None:
+        if connection is None or not connection.is_open:
+            self._fail(ConnectionLost("the RabbitMQ connection went while filling a queue"))
+            return
+        self._out = connection.channel(on_open_callback=self._out_opened)
+        self._out.add_on_close_callback(self._closed)
+
+    def _out_opened(self, channel: Any) -> None:
+        channel.confirm_delivery(self._confirmed, callback=lambda _f: self._append_marker())
+
+    def _append_marker(self) -> None:
+        end = pika.BasicProperties(delivery_mode=2, headers={MARKER_HEADER: self._marker})
+        self._out.basic_publish("", self._stream, b"", end, mandatory=True)
+        self._published = 1
+
+    def _confirmed(self, frame: Any) -> None:
+        method = frame.method
+        if not isinstance(method, pika.spec.Basic.Ack):
+            self._fail(PolybusError("RabbitMQ refused a message copied from the history"))
+            return
+        tag = method.delivery_tag
+        if tag == 1 and self._reader is None:  # the marker is in the stream: read up to it
+            self._out.connection.channel(on_open_callback=self._reader_opened)
+            return
+        upto = tag if method.multiple else 0
+        if not method.multiple:
+            self._confirmed_alone.add(tag)
+        acked = None
+        copies, alone = self._copies, self._confirmed_alone
+        while copies and (copies[0][0] <= upto or copies[0][0] in alone):
+            alone.discard(copies[0][0])
+            acked = copies.popleft()[1]
+        if acked is not None:
+            self._reader.basic_ack(acked, multiple=True)
+        self._finish_if_done()
+
+    def _reader_opened(self, channel: Any) -> None:
+        self._reader = channel
+        channel.add_on_close_callback(self._closed)
+        channel.basic_qos(
+            prefetch_count=self._prefetch,
+            callback=lambda _f: _consume(
+                channel,
+                self._stream,
+                self._delivered,
+                lambda _f: None,
+                {"x-stream-offset": self._start},
+            ),
+        )
+
+    def _delivered(
+        self, tag: int, _redelivered: bool, key: bytes, data: bytes, p: int, body: bytes
+    ) -> None:
+        if self._end is not None:
+            return  # past the marker
+        properties = pika.spec.BasicProperties()
+        properties.decode(data, p)
+        headers = properties.headers or {}
+        offset = headers.pop("x-stream-offset", None)
+        marker = headers.get(MARKER_HEADER)
+        if marker == self._marker:
+            if not isinstance(offset, int):
+                self._fail(PolybusError(f"{self._stream!r} gave no stream offset"))
+                return
+            self._end = offset + 1
+            self._finish_if_done()
+        elif marker is None:  # another seek's marker is not a message
+            self._out.basic_publish(
+                self._exchange, key.decode("utf-8", "replace"), body, properties
+            )
+            self._published += 1
+            self._copies.append((self._published, tag))
+        elif not self._copies:
+            self._reader.basic_ack(tag, multiple=True)
+        else:
+            self._copies.append((self._copies[-1][0], tag))
+
+    def _finish_if_done(self) -> None:
+        if self._end is not None and not self._copies and not self.done.done():
+            self.done.set_result(self._end)
+            self._close()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+        self._close()
+
+    def _closed(self, _channel: Any, reason: BaseException) -> None:
+        self._fail(reason)  # after done: nothing
+
+    def _close(self) -> None:
+        for channel in (self._reader, self._out):
+            if channel is not None and channel.is_open:
+                channel.close()
 
 
 def _declare_error(exc: BaseException, what: str) -> PolybusError:

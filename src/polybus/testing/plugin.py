@@ -75,15 +75,6 @@ _TANSU_GAPS = {
     ),
 }
 
-#: the adapter's own known gap: copying the topic's history stream into a new group's queue
-#: was built, and stopped RabbitMQ 3.10 answering anyone when several buses did it at once
-_RABBITMQ_GAPS = {
-    "test_jobs_published_before_the_workers_group_exists_are_processed": (
-        "a RabbitMQ group's queue gets only what is published once it exists; the messages "
-        "the topic's history stream kept from before are not copied into it"
-    ),
-}
-
 BACKENDS: list[BackendCase] = [
     BackendCase("memory", lambda tmp: f"memory://{uuid.uuid4().hex}"),
     BackendCase("native", lambda tmp: f"native://{tmp / 'log'}"),
@@ -99,7 +90,6 @@ BACKENDS: list[BackendCase] = [
         lambda tmp: servers.rabbitmq_url(),
         servers.rabbitmq_unavailable,
         lambda: _proxied_url(servers.rabbitmq_url(), 5672),
-        lambda: _RABBITMQ_GAPS,
     ),
     BackendCase(
         "redis",

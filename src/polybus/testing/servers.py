@@ -121,7 +121,9 @@ def rabbitmq_delete_topic(topic: str, groups: tuple[str, ...]) -> None:
     try:
         ch = conn.channel()
         for group in groups:
-            ch.queue_delete(rabbitmq.queue_name(topic, group))
+            queue = rabbitmq.queue_name(topic, group)
+            ch.queue_delete(queue)
+            ch.exchange_delete(rabbitmq.filling_flag_name(queue))
         ch.queue_delete(rabbitmq.history_queue_name(topic))
         ch.exchange_delete(topic)
         ch.exchange_delete(rabbitmq.partitions_exchange_name(topic))
