@@ -2170,8 +2170,8 @@ class RabbitMQBackend:
             raise BrokerUnreachable(
                 f"RabbitMQ at {self._link.where} did not open a connection within "
                 f"{handshake_timeout:g} s ({_describe(self._link.error)}): it accepts TCP "
-                "connections but is overloaded or stuck (URL option connect_timeout=<seconds> "
-                "waits longer)"
+                "connections but is overloaded, stuck or out of file handles (URL option "
+                "connect_timeout=<seconds> waits longer)"
             ) from None
 
     def _check(self) -> None:
