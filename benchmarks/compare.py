@@ -1,4 +1,5 @@
-"""One workload on every backend: throughput and end-to-end latency, as a table and a chart.
+"""The same workloads on every reachable backend: the Kafka vs RabbitMQ vs Redis table,
+measured on your own brokers, with a chart (PNG) and the numbers (JSON).
 
 For each of native, Kafka, RabbitMQ and Redis, through the same polybus code, and for
 Kafka also through confluent-kafka alone (``kafka-raw``: an idempotent ``acks=all``
@@ -11,19 +12,29 @@ producer, as the adapter's, and a consumer that commits what it read):
   while the main thread publishes one message every millisecond (1,000 msg/s,
   each ``publish`` confirmed before the next) for ``--seconds``; latency is
   receive time minus the message's creation time (both ``time.time()`` on
-  this host); the first ``WARMUP`` messages are dropped; p50 and p99.
+  this host); the first ``WARMUP`` messages are dropped; p50 and p99. The rate
+  really reached is printed beside it, and a backend that fell behind is named;
+* request-reply: one ``Requester`` and a responder worker on the same bus, each
+  request answered before the next; round-trip p50 and p99;
+* what each backend offers (``bus.capabilities``) and the settings that decide
+  its durability and latency (fsync, confirms, acks, linger, fetch wait), read
+  from the adapter's defaults and, for Redis, from the server itself;
+* every example (``examples/*``) run with ``--quick`` on the backend: its wall
+  time and whether its invariant held.
 
-Prints a table and writes a bar chart to ``--png`` (default
-``benchmarks/results/compare.png``). Servers come from
-``polybus.testing.servers``, as for the test suite.
+Prints the tables and writes ``--png`` (default ``benchmarks/results/compare.png``)
+and the same numbers as JSON beside it. Servers come from
+``polybus.testing.servers``, as for the test suite (``make compare`` starts them).
 
-    python benchmarks/compare.py [--count 20000] [--seconds 3]
+    python benchmarks/compare.py [--count 20000] [--seconds 3] [--no-examples]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,12 +45,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import polybus
+from polybus.patterns.request_reply import Requester
+from polybus.patterns.worker import App, Worker
 from polybus.testing import servers
 
 T = TypeVar("T")
 PAYLOAD = os.urandom(100)
 WARMUP = 200
 DEADLINE = 120.0
+RATE = 1000  # messages per second of the latency run
+CHECKOUT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(p.parent.name for p in (CHECKOUT / "examples").glob("*/__main__.py"))
 
 BACKENDS: dict[str, tuple[Callable[[], str], Callable[[], str | None]]] = {
     "native": (lambda: f"native://{tempfile.mkdtemp(prefix='polybus-compare-')}", lambda: None),
@@ -93,7 +109,7 @@ def throughput(url: str, count: int) -> tuple[float, float]:
     return publish, consume
 
 
-def latency(url: str, seconds: float) -> tuple[float, float]:
+def latency(url: str, seconds: float) -> tuple[float, float, float]:
     topic = f"cmp-{uuid.uuid4().hex[:8]}"
     with polybus.connect(url) as bus:
         bus.declare(topic, partitions=1, groups=["g"])
@@ -112,10 +128,10 @@ def measure_latency(
     publish: Callable[[bytes], object],
     receive: Callable[[], list[tuple[bytes, float]]],
     seconds: float,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """p50 and p99 in µs of receive time minus creation time, with ``receive`` (value and
     creation time of what arrived) called in its own thread, while this one calls
-    ``publish`` (confirmed on return) once a millisecond."""
+    ``publish`` (confirmed on return) once a millisecond; and the rate really reached."""
     samples: list[float] = []
     ready = threading.Event()
     stop = threading.Event()
@@ -136,14 +152,15 @@ def measure_latency(
                 raise RuntimeError("the consumer never received the warm-up message")
             publish(b"warmup")
             ready.wait(0.5)
-        n = int(seconds * 1000) + WARMUP
-        next_at = time.perf_counter()
+        n = int(seconds * RATE) + WARMUP
+        started = next_at = time.perf_counter()
         for _ in range(n):
             publish(PAYLOAD)
-            next_at += 0.001
+            next_at += 1 / RATE
             pause = next_at - time.perf_counter()
             if pause > 0:
                 time.sleep(pause)
+        rate = n / (time.perf_counter() - started)
         while len(samples) < n and time.monotonic() < end:
             time.sleep(0.01)
     finally:
@@ -152,7 +169,93 @@ def measure_latency(
     kept = sorted(samples[WARMUP:])
     if len(kept) < n - WARMUP:
         raise RuntimeError(f"received {len(samples)} of {n} latency messages")
+    return (*percentiles(kept), rate)
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """p50 and p99 of ``samples`` (seconds), in µs."""
+    kept = sorted(samples)
     return kept[len(kept) // 2] * 1e6, kept[int(len(kept) * 0.99)] * 1e6
+
+
+def round_trips(url: str, seconds: float) -> tuple[float, float, float, float]:
+    """Request-reply (sequential p50, p99, 100-in-flight p50, p99) in µs: one Requester
+    against a responder worker on the same bus."""
+    topic = f"rr-{uuid.uuid4().hex[:8]}"
+    app = App()
+    app.responder(topic)(lambda d: d.message.value)
+    with polybus.connect(url) as bus:
+        worker = Worker(app, bus).start()
+        try:
+            with Requester(bus, topic, timeout=60) as requester:
+                for _ in range(50):  # the responder's group join, the reader's start
+                    requester.request(b"warm-up")
+                sequential: list[float] = []
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    started = time.perf_counter()
+                    requester.request(b"x")
+                    sequential.append(time.perf_counter() - started)
+                parallel: list[float] = []
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    started = time.perf_counter()
+                    futures = [requester.submit(b"x") for _ in range(100)]
+                    for f in futures:
+                        f.result()
+                        parallel.append(time.perf_counter() - started)
+        finally:
+            worker.stop()
+    return (*percentiles(sequential), *percentiles(parallel))
+
+
+def capabilities(url: str) -> list[str]:
+    with polybus.connect(url) as bus:
+        return sorted(c.name or "" for c in polybus.Capability if c in bus.capabilities)
+
+
+def settings(name: str, url: str) -> str:
+    """What decides the backend's durability and latency in this run."""
+    if name == "native":
+        return "fsync=interval (1 s); a group commits acks in batches"
+    if name == "kafka":
+        return "acks=all, idempotent, linger.ms=5 (librdkafka), fetch.wait.max.ms=500"
+    if name == "kafka-raw":
+        return "acks=all, idempotent, linger.ms=5, flush per batch, fetch.wait.max.ms=500"
+    if name == "rabbitmq":
+        return "quorum queues, publisher confirms (window 1000), prefetch 1000, history stream"
+    import redis
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        config = client.config_get("appendonly") | client.config_get("appendfsync")
+    finally:
+        client.close()
+    if config.get("appendonly") == "yes":
+        durability = f"AOF, appendfsync={config.get('appendfsync')}"
+    else:
+        durability = "appendonly=no on this server: nothing survives its restart"
+    return f"{durability}; XADD pipelined, XREADGROUP blocking"
+
+
+def examples(url: str) -> dict[str, tuple[float, bool]]:
+    """Each example's wall time with ``--quick`` on ``url`` and whether its invariant held."""
+    results = {}
+    for example in EXAMPLES:
+        started = time.perf_counter()
+        try:
+            run = subprocess.run(
+                [sys.executable, "-m", f"examples.{example}", "--url", url, "--quick"],
+                cwd=CHECKOUT,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            ok = run.returncode == 0
+        except subprocess.TimeoutExpired:
+            ok = False
+        results[example] = (time.perf_counter() - started, ok)
+    return results
 
 
 # -- the same workload with confluent-kafka alone, configured as the adapter is -----------
@@ -225,28 +328,32 @@ def raw_kafka_latency(bootstrap: str, seconds: float) -> tuple[float, float]:
         consumer.close()
 
 
-def chart(rows: list[tuple[str, float, float, float, float]], png: Path) -> None:
+def chart(rows: list[dict[str, Any]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r[0] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [r["backend"] for r in rows]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     x = range(len(rows))
-    left.bar([i - 0.2 for i in x], [r[1] for r in rows], 0.4, label="publish")
-    left.bar([i + 0.2 for i in x], [r[2] for r in rows], 0.4, label="consume + ack")
-    left.set_yscale("log")
-    left.set_ylabel("messages / s (log scale)")
-    left.set_title("Throughput, 100-byte messages")
-    right.bar([i - 0.2 for i in x], [r[3] for r in rows], 0.4, label="p50")
-    right.bar([i + 0.2 for i in x], [r[4] for r in rows], 0.4, label="p99")
-    right.set_yscale("log")
-    right.set_ylabel("µs (log scale)")
-    right.set_title("End-to-end latency at 1,000 msg/s")
-    for ax in (left, right):
+
+    def bars(ax: Any, first: str, second: str, labels: tuple[str, str]) -> None:
+        ax.bar([i - 0.2 for i in x], [r[first] or 0 for r in rows], 0.4, label=labels[0])
+        ax.bar([i + 0.2 for i in x], [r[second] or 0 for r in rows], 0.4, label=labels[1])
+        ax.set_yscale("log")
         ax.set_xticks(list(x), names)
         ax.legend()
+
+    bars(left, "publish", "consume", ("publish", "consume + ack"))
+    left.set_ylabel("messages / s (log scale)")
+    left.set_title("Throughput, 100-byte messages")
+    bars(middle, "p50", "p99", ("p50", "p99"))
+    middle.set_ylabel("µs (log scale)")
+    middle.set_title(f"End-to-end latency at {RATE:,} msg/s")
+    bars(right, "rtt_p50", "rtt_p99", ("p50", "p99"))
+    right.set_ylabel("µs (log scale)")
+    right.set_title("Request-reply round trip")
     fig.suptitle("polybus: the same workload on every backend; kafka-raw is confluent-kafka alone")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -258,28 +365,65 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--no-examples", action="store_true", help="skip running the examples")
     parser.add_argument("--png", type=Path, default=Path(__file__).parent / "results/compare.png")
     args = parser.parse_args()
 
-    def measure(name: str, url: str) -> tuple[str, float, float, float, float]:
+    def measure(name: str, url: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"backend": name, "settings": settings(name, url)}
         if name == "kafka-raw":
-            pub, con = raw_kafka_throughput(url, args.count)
-            p50, p99 = raw_kafka_latency(url, args.seconds)
-        else:
-            pub, con = throughput(url, args.count)
-            p50, p99 = latency(url, args.seconds)
-        tansu = name.startswith("kafka") and servers.kafka_is_tansu()
-        label = f"{name} (Tansu)" if tansu else name
-        return label, pub, con, p50, p99
+            row["publish"], row["consume"] = raw_kafka_throughput(url, args.count)
+            row["p50"], row["p99"], row["rate"] = raw_kafka_latency(url, args.seconds)
+            row["rtt_p50"] = row["rtt_p99"] = None
+            row["capabilities"], row["examples"] = None, {}
+            return row
+        row["publish"], row["consume"] = throughput(url, args.count)
+        row["p50"], row["p99"], row["rate"] = latency(url, args.seconds)
+        row["rtt_p50"], row["rtt_p99"], _, _ = round_trips(url, args.seconds)
+        row["capabilities"] = capabilities(url)
+        row["examples"] = {} if args.no_examples else examples(url)
+        if name.startswith("kafka") and servers.kafka_is_tansu():
+            row["backend"] = f"{name} (Tansu)"
+        return row
 
     rows, failed = each_backend(args.backends, measure)
-    print(f"\n{args.count} messages of {len(PAYLOAD)} bytes; latency at 1,000 msg/s")
-    print(f"{'backend':13} {'publish/s':>11} {'consume/s':>11} {'p50 µs':>9} {'p99 µs':>9}")
-    for name, pub, con, p50, p99 in rows:
-        print(f"{name:13} {pub:11,.0f} {con:11,.0f} {p50:9,.0f} {p99:9,.0f}")
+    print(f"\n{args.count} messages of {len(PAYLOAD)} bytes; latency at {RATE:,} msg/s")
+    print(
+        f"{'backend':13} {'publish/s':>11} {'consume/s':>11} {'p50 µs':>9} {'p99 µs':>9}"
+        f" {'rate/s':>7} {'rr p50 µs':>10} {'rr p99 µs':>10}"
+    )
+    for r in rows:
+        behind = "" if r["rate"] >= 0.95 * RATE else "  fell behind the rate"
+        rtt = "" if r["rtt_p50"] is None else f" {r['rtt_p50']:10,.0f} {r['rtt_p99']:10,.0f}"
+        print(
+            f"{r['backend']:13} {r['publish']:11,.0f} {r['consume']:11,.0f} {r['p50']:9,.0f}"
+            f" {r['p99']:9,.0f} {r['rate']:7,.0f}{rtt}{behind}"
+        )
+    print("\nsettings")
+    for r in rows:
+        print(f"  {r['backend']:13} {r['settings']}")
+    offered = [r for r in rows if r["capabilities"] is not None]
+    if offered:
+        every = sorted({c.name or "" for c in polybus.Capability})
+        header = "".join(f" {r['backend']:>10}" for r in offered)
+        print(f"\n{'capabilities':18}{header}")
+        for capability in every:
+            marks = ["yes" if capability in r["capabilities"] else "-" for r in offered]
+            print(f"  {capability:16}" + "".join(f" {m:>10}" for m in marks))
+    if any(r["examples"] for r in rows):
+        header = "".join(f" {r['backend']:>14}" for r in offered)
+        print(f"\n{'examples (--quick)':18}{header}   (wall time, invariant)")
+        for example in EXAMPLES:
+            cells = []
+            for r in offered:
+                seconds, ok = r["examples"].get(example, (0.0, False))
+                cells.append(f" {seconds:6.1f} s {'OK' if ok else 'FAILED':>5}")
+                failed |= not ok
+            print(f"  {example:16}" + "".join(cells))
     if rows:
         chart(rows, args.png)
-        print(f"chart: {args.png}")
+        args.png.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"\nchart: {args.png}; numbers: {args.png.with_suffix('.json')}")
     return 1 if failed else 0
 
 

@@ -29,50 +29,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import polybus
-from compare import BACKENDS, each_backend, latency  # the one-way figure, measured alike
+from compare import BACKENDS, each_backend, latency, round_trips  # measured alike
 from polybus.patterns.inbox import MemoryInbox
-from polybus.patterns.request_reply import Requester
 from polybus.patterns.retry import NO_RETRY, RetryPolicy
-from polybus.patterns.worker import App, Consumer, Worker
+from polybus.patterns.worker import Consumer
 
-WARMUP = 50
 RR_TARGET = 2.5
 MACHINERY_TARGET = 0.85
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    kept = sorted(samples)
-    return kept[len(kept) // 2] * 1e6, kept[int(len(kept) * 0.99)] * 1e6
-
-
-def round_trips(url: str, seconds: float) -> tuple[float, float, float, float]:
-    """(sequential p50, p99, 100-in-flight p50, p99) in µs."""
-    topic = f"rr-{uuid.uuid4().hex[:8]}"
-    app = App()
-    app.responder(topic)(lambda d: d.message.value)
-    with polybus.connect(url) as bus:
-        worker = Worker(app, bus).start()
-        try:
-            with Requester(bus, topic, timeout=60) as requester:
-                for _ in range(WARMUP):  # the responder's group join, the reader's start
-                    requester.request(b"warm-up")
-                sequential: list[float] = []
-                end = time.monotonic() + seconds
-                while time.monotonic() < end:
-                    started = time.perf_counter()
-                    requester.request(b"x")
-                    sequential.append(time.perf_counter() - started)
-                parallel: list[float] = []
-                end = time.monotonic() + seconds
-                while time.monotonic() < end:
-                    started = time.perf_counter()
-                    futures = [requester.submit(b"x") for _ in range(100)]
-                    for f in futures:
-                        f.result()
-                        parallel.append(time.perf_counter() - started)
-        finally:
-            worker.stop()
-    return (*_percentiles(sequential), *_percentiles(parallel))
 
 
 def _consume(url: str, count: int, full: bool) -> tuple[float, float]:
@@ -143,7 +106,7 @@ def main() -> int:
         f"{'backend':9} {'one-way':>15} {'round trip':>15} {'ratio':>6}  {'100 in flight':>17}"
         f"   {'bare msg/s':>10} {'with all':>10}  {'CPU µs/msg':>13} {'ratio':>6}"
     )
-    for name, (o50, o99), (s50, s99, p50, p99), (bare, full, bare_cpu, full_cpu) in rows:
+    for name, (o50, o99, _rate), (s50, s99, p50, p99), (bare, full, bare_cpu, full_cpu) in rows:
         rr_ratio, m_ratio = s50 / o50, bare_cpu / full_cpu
         rr_flag = "" if rr_ratio <= RR_TARGET else " ✗"
         m_flag = "" if m_ratio >= MACHINERY_TARGET else " ✗"
