@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import atexit
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,6 +80,31 @@ def topic(args: argparse.Namespace, name: str) -> str:
 def spawn(module: str, *arguments: str) -> subprocess.Popen[bytes]:
     """Start ``python -m <module> <arguments>`` (another service of the example)."""
     return subprocess.Popen([sys.executable, "-m", module, *arguments], cwd=CHECKOUT)
+
+
+def stop(
+    processes: Iterable[tuple[str, subprocess.Popen[bytes]]], timeout: float = 20.0
+) -> list[str]:
+    """SIGTERM every named process still running, as an orchestrator stops a service, and
+    SIGKILL those still there after ``timeout``; the problems: one that ignored SIGTERM or
+    exited with a non-zero status."""
+    processes = list(processes)
+    for _, process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    problems = []
+    for name, process in processes:
+        try:
+            status = process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            problems.append(f"{name} ignored SIGTERM for {timeout:g} s")
+        else:
+            if status:
+                problems.append(f"{name} exited with status {status}")
+    return problems
 
 
 @contextmanager

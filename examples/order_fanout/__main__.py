@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import random
-import signal
 import sys
 import time
 from collections import Counter
@@ -113,18 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                     if quiet_until is None and want <= handled.keys():
                         quiet_until = time.monotonic() + DRAIN_S
         finally:
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            codes = [proc.wait(30) for proc in procs]
-    problems = []
+            problems = _support.stop(zip(SERVICES, procs, strict=True))
     missing = want - handled.keys()
     if missing:
         problems.append(f"{len(missing)} (service, order) pairs never handled")
     twice = [pair for pair, n in handled.items() if n > 1]
     if twice:
         problems.append(f"{len(twice)} handled twice, e.g. {twice[0]}")
-    if any(codes):
-        problems.append(f"service exit statuses {codes}")
     return _support.verdict(
         problems, f"each of {len(SERVICES)} services handled all {len(placed)} orders once"
     )

@@ -206,22 +206,7 @@ class Stages:
 
     def stop(self) -> list[str]:
         """SIGTERM every stage, SIGKILL those still running after 20 s; what went wrong."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20.0
-        problems = []
-        for name, proc in self.procs.items():
-            try:
-                code = proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                problems.append(f"the {name} stage did not stop on SIGTERM")
-            else:
-                if code != 0:
-                    problems.append(f"the {name} stage exited with status {code}")
-        return problems
+        return _support.stop((f"the {name} stage", p) for name, p in self.procs.items())
 
 
 class Run:

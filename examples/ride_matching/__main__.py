@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import tempfile
@@ -115,22 +114,7 @@ class Matchers:
 
     def stop(self) -> list[str]:
         """SIGTERM every process, kill those still running after ``STOP_S``; the problems."""
-        problems = []
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_S
-        for name, process in self.processes.items():
-            try:
-                status = process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                problems.append(f"matcher {name} ignored SIGTERM for {STOP_S:g} s")
-                continue
-            if status != 0:
-                problems.append(f"matcher {name} exit status {status}")
-        return problems
+        return _support.stop(((f"matcher {n}", p) for n, p in self.processes.items()), STOP_S)
 
 
 class Dispatch:

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -127,13 +125,7 @@ def run_strategy(args: argparse.Namespace, strategy: str, users: list[str], secr
             call(ports[router.route(u)], "POST", "/orders", cookies[u])
         return Outcome(strategy, kept, len(on_victim), others_kept, revocation_ms, ordered)
     finally:
-        for proc in procs.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _support.stop(procs.items(), 10)  # a WSGI server ends by SIGTERM: no status to check
 
 
 def buyers(users: list[str], on_victim: list[str]) -> list[str]:
@@ -201,17 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                 _support.wait_until(lambda: len(dead.list()) >= 2, 30, "two dead letters")
                 refused = sorted(letter.error.rpartition("refused: ")[2] for letter in dead.list())
         finally:
-            shipping.send_signal(signal.SIGTERM)
-            shipping.wait(30)
-    return report(outcomes, ships, refused)
+            problems = _support.stop([("the shipping service", shipping)])
+    return report(outcomes, ships, refused, problems)
 
 
-def report(outcomes: list[Outcome], ships: list[dict[str, str]], refused: list[str]) -> int:
+def report(
+    outcomes: list[Outcome], ships: list[dict[str, str]], refused: list[str], problems: list[str]
+) -> int:
     print(
         f"\n{'strategy':<9} {'killed instance: its users still logged in':<44} "
         "revocation reaches every instance"
     )
-    problems = []
     for o in outcomes:
         reach = "never (deadline)" if o.revocation_ms is None else f"{o.revocation_ms:.0f} ms"
         print(f"{o.strategy:<9} {o.kept}/{o.on_victim:<42} {reach}")

@@ -103,22 +103,7 @@ class Fleet:
         """SIGTERM every process, SIGKILL those still there after STOP_S; the problems.
         Each process is stopped once, whichever thread calls first."""
         running, self.running = self.running, []
-        for _, proc in running:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_S
-        problems = []
-        for stage, proc in running:
-            try:
-                code = proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                problems.append(f"{stage}[{proc.pid}] ignored SIGTERM for {STOP_S:g} s")
-            else:
-                if code:
-                    problems.append(f"{stage}[{proc.pid}] exited with status {code}")
-        return problems
+        return _support.stop(((f"{stage}[{p.pid}]", p) for stage, p in running), STOP_S)
 
 
 class Watcher:
