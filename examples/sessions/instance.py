@@ -18,6 +18,7 @@ import argparse
 import socketserver
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -56,60 +57,58 @@ def answer(start: Callable[..., Any], status: str, text: str, *cookies: str) -> 
     return [text.encode()]
 
 
-def session_app(
-    name: str,
-    manager: SessionManager,
-    context: UserContext,
-    bus: polybus.Bus,
-    orders: str,
-    secret: bytes,
+@dataclass(frozen=True)
+class Strategy:
+    """Where a strategy keeps who the user is: all the routes need of it."""
+
+    login: Callable[[dict[str, Any], str], list[str]]  #: (environ, user) -> cookies to set
+    user: Callable[[dict[str, Any]], str | None]  #: who the request's cookie says, if valid
+    logout_everywhere: Callable[[str], object]
+
+
+def in_sessions(manager: SessionManager) -> Strategy:
+    """A server-side session behind the middleware's cookie."""
+
+    def login(environ: dict[str, Any], user: str) -> list[str]:
+        session_of(environ).login(user)  # the middleware sets the cookie
+        return []
+
+    return Strategy(login, lambda environ: session_of(environ).user_id, manager.logout_everywhere)
+
+
+def in_tokens(tokens: Tokens) -> Strategy:
+    """A signed token as the cookie; nothing kept on the server but revocations."""
+
+    def login(environ: dict[str, Any], user: str) -> list[str]:
+        return [f"token={tokens.issue(user)}; HttpOnly; Path=/"]
+
+    def user(environ: dict[str, Any]) -> str | None:
+        cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
+        try:
+            return str(tokens.verify(cookie["token"].value if "token" in cookie else "")["sub"])
+        except InvalidToken:
+            return None
+
+    return Strategy(login, user, tokens.revoke_subject)
+
+
+def routes(
+    name: str, strategy: Strategy, context: UserContext, bus: polybus.Bus, orders: str
 ) -> App:
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> list[bytes]:
-        session = session_of(environ)
         path, method = environ["PATH_INFO"], environ["REQUEST_METHOD"]
         if path == "/health":
             return answer(start, "200 OK", name)
         if path == "/login" and method == "POST":
-            session.login(environ["QUERY_STRING"].removeprefix("user="))
-            return answer(start, "200 OK", name)
-        user = session.user_id
+            user = environ["QUERY_STRING"].removeprefix("user=")
+            return answer(start, "200 OK", name, *strategy.login(environ, user))
+        user = strategy.user(environ)
         if user is None:
             return answer(start, "401 Unauthorized", name)
         if path == "/me":
             return answer(start, "200 OK", f"{user} {name}")
         if path == "/logout-everywhere" and method == "POST":
-            manager.logout_everywhere(user)
-            return answer(start, "200 OK", name)
-        if path == "/orders" and method == "POST":
-            bus.publish(orders, context.attach(Message({"sku": "book"}), user))
-            return answer(start, "202 Accepted", name)
-        return answer(start, "404 Not Found", name)
-
-    return WSGISessionMiddleware(
-        app, manager=manager, keys=HMACKey("cookie", secret), cookie=COOKIE
-    )  # type: ignore[return-value]
-
-
-def token_app(
-    name: str, tokens: Tokens, context: UserContext, bus: polybus.Bus, orders: str
-) -> App:
-    def app(environ: dict[str, Any], start: Callable[..., Any]) -> list[bytes]:
-        path, method = environ["PATH_INFO"], environ["REQUEST_METHOD"]
-        if path == "/health":
-            return answer(start, "200 OK", name)
-        if path == "/login" and method == "POST":
-            token = tokens.issue(environ["QUERY_STRING"].removeprefix("user="))
-            return answer(start, "200 OK", name, f"token={token}; HttpOnly; Path=/")
-        cookie = SimpleCookie(environ.get("HTTP_COOKIE", ""))
-        try:
-            claims = tokens.verify(cookie["token"].value if "token" in cookie else "")
-        except InvalidToken:
-            return answer(start, "401 Unauthorized", name)
-        user = claims["sub"]
-        if path == "/me":
-            return answer(start, "200 OK", f"{user} {name}")
-        if path == "/logout-everywhere" and method == "POST":
-            tokens.revoke_subject(user)
+            strategy.logout_everywhere(user)
             return answer(start, "200 OK", name)
         if path == "/orders" and method == "POST":
             bus.publish(orders, context.attach(Message({"sku": "book"}), user))
@@ -136,11 +135,16 @@ def main(argv: list[str]) -> None:
         revocations.start()
         keys = Keyring(HMACKey("login", secret))
         tokens = Tokens(keys, issuer="app", audience="app", revocations=revocations)
-        app = token_app(args.name, tokens, context, bus, orders)
+        app = routes(args.name, in_tokens(tokens), context, bus, orders)
     else:
         store = f"memory://{args.name}" if args.strategy == "sticky" else store_url(args.url)
         manager = SessionManager(store)
-        app = session_app(args.name, manager, context, bus, orders, secret)
+        app = WSGISessionMiddleware(
+            routes(args.name, in_sessions(manager), context, bus, orders),
+            manager=manager,
+            keys=HMACKey("cookie", secret),
+            cookie=COOKIE,
+        )
     server = make_server("127.0.0.1", args.port, app, ThreadingServer, QuietHandler)
     server.serve_forever(poll_interval=0.05)
 
