@@ -714,12 +714,14 @@ class KafkaBackend:
         for group in spec.groups:
             self._declare_group(topic, partitions, group, fresh_topic=created)
 
-    def _await_leaders(self, topic: str, partitions: int) -> None:
-        """Return once every partition of a topic just made has a leader the metadata
-        names: a broker acknowledges CreateTopics before its metadata shows the topic,
-        and a subscriber that looks too early finds no topic."""
+    def _await_leaders(self, topic: str, partitions: int | None = None) -> int:
+        """``topic``'s partition count once every partition has a leader the metadata
+        names (``partitions``: the count it was just created with). A broker
+        acknowledges CreateTopics before its metadata shows the topic, so a subscriber,
+        or another process declaring it, that looks too early finds no topic.
+        TopicNotFound if it does not show within the reconnect timeout."""
         deadline = time.monotonic() + self.reconnect_timeout
-        while time.monotonic() < deadline:
+        while True:
             try:
                 metadata = self._admin_client().list_topics(topic, timeout=self.reconnect_timeout)
             except KafkaException as exc:
@@ -728,36 +730,19 @@ class KafkaBackend:
             if (
                 found is not None
                 and found.error is None
-                and len(found.partitions) == partitions
+                and found.partitions
+                and (partitions is None or len(found.partitions) == partitions)
                 and all(p.leader >= 0 for p in found.partitions.values())
             ):
-                return
+                return len(found.partitions)
+            if time.monotonic() >= deadline:
+                error = found.error if found is not None else "no metadata"
+                raise TopicNotFound(f"Kafka topic {topic!r} is not available: {error}")
             time.sleep(0.05)
-
-    def _partition_count(self, topic: str) -> int:
-        try:
-            metadata = self._admin_client().list_topics(topic, timeout=self.reconnect_timeout)
-        except KafkaException as exc:
-            raise map_error(exc) from exc
-        found = metadata.topics.get(topic)
-        if found is None or found.error is not None:
-            error = found.error if found is not None else "no metadata"
-            raise TopicNotFound(f"Kafka topic {topic!r} is not available: {error}")
-        return len(found.partitions)
 
     def _check_existing(self, topic: str, spec: TopicSpec, wanted: dict[str, str]) -> int:
         """Compare an existing topic with ``spec``; return its partition count."""
-        # another declarer may have created it a moment ago, before its metadata is out
-        deadline = time.monotonic() + self.reconnect_timeout
-        while True:
-            try:
-                count = self._partition_count(topic)
-                break
-            except TopicNotFound:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
-        self._await_leaders(topic, count)
+        count = self._await_leaders(topic)  # it may have been created a moment ago
         if spec.partitions is not None and spec.partitions != count:
             raise ConfigurationError(
                 f"Kafka topic {topic!r} exists with {count} partitions, declared with "

@@ -2250,14 +2250,18 @@ class RabbitMQBackend:
         queue = queue_name(topic, group)
         args = tuple(self._queue_arguments().items())
         what = f"group {group!r} of topic {topic!r}"
+        self._fill_if_new(topic, queue, args, what)
+        self._declare(("queue", queue, args), what)
+        self._declare(("bind", queue, topic), what)
+
+    def _fill_if_new(self, topic: str, queue: str, args: tuple[Any, ...], what: str) -> None:
+        """Fill ``queue`` from the topic's history if it does not exist yet."""
         if self.history and self._needs_history(queue):
             try:
                 with self._filling:
                     self._fill_from_history(topic, queue, args)
             except pex.AMQPError as exc:
                 raise _declare_error(exc, what) from exc
-        self._declare(("queue", queue, args), what)
-        self._declare(("bind", queue, topic), what)
 
     def _needs_history(self, queue: str) -> bool:
         """``queue`` does not exist yet, or a copy of the history into it was cut short."""
@@ -2374,9 +2378,12 @@ class RabbitMQBackend:
         self._check()
         _check_name("topic", topic)
         if group is not None:
-            _check_name("queue", queue_name(topic, group))
-            if start == "earliest":
-                self._declare_group(topic, group)  # a group new here starts with the history
+            queue = queue_name(topic, group)
+            _check_name("queue", queue)
+            if start == "earliest":  # a group new here starts with the history; the
+                # subscription declares and binds its queue, as it does after a reconnect
+                args = tuple(self._queue_arguments().items())
+                self._fill_if_new(topic, queue, args, f"group {group!r} of topic {topic!r}")
         if group is None and start == "earliest" and not self.history:
             raise CapabilityError("start='earliest' needs the topic history (history=true)")
         link = self._consumer()
