@@ -115,6 +115,32 @@ def read_plain(
         consumer.close()
 
 
+def read_whole_log(bootstrap: str, topic: str, partitions: int) -> list[Any]:
+    """Every record in ``topic``, each partition read up to the high watermark it had
+    when called; fails naming the partitions a slow broker left unread."""
+    consumer = confluent_kafka.Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"plain-{uuid.uuid4().hex}"}
+    )
+    try:
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), DEADLINE)[1]
+            for p in range(partitions)
+        }
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        read = dict.fromkeys(ends, 0)
+        out: list[Any] = []
+        end = time.monotonic() + DEADLINE
+        while any(read[p] < ends[p] for p in ends):
+            assert time.monotonic() < end, f"read {read} of the high watermarks {ends}"
+            for m in consumer.consume(1000, 0.2):
+                if m.error() is None and m.offset() < ends[m.partition()]:
+                    out.append(m)
+                    read[m.partition()] = m.offset() + 1
+        return out
+    finally:
+        consumer.close()
+
+
 def committed_offset(bootstrap: str, group: str, topic: str) -> int:
     """Partition 0's committed offset for ``group``, as a plain client reads it (waiting
     for any open transaction's offsets to be settled, on brokers that track them)."""
@@ -290,10 +316,10 @@ def test_concurrent_publishers_get_their_own_receipts(
     for t in threads:
         t.join()
     assert not errors
-    stored = {
-        dict(m.headers())["polybus-id"].decode(): (m.partition(), m.offset())
-        for m in read_plain(bootstrap, topic, 3, len(receipts))
-    }
+    log = read_whole_log(bootstrap, topic, 3)
+    stored = {dict(m.headers())["polybus-id"].decode(): (m.partition(), m.offset()) for m in log}
+    assert len(log) == len(stored), "a record was stored twice"
+    assert stored.keys() == receipts.keys(), "the log and the receipts name other records"
     assert stored == receipts
 
 
