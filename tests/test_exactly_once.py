@@ -106,7 +106,7 @@ def child(url: str, mode: str, step: str, source: str, out: str) -> None:
 
         Bus.transaction = begin  # type: ignore[method-assign]
     else:
-        real_publish = Bus._publish_records
+        real_publish = Bus.publish_records
         real_ack = Delivery.ack
 
         def publish(self: Bus, topic: str, records: list) -> list:  # type: ignore[type-arg]
@@ -124,7 +124,7 @@ def child(url: str, mode: str, step: str, source: str, out: str) -> None:
                     self._owner.commit()
                     die()
 
-        Bus._publish_records = publish  # type: ignore[method-assign]
+        Bus.publish_records = publish  # type: ignore[method-assign]
         Delivery.ack = ack  # type: ignore[method-assign]
 
     with polybus.connect(url) as bus:

@@ -28,10 +28,11 @@ import pytest
 import polybus
 from polybus import ConfigurationError, Message
 from polybus.cli import main
+from polybus.patterns.consumer import derived_id
 from polybus.patterns.dlq import DeadLetters
 from polybus.patterns.inbox import MemoryInbox
 from polybus.patterns.retry import NO_RETRY, Retry, RetryPolicy
-from polybus.patterns.worker import App, Consumer, Worker, derived_id
+from polybus.patterns.worker import App, Consumer, Worker
 from polybus.testing import servers
 from polybus.testing.plugin import require_server
 from polybus.testing.proxy import TcpProxy

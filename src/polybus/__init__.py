@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .adapters.base import Capability, Receipt
 from .bus import Bus, Subscriber, connect
 from .errors import (
     BackendUnavailable,
@@ -30,6 +29,7 @@ from .errors import (
     TopicNotFound,
 )
 from .message import Delivery, Message
+from .types import Capability, Receipt
 
 if TYPE_CHECKING:
     from .sessions import SessionManager

@@ -24,13 +24,14 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from .adapters.base import Capability, Receipt
 from .bus import Bus, Subscriber
 from .bus import connect as connect_sync
 from .errors import ClosedError
 from .message import Delivery, Message
+from .patterns.consumer import Handler
 from .patterns.request_reply import Requester
-from .patterns.worker import App, Handler, Worker
+from .patterns.worker import App, Worker
+from .types import Capability, Receipt
 
 __all__ = ["AsyncBus", "AsyncSubscriber", "AsyncWorker", "connect"]
 

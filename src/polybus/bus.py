@@ -7,38 +7,24 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .adapters.base import (
-    Backend,
-    Capability,
-    InRecord,
-    OutRecord,
-    Receipt,
-    Start,
-    Subscription,
-    TopicSpec,
-    Transaction,
-    TransactionalBackend,
-)
+from .adapters.base import Backend, Subscription, Transaction, TransactionalBackend
 from .codecs import decoder_for, encode
-from .errors import CapabilityError, ClosedError, ConfigurationError, DecodeError
-from .log import check_name
-from .message import (
+from .envelope import (
     CAUSATION_ID,
     CONTENT_TYPE,
     CORRELATION_ID,
+    KEY_BINARY,
     MESSAGE_ID,
     RESERVED_PREFIX,
     TIMESTAMP,
-    Delivery,
-    Message,
-    uuid7s,
 )
+from .errors import CapabilityError, ClosedError, ConfigurationError, DecodeError
+from .message import Delivery, Message, uuid7s
+from .model import check_name
 from .registry import open_backend
+from .types import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec
 
-__all__ = ["Bus", "BusTransaction", "Subscriber", "connect"]
-
-#: marks a key that was given as bytes, so it comes back as bytes
-KEY_BINARY = "polybus-key-binary"
+__all__ = ["Bus", "BusTransaction", "Subscriber", "connect", "out_record"]
 
 
 def connect(url: str | Backend | object, *, default_partitions: int = 4) -> Bus:
@@ -72,7 +58,9 @@ def _key_bytes(key: object, headers: list[tuple[str, str]]) -> bytes | None:
     raise ConfigurationError(f"message key must be str, bytes or None, not {type(key).__name__}")
 
 
-def _to_out(message: Message, not_before_ms: int) -> OutRecord:
+def out_record(message: Message, not_before_ms: int = 0) -> OutRecord:
+    """The record ``message`` is published as: its value encoded and its envelope in
+    the headers. Patterns that publish records of their own start from it."""
     value, content_type = message._value, message.content_type
     payload: bytes | None
     if value is _MISSING:  # received and never decoded: forward the payload (or tombstone)
@@ -109,7 +97,7 @@ _new_record = tuple.__new__  # OutRecord(...) through its generated __new__ cost
 def _value_out(
     value: Any, message_id: str, ts_ms: int, stamp: tuple[str, str], not_before_ms: int
 ) -> OutRecord:
-    """The record of a plain value: what ``_to_out(Message(value))`` gives, without the
+    """The record of a plain value: what ``out_record(Message(value))`` gives, without the
     Message (one is built per published value, so this path is kept short)."""
     if type(value) is bytes:
         headers: tuple[tuple[str, str], ...] = ((MESSAGE_ID, message_id), stamp)
@@ -326,8 +314,12 @@ class BusTransaction:
             correlation_id=correlation_id,
             causation_id=causation_id,
         )
-        self._bus._ensure(topic)
-        self._tx.publish(topic, [_to_out(message, 0)])
+        self.publish_records(topic, [out_record(message)])
+
+    def publish_records(self, topic: str, records: Sequence[OutRecord]) -> None:
+        """Stage records as they are, envelope and all (see :meth:`Bus.publish_records`)."""
+        self._bus.declare_once(topic)
+        self._tx.publish(topic, records)
 
     def ack(self, delivery: Delivery) -> None:
         """Stage the ack of ``delivery`` (fetched by this transaction's subscriber)."""
@@ -382,6 +374,11 @@ class Bus:
     def capabilities(self) -> Capability:
         return self.backend.capabilities
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def _check(self) -> None:
         if self._closed:
             raise ClosedError("bus is closed; connect again")
@@ -422,7 +419,8 @@ class Bus:
         self.backend.declare_topic(topic, spec)
         self._declared.add(topic)
 
-    def _ensure(self, topic: str) -> None:
+    def declare_once(self, topic: str) -> None:
+        """Declare ``topic`` with the defaults unless this bus declared it already."""
         if topic not in self._declared:
             self.declare(topic)
 
@@ -469,14 +467,14 @@ class Bus:
         # the plain values' ids in one step: one lock and one clock read for the batch
         ids = iter(uuid7s(sum(not isinstance(m, Message) for m in items)))
         records = [
-            _to_out(m, not_before)
+            out_record(m, not_before)
             if isinstance(m, Message)
             else _value_out(m, next(ids), ts_ms, stamp, not_before)
             for m in items
         ]
         if not records:
             return []
-        self._ensure(topic)
+        self.declare_once(topic)
         return self.backend.publish(topic, records)
 
     def tombstone(
@@ -495,18 +493,20 @@ class Bus:
             )
         if key is None:
             raise ConfigurationError("a tombstone needs the key it deletes")
-        record = _to_out(Message(b"", key=key, headers=headers), 0)._replace(value=None)
-        self._ensure(topic)
+        record = out_record(Message(b"", key=key, headers=headers), 0)._replace(value=None)
+        self.declare_once(topic)
         return self.backend.publish(topic, [record])[0]
 
-    def _publish_records(self, topic: str, records: Sequence[OutRecord]) -> list[Receipt]:
-        """Publish records built by a pattern (envelope and all) as they are."""
+    def publish_records(self, topic: str, records: Sequence[OutRecord]) -> list[Receipt]:
+        """Publish records as they are, envelope and all: what patterns that forward,
+        retry or dead-letter messages use (:func:`out_record` builds one). Raises as
+        :meth:`publish_many` does."""
         self._check()
         if not records:
             return []
         if Capability.DELAY not in self.capabilities and any(r.not_before_ms for r in records):
             raise CapabilityError("this backend cannot delay delivery")
-        self._ensure(topic)
+        self.declare_once(topic)
         return self.backend.publish(topic, records)
 
     def subscribe(
@@ -527,7 +527,7 @@ class Bus:
         pydantic model class, decodes each value into that model.
         """
         self._check()
-        self._ensure(topic)
+        self.declare_once(topic)
         if group is not None:
             check_name("group", group)
         if group is None and Capability.EPHEMERAL_GROUPS not in self.capabilities:

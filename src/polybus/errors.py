@@ -2,7 +2,44 @@
 
 Adapters catch their client library's exceptions at the boundary and re-raise
 one of these with ``raise ... from exc``, so callers never need to import a
-broker client to handle failures.
+broker client to handle failures. Every exception lives here; the modules that
+raise them re-export them (``polybus.patterns.DeadLetterNotFound`` is this one)::
+
+    PolybusError
+    ├── ConfigurationError (ValueError)    a URL, option or argument is wrong
+    │   └── BackendUnavailable             no client library for the URL's scheme
+    ├── BrokerUnreachable                  nobody answered at the address
+    ├── ConnectionLost                     an open connection failed; may retry
+    │   └── SessionStoreUnavailable        (also a SessionError)
+    ├── CapabilityError                    the backend cannot do this
+    ├── ClosedError                        used after close()
+    ├── TopicNotFound (LookupError)
+    ├── DeadLetterNotFound (LookupError)
+    ├── NoLiveInstance (LookupError)
+    ├── MessageTooLarge (ValueError)       nothing was written
+    ├── EncodeError (TypeError)            nothing was written
+    ├── Rejected                           a message no retry can help: dead-lettered
+    │   ├── DecodeError (ValueError)
+    │   └── ContextRefused                 (also an InvalidToken)
+    ├── FencedError                        the partition moved to another member
+    ├── CorruptRecordError                 a damaged batch in a log segment
+    ├── RequestTimeout (TimeoutError)
+    ├── RemoteError                        the responder's handler raised
+    ├── SessionError
+    │   ├── SessionStoreUnavailable
+    │   └── SessionConflict
+    └── TokenError
+        ├── InvalidToken (ValueError)
+        │   ├── TokenExpired
+        │   ├── TokenNotYetValid
+        │   ├── ContextRefused
+        │   └── TokenRevoked
+        │       └── TokenReplayed
+        └── RevocationUnavailable
+
+:class:`polybus.patterns.Retry` is not in the tree: a handler raises it to ask
+for a later try, so it is a signal, not a failure, and ``except PolybusError``
+does not swallow it.
 """
 
 from __future__ import annotations
@@ -17,15 +54,28 @@ __all__ = [
     "ClosedError",
     "ConfigurationError",
     "ConnectionLost",
+    "ContextRefused",
     "CorruptRecordError",
+    "DeadLetterNotFound",
     "DecodeError",
     "EncodeError",
     "FencedError",
+    "InvalidToken",
     "MessageTooLarge",
+    "NoLiveInstance",
     "PolybusError",
     "Rejected",
     "RemoteError",
     "RequestTimeout",
+    "RevocationUnavailable",
+    "SessionConflict",
+    "SessionError",
+    "SessionStoreUnavailable",
+    "TokenError",
+    "TokenExpired",
+    "TokenNotYetValid",
+    "TokenReplayed",
+    "TokenRevoked",
     "TopicNotFound",
     "redact_url",
 ]
@@ -113,6 +163,90 @@ class RemoteError(PolybusError):
         super().__init__(f"{type}: {message}" if message else type)
         self.type = type
         self.message = message
+
+
+class DeadLetterNotFound(PolybusError, LookupError):
+    """No dead letter has the id asked for."""
+
+
+class NoLiveInstance(PolybusError, LookupError):
+    """The ring is empty, or every instance on it is marked dead."""
+
+
+# -- sessions and tokens ----------------------------------------------------------
+
+
+class SessionError(PolybusError):
+    """Base class of the session errors."""
+
+
+class SessionStoreUnavailable(SessionError, ConnectionLost):
+    """The session store cannot be reached; the message names the store and the cause.
+
+    Under the manager's default ``on_unavailable="fail_closed"`` policy a
+    request then fails with this error instead of running without its session.
+    """
+
+
+class SessionConflict(SessionError):
+    """A compare-and-set write found another version than the one it was based on.
+
+    Stores raise it from :meth:`SessionStore.save` (``session_id`` is the
+    session's :func:`store_key`, ``current_version`` what they found, 0 when
+    the session no longer exists); the manager merges and
+    retries, and raises it itself only for a real conflict (one key changed by
+    two requests) under ``on_conflict="raise"``.
+    """
+
+    def __init__(self, message: str, *, session_id: str, current_version: int) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+        self.current_version = current_version
+
+    @classmethod
+    def stale(cls, session_id: str, *, expected: int, current: int) -> SessionConflict:
+        """The conflict of a save based on version ``expected`` finding ``current``."""
+        return cls(
+            f"session is at version {current}, not {expected}",
+            session_id=session_id,
+            current_version=current,
+        )
+
+
+class TokenError(PolybusError):
+    """A token could not be accepted. The message is for logs, not for the client."""
+
+
+class InvalidToken(TokenError, ValueError):
+    """The token is malformed, tampered with, signed with an unknown key or algorithm,
+    or its claims do not fit this service (issuer, audience, type, lifetime)."""
+
+
+class TokenExpired(InvalidToken):
+    """The token's ``exp`` has passed; the client must get a new one."""
+
+
+class TokenNotYetValid(InvalidToken):
+    """The token's ``nbf`` is still in the future."""
+
+
+class TokenRevoked(InvalidToken):
+    """The token's id was revoked, or its subject was logged out everywhere after it
+    was issued."""
+
+
+class TokenReplayed(TokenRevoked):
+    """A one-time token was presented again after its first use."""
+
+
+class RevocationUnavailable(TokenError):
+    """The shared revocation list has not been heard from recently enough to trust a
+    token (it fails closed); retry once the bus is reachable again."""
+
+
+class ContextRefused(InvalidToken, Rejected):
+    """A message's user context is missing, forged, expired, revoked or was signed for
+    another message."""
 
 
 #: query options whose values are secrets (sasl.password, ssl.key.password, token, ...)

@@ -1,7 +1,7 @@
-"""Message, Delivery and the envelope header names every backend carries.
+"""Message and Delivery: what a publisher builds and what a consumer is handed.
 
-The envelope travels as plain string headers so that any client of the
-underlying broker (kafka-console-consumer, redis-cli, the RabbitMQ UI) can read it.
+The envelope header names they carry live in :mod:`polybus.envelope`; the
+commonest are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from .adapters.base import InRecord
+from .envelope import (
+    ATTEMPT,
+    CAUSATION_ID,
+    CONTENT_TYPE,
+    CORRELATION_ID,
+    MESSAGE_ID,
+    TIMESTAMP,
+    TRACEPARENT,
+    TRACESTATE,
+)
+from .types import InRecord
 
 __all__ = [
     "ATTEMPT",
@@ -29,17 +39,6 @@ __all__ = [
     "uuid7s",
 ]
 
-MESSAGE_ID = "polybus-id"
-CORRELATION_ID = "polybus-correlation-id"
-CAUSATION_ID = "polybus-causation-id"
-TIMESTAMP = "polybus-timestamp"
-CONTENT_TYPE = "content-type"
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
-#: the attempt number a retried copy starts at (2 on the first retry); absent means 1
-ATTEMPT = "polybus-attempt"
-#: headers that start with this are polybus's own; they are kept out of ``Message.headers``
-RESERVED_PREFIX = "polybus-"
 
 _uuid_lock = threading.Lock()
 _uuid_last_ms = 0
@@ -236,6 +235,13 @@ class Delivery:
                 self._owner._value(self._record) if message is None else message.value
             )
         return value
+
+    @property
+    def record(self) -> InRecord:
+        """The backend's record, as fetched: raw value, key and headers, and position.
+        For patterns that forward or copy a message without decoding it; do not
+        change it."""
+        return self._record
 
     @property
     def topic(self) -> str:

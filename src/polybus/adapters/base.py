@@ -2,17 +2,16 @@
 
 A backend moves :class:`OutRecord` batches into topics and hands
 :class:`InRecord` batches to group members. The envelope, codecs, patterns and
-reliability features are written once above this layer.
+reliability features are written once above this layer. The value types
+(:mod:`polybus.types`) are re-exported here, as every adapter needs them.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol
+from typing import Protocol
 
-from ..errors import CapabilityError
+from ..types import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec, tombstone_refused
 
 __all__ = [
     "Backend",
@@ -22,85 +21,11 @@ __all__ = [
     "Receipt",
     "Start",
     "Subscription",
+    "TopicSpec",
     "Transaction",
     "TransactionalBackend",
+    "tombstone_refused",
 ]
-
-Start = Literal["earliest", "latest"]
-
-
-class Capability(enum.Flag):
-    """What a backend does natively. Asking for a missing one raises CapabilityError."""
-
-    NONE = 0
-    DURABLE_GROUPS = enum.auto()
-    EPHEMERAL_GROUPS = enum.auto()
-    KEY_ORDER = enum.auto()  #: one key keeps its order (partitioned topics)
-    SEEK = enum.auto()  #: seek by offset and replay
-    SEEK_TIME = enum.auto()  #: seek by timestamp
-    DELAY = enum.auto()  #: per-message not-before time
-    LAG = enum.auto()  #: consumer lag per partition
-    COMPACTION = enum.auto()  #: keep the last value per key
-    RETENTION = enum.auto()  #: drop by age and size
-    MULTI_PROCESS = enum.auto()  #: several processes share one topic
-    TRANSACTIONS = enum.auto()  #: publish + ack committed atomically (TransactionalBackend)
-
-
-class OutRecord(NamedTuple):
-    """One message on its way to a backend. Headers carry the envelope.
-
-    A tuple, not a dataclass: one is built per published message.
-    """
-
-    value: bytes | None  #: None: a tombstone (needs Capability.COMPACTION)
-    key: bytes | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    timestamp_ms: int = 0
-    not_before_ms: int = 0  #: deliver no earlier than this (epoch ms); 0 = now
-
-
-@dataclass(slots=True)
-class InRecord:
-    """One message read by a group member, with its position."""
-
-    topic: str
-    partition: int
-    offset: int | str
-    value: bytes | None  #: None: a tombstone
-    key: bytes | None
-    headers: tuple[tuple[str, str], ...]
-    timestamp_ms: int
-    attempt: int = 1  #: 1 on first delivery, +1 per redelivery this backend knows of
-    handle: object = None  #: the adapter's own token for ack/nack (never shown to users)
-
-
-def tombstone_refused(backend: str) -> CapabilityError:
-    """The error of a backend without compacted topics given a record without a value
-    (which its publish finds when it sizes the records, at no extra cost)."""
-    return CapabilityError(
-        f"{backend} has no compacted topics, so no tombstones (records without a value): "
-        "use the native engine or Kafka, or publish an explicit deletion value"
-    )
-
-
-class Receipt(NamedTuple):
-    """Where a published message was stored (a tuple: one is built per message)."""
-
-    topic: str
-    partition: int
-    offset: int | str
-
-
-@dataclass(frozen=True, slots=True)
-class TopicSpec:
-    """Topic settings; a backend ignores none silently (unsupported → CapabilityError)."""
-
-    partitions: int | None = None  #: None: as the topic exists, else ``default_partitions``
-    default_partitions: int = 1
-    retention_ms: int | None = None
-    retention_bytes: int | None = None
-    compact: bool = False
-    groups: tuple[str, ...] = field(default=())
 
 
 class Subscription(Protocol):

@@ -4,7 +4,8 @@ It imports no broker client. See :class:`Log` for the entry point, and
 :meth:`Consumer.transaction` for appends and acks committed together.
 """
 
-from .engine import Log, Topic, TopicConfig, check_name
+from ..model import check_name
+from .engine import Log, Topic, TopicConfig
 from .format import Record
 from .group import Consumer
 from .partition import FsyncPolicy, Partition

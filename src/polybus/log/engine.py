@@ -6,35 +6,20 @@ import atexit
 import itertools
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
 import weakref
 from dataclasses import asdict, dataclass
 
-import google_crc32c
-
 from ..errors import ClosedError, ConfigurationError, TopicNotFound
+from ..model import check_name, partition_for_key
 from .format import Headers
 from .group import Consumer, Start, ensure_group, group_lag
 from .partition import FsyncPolicy, Partition, PartitionConfig
 from .producer import Producer
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 _FSYNC = ("always", "interval", "never")
-
-
-def check_name(kind: str, name: str) -> str:
-    """``name`` if it is a valid topic or group name (``kind`` says which) on every
-    backend: 1-200 letters, digits, '.', '_' or '-', not starting with '.' or '-'.
-    Raises ConfigurationError naming the rule otherwise."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigurationError(
-            f"invalid {kind} name {name!r}: use 1-200 letters, digits, '.', '_' or '-', "
-            "not starting with '.' or '-'"
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -44,15 +29,6 @@ class TopicConfig:
     retention_ms: int | None = None
     retention_bytes: int | None = None
     compact: bool = False
-
-
-def partition_for_key(key: bytes, partitions: int) -> int:
-    """The partition of ``key`` among ``partitions``: the same on every backend that uses it."""
-    # CRC is linear: similar keys differ in few bits. The murmur3 finaliser spreads them.
-    h = int(google_crc32c.value(key))
-    h = ((h ^ (h >> 16)) * 0x85EBCA6B) & 0xFFFFFFFF
-    h = ((h ^ (h >> 13)) * 0xC2B2AE35) & 0xFFFFFFFF
-    return (h ^ (h >> 16)) % partitions
 
 
 class Topic:

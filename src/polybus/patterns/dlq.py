@@ -26,10 +26,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from ..adapters.base import Capability, InRecord, OutRecord
-from ..bus import Bus, Subscriber, _to_out
-from ..errors import PolybusError
-from ..message import ATTEMPT, Delivery, Message
+from ..bus import Bus, Subscriber, out_record
+from ..envelope import ATTEMPT, ATTEMPTS, DEAD_LETTER_GROUP, DEAD_LETTER_REASON
+from ..errors import DeadLetterNotFound
+from ..message import Delivery, Message
+from ..types import Capability, InRecord, OutRecord
 from .retry import (
     DUE,
     ERROR,
@@ -54,18 +55,8 @@ __all__ = [
     "dead_letter_topic",
 ]
 
-#: the group that gave up on the message
-DEAD_LETTER_GROUP = "polybus-dead-letter-group"
-#: why: "exhausted" (last attempt failed), "not-retryable" or "undecodable"
-DEAD_LETTER_REASON = "polybus-dead-letter-reason"
-#: how many tries the message had
-ATTEMPTS = "polybus-attempts"
 
 _JOIN_WAIT = 15.0  # seconds the first read may take to join the group (Kafka rebalances)
-
-
-class DeadLetterNotFound(PolybusError, LookupError):
-    """No dead letter has the id asked for."""
 
 
 def dead_letter_topic(topic: str, group: str) -> str:
@@ -202,20 +193,20 @@ class DeadLetters:
         self.bus.declare(target, groups=[target])
 
         def again(d: Delivery) -> OutRecord:
-            record = d._record
+            record = d.record
             if edit is None:
                 value, key, envelope = record.value, record.key, record.headers
             else:
                 new = edit(d.message)
                 message = new if isinstance(new, Message) else _edited(d.message, new)
-                out = _to_out(message, 0)
+                out = out_record(message, 0)
                 value, key, envelope = out.value, out.key, out.headers
             headers = tuple(h for h in envelope if h[0] not in _PROVENANCE)
             return OutRecord(value, key, (*headers, (ATTEMPT, "1")), int(time.time() * 1000))
 
         chosen = self._choose(ids)
         if chosen:
-            self.bus._publish_records(target, [again(d) for d in chosen])
+            self.bus.publish_records(target, [again(d) for d in chosen])
         return self._settle(chosen)
 
     def purge(self, ids: Collection[str] | None = None) -> int:
@@ -242,7 +233,7 @@ class DeadLetters:
         taken = {d.message.id for d in chosen}
         others = [_as_out(d) for d in self._held.values() if d.message.id not in taken]
         if others:
-            self.bus._publish_records(self.dlq, others)
+            self.bus.publish_records(self.dlq, others)
         self._sub.ack(self._held.values())
         self._sub.commit()
         self._held.clear()
@@ -280,7 +271,7 @@ _PROVENANCE = frozenset(
 
 
 def _as_out(delivery: Delivery) -> OutRecord:
-    record = delivery._record
+    record = delivery.record
     return OutRecord(record.value, record.key, record.headers, int(time.time() * 1000))
 
 

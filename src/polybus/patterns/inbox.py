@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError, redact_url
-from ..log import Log, Partition
 from ._sql import Dialect, check_table, close_quietly, dialect_of, rollback_quietly
 
 if TYPE_CHECKING:
     import redis
+
+    from ..log import Log, Partition
 
 __all__ = ["DEFAULT_TTL", "Inbox", "MemoryInbox", "NativeInbox", "RedisInbox", "SqlInbox"]
 
@@ -206,6 +207,8 @@ class NativeInbox:
         self._ttl_ms = _ttl_ms(ttl)
         self._segment_bytes = segment_bytes
         self._close_log: Callable[[], None] | None = None
+        from ..log import Log  # here: importing the patterns does not load the engine
+
         if isinstance(log, Log):
             self.log = log
         elif isinstance(log, str) and "://" in log:

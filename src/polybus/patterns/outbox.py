@@ -30,8 +30,9 @@ from typing import Any
 
 from ..bus import Bus
 from ..codecs import encode
+from ..envelope import CONTENT_TYPE
 from ..errors import ConfigurationError, ConnectionLost, PolybusError
-from ..message import CONTENT_TYPE, Message
+from ..message import Message
 from ._sql import Dialect, check_table, close_quietly, dialect_of, rollback_quietly
 
 __all__ = ["Outbox", "OutboxRelay"]

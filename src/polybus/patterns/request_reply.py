@@ -31,10 +31,11 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..bus import Bus
+from ..envelope import REMOTE_ERROR, REMOTE_ERROR_TYPE, REPLY_TO, REQUESTER
 from ..errors import ClosedError, PolybusError, RemoteError, RequestTimeout
 from ..message import Delivery, Message, uuid7
+from .consumer import Output
 from .retry import error_type
-from .worker import Output
 
 __all__ = [
     "REMOTE_ERROR",
@@ -48,13 +49,6 @@ __all__ = [
 
 log = logging.getLogger("polybus.request_reply")
 
-#: the topic a request's reply goes to
-REPLY_TO = "polybus-reply-to"
-#: the id of the requester that sent the request (and gets its reply)
-REQUESTER = "polybus-requester"
-#: set on a reply when the responder's handler raised: exception type and text
-REMOTE_ERROR_TYPE = "polybus-remote-error-type"
-REMOTE_ERROR = "polybus-remote-error"
 
 _MAX_WAIT = 0.25  # seconds the reply reader waits before checking deadlines again
 

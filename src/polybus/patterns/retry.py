@@ -23,9 +23,20 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from ..adapters.base import InRecord, OutRecord
-from ..errors import ConfigurationError, PolybusError, Rejected
-from ..message import ATTEMPT, MESSAGE_ID
+from ..envelope import (
+    ATTEMPT,
+    DUE,
+    ERROR,
+    ERROR_TYPE,
+    FIRST_FAILURE,
+    LAST_FAILURE,
+    MESSAGE_ID,
+    ORIGIN_OFFSET,
+    ORIGIN_PARTITION,
+    ORIGIN_TOPIC,
+)
+from ..errors import ConfigurationError, Rejected
+from ..types import InRecord, OutRecord
 
 __all__ = [
     "ATTEMPT",
@@ -45,18 +56,6 @@ __all__ = [
     "retry_topic",
 ]
 
-#: epoch ms at which a retried copy is due
-DUE = "polybus-due"
-#: where the message first arrived, kept through every retry
-ORIGIN_TOPIC = "polybus-origin-topic"
-ORIGIN_PARTITION = "polybus-origin-partition"
-ORIGIN_OFFSET = "polybus-origin-offset"
-#: the last failure: exception type (module.qualname) and text
-ERROR_TYPE = "polybus-error-type"
-ERROR = "polybus-error"
-#: epoch ms of the first and the last failure
-FIRST_FAILURE = "polybus-first-failure"
-LAST_FAILURE = "polybus-last-failure"
 
 MAX_ERROR_TEXT = 2000  #: characters of an exception's text kept in headers
 
@@ -66,7 +65,7 @@ def retry_topic(topic: str, group: str) -> str:
     return f"{topic}.{group}.retry"
 
 
-class Retry(PolybusError):  # a signal a handler raises, not a failure
+class Retry(Exception):  # a signal a handler raises, not a failure: outside PolybusError
     """Raise from a handler to try the message again later, e.g. ``raise Retry(delay=30)``.
 
     ``delay`` (seconds) overrides the policy's backoff for this attempt; the

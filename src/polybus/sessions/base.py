@@ -21,7 +21,13 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 import msgpack
 
-from ..errors import ConnectionLost, DecodeError, EncodeError, PolybusError
+from ..errors import (
+    DecodeError,
+    EncodeError,
+    SessionConflict,
+    SessionError,
+    SessionStoreUnavailable,
+)
 
 __all__ = [
     "CODECS",
@@ -37,43 +43,6 @@ __all__ = [
     "store_key",
     "user_tag",
 ]
-
-
-class SessionError(PolybusError):
-    """Base class of the session errors."""
-
-
-class SessionStoreUnavailable(SessionError, ConnectionLost):
-    """The session store cannot be reached; the message names the store and the cause.
-
-    Under the manager's default ``on_unavailable="fail_closed"`` policy a
-    request then fails with this error instead of running without its session.
-    """
-
-
-class SessionConflict(SessionError):
-    """A compare-and-set write found another version than the one it was based on.
-
-    Stores raise it from :meth:`SessionStore.save` (``session_id`` is the
-    session's :func:`store_key`, ``current_version`` what they found, 0 when
-    the session no longer exists); the manager merges and
-    retries, and raises it itself only for a real conflict (one key changed by
-    two requests) under ``on_conflict="raise"``.
-    """
-
-    def __init__(self, message: str, *, session_id: str, current_version: int) -> None:
-        super().__init__(message)
-        self.session_id = session_id
-        self.current_version = current_version
-
-    @classmethod
-    def stale(cls, session_id: str, *, expected: int, current: int) -> SessionConflict:
-        """The conflict of a save based on version ``expected`` finding ``current``."""
-        return cls(
-            f"session is at version {current}, not {expected}",
-            session_id=session_id,
-            current_version=current,
-        )
 
 
 class ClientInfo(NamedTuple):

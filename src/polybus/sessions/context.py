@@ -25,20 +25,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import Rejected
+from ..envelope import USER_CONTEXT
+from ..errors import ContextRefused, InvalidToken
 from ..message import Delivery, Message
-from .tokens import InvalidToken, Tokens
+from .tokens import Tokens
 
 __all__ = ["HEADER", "ContextRefused", "UserContext"]
 
 #: the header holding the signed user context
-HEADER = "user-context"
+HEADER = USER_CONTEXT
 _MESSAGE_CLAIM = "mid"
-
-
-class ContextRefused(InvalidToken, Rejected):
-    """A message's user context is missing, forged, expired, revoked or was signed for
-    another message."""
 
 
 class UserContext:

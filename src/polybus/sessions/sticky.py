@@ -24,13 +24,9 @@ import hashlib
 import threading
 from collections.abc import Iterable, Iterator
 
-from ..errors import ConfigurationError, PolybusError
+from ..errors import ConfigurationError, NoLiveInstance
 
 __all__ = ["HashRing", "NoLiveInstance", "StickyRouter", "ring_hash"]
-
-
-class NoLiveInstance(PolybusError, LookupError):
-    """The ring is empty, or every instance on it is marked dead."""
 
 
 def ring_hash(text: str) -> int:

@@ -52,7 +52,13 @@ from ..errors import (
     ConfigurationError,
     ConnectionLost,
     DecodeError,
-    PolybusError,
+    InvalidToken,
+    RevocationUnavailable,
+    TokenError,
+    TokenExpired,
+    TokenNotYetValid,
+    TokenReplayed,
+    TokenRevoked,
 )
 from .base import ClientInfo, SessionConflict, SessionRecord, SessionStore
 
@@ -95,37 +101,6 @@ ALGORITHMS: Final = ("HS256", "EdDSA")
 MAX_TOKEN_LENGTH: Final = 8192
 ACCESS_TYPE: Final = "at+jwt"  # RFC 9068's media type for access tokens
 ONE_TIME_TYPE: Final = "once+jwt"
-
-
-class TokenError(PolybusError):
-    """A token could not be accepted. The message is for logs, not for the client."""
-
-
-class InvalidToken(TokenError, ValueError):
-    """The token is malformed, tampered with, signed with an unknown key or algorithm,
-    or its claims do not fit this service (issuer, audience, type, lifetime)."""
-
-
-class TokenExpired(InvalidToken):
-    """The token's ``exp`` has passed; the client must get a new one."""
-
-
-class TokenNotYetValid(InvalidToken):
-    """The token's ``nbf`` is still in the future."""
-
-
-class TokenRevoked(InvalidToken):
-    """The token's id was revoked, or its subject was logged out everywhere after it
-    was issued."""
-
-
-class TokenReplayed(TokenRevoked):
-    """A one-time token was presented again after its first use."""
-
-
-class RevocationUnavailable(TokenError):
-    """The shared revocation list has not been heard from recently enough to trust a
-    token (it fails closed); retry once the bus is reachable again."""
 
 
 # -- base64url without padding (RFC 7515 §2) --------------------------------------
@@ -500,7 +475,7 @@ class SharedRevocations(Revocations):
     def start(self, timeout: float = 30.0) -> SharedRevocations:
         """Read the revocations published so far and follow new ones; blocks until
         caught up. Raises ConnectionLost if that takes longer than ``timeout``."""
-        from ..adapters.base import Capability
+        from ..types import Capability
 
         if self._thread is not None:
             return self
@@ -579,7 +554,7 @@ class SharedRevocations(Revocations):
             except Exception as exc:  # never let the feed die; checks fail closed meanwhile
                 if self._stop.is_set():
                     return
-                if isinstance(exc, ClosedError) and self.bus._closed:  # for good
+                if isinstance(exc, ClosedError) and self.bus.closed:  # for good
                     log.warning("revocations on %r: bus closed; no longer following", self.topic)
                     self._fresh_until = 0.0 if self.fail_closed_after is not None else math.inf
                     return

@@ -35,10 +35,10 @@ import time
 import uuid
 from typing import Any, ClassVar
 
-from ...adapters.base import Capability
 from ...bus import Bus, Subscriber
 from ...errors import ClosedError, DecodeError, PolybusError
 from ...message import Message
+from ...types import Capability
 from ..base import (
     CODECS,
     ClientInfo,
