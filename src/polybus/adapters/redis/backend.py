@@ -32,7 +32,7 @@ from ...errors import (
     PolybusError,
     TopicNotFound,
 )
-from ...log.engine import partition_for_key
+from ...model import partition_for_key
 from ..base import (
     Capability,
     OutRecord,
