@@ -1,0 +1,112 @@
+"""Making a ``KafkaBackend``: from a ``kafka://`` URL (its options are described in the
+package docstring) or from a confluent-kafka ``Producer`` or config mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from confluent_kafka import KafkaException, Producer
+
+from ...errors import ConfigurationError, redact_url
+from .._support import connect_timeout, ensure_reachable
+from .backend import KafkaBackend
+from .errors import map_error
+
+_OPTIONS = ("connect_timeout", "reconnect_timeout", "replication_factor")
+_UNDOTTED = ("acks", "debug", "partitioner", "retries")  #: librdkafka properties without a dot
+
+
+def from_url(url: str) -> KafkaBackend:
+    """A backend for ``kafka://host:port[,host:port][?options]``; see the package docstring."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    if not hosts:
+        raise ConfigurationError(
+            f"{redact_url(url)!r} names no broker: use kafka://host:9092[,host2:9092]"
+        )
+    if parts.path not in ("", "/"):
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: a Kafka URL has no path; put options after '?'"
+        )
+    config: dict[str, Any] = {"bootstrap.servers": hosts}
+    if parts.username is not None:
+        config["sasl.username"] = unquote(parts.username)
+        config["sasl.password"] = unquote(parts.password or "")
+        config["security.protocol"] = "SASL_SSL"
+        config["sasl.mechanism"] = "PLAIN"
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if "." in name or name in _UNDOTTED:
+            config[name] = value
+        elif name in _OPTIONS:
+            options[name] = value
+        else:
+            raise ConfigurationError(
+                f"unknown option {name!r} in {redact_url(url)!r}; known: "
+                f"{', '.join(_OPTIONS)}, or a "
+                f"librdkafka property: {', '.join(_UNDOTTED)} or one with a dot (linger.ms=5)"
+            )
+    try:
+        reconnect_timeout = float(options.get("reconnect_timeout", "30"))
+        replication_factor = int(options.get("replication_factor", "-1"))
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"bad option value in {redact_url(url)!r}: reconnect_timeout is seconds, "
+            f"replication_factor an integer ({exc})"
+        ) from None
+    addresses = []
+    for address in hosts.split(","):
+        host, colon, port = address.strip().rpartition(":")
+        try:
+            addresses.append((host.strip("[]"), int(port)) if colon else (port, 9092))
+        except ValueError:
+            raise ConfigurationError(
+                f"bad broker address {address!r} in {redact_url(url)!r}: use host:port"
+            ) from None
+    ensure_reachable("Kafka broker", addresses, connect_timeout(options.get("connect_timeout")))
+    return KafkaBackend(
+        config, reconnect_timeout=reconnect_timeout, replication_factor=replication_factor
+    )
+
+
+def from_client(
+    client: object,
+    *,
+    config: Mapping[str, Any] | None = None,
+    reconnect_timeout: float = 30.0,
+    replication_factor: int = -1,
+) -> KafkaBackend:
+    """Wrap an existing ``confluent_kafka.Producer`` or a librdkafka config mapping.
+
+    A Producer is used for every publish (with the durability it was built
+    with) and is not closed by the backend. A Producer does not reveal its
+    configuration, so consumers and the admin client find the brokers from
+    its cluster metadata; pass ``config`` with anything else they need
+    (security settings). A mapping is the same as ``KafkaBackend(mapping)``.
+    """
+    if isinstance(client, Mapping):
+        merged = {**client, **(config or {})}
+        return KafkaBackend(
+            merged, reconnect_timeout=reconnect_timeout, replication_factor=replication_factor
+        )
+    if not isinstance(client, Producer):
+        raise ConfigurationError(
+            f"cannot wrap a {type(client).__name__}: pass a confluent_kafka.Producer or a "
+            "librdkafka config dict"
+        )
+    merged = dict(config or {})
+    if "bootstrap.servers" not in merged:
+        try:
+            brokers = client.list_topics(timeout=reconnect_timeout).brokers.values()
+        except KafkaException as exc:
+            raise map_error(exc) from exc
+        merged["bootstrap.servers"] = ",".join(f"{b.host}:{b.port}" for b in brokers)
+    return KafkaBackend(
+        merged,
+        reconnect_timeout=reconnect_timeout,
+        replication_factor=replication_factor,
+        producer=client,
+    )
