@@ -84,3 +84,126 @@ def test_importing_the_facade_does_not_load_the_engine(module: str) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert loaded == "[]", f"importing {module} loads the engine: {loaded}"
+
+
+# -- the import contract ------------------------------------------------------------------
+
+#: each module's layer, by prefix (the longest prefix wins); a module imports only its own
+#: layer and the ones below it
+LAYERS = {
+    "polybus.errors": 0,
+    "polybus.types": 1,
+    "polybus.envelope": 1,
+    "polybus.model": 1,
+    "polybus.codecs": 2,
+    "polybus.message": 2,
+    "polybus.log": 3,
+    "polybus.adapters._support": 4,
+    "polybus.adapters.base": 4,
+    "polybus.adapters": 5,
+    "polybus.registry": 6,
+    "polybus.bus": 7,
+    "polybus.patterns": 8,
+    "polybus.sessions": 8,
+    "polybus.aio": 9,
+    "polybus.cli": 9,
+    "polybus": 9,  # the package's own __init__: re-exports
+    "polybus.testing": 10,
+}
+CONCRETE_ADAPTERS = ("kafka", "native", "rabbitmq", "redis")
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in LAYERS:
+            return LAYERS[prefix]
+    raise AssertionError(f"{module} has no layer: add it to LAYERS")
+
+
+def unit(module: str) -> str:
+    """The package a private name may be shared within."""
+    parts = module.split(".")
+    if parts[:2] == ["polybus", "adapters"] and len(parts) > 2:
+        return ".".join(parts[:3])
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def imports(module: str) -> list[tuple[int, str, list[str]]]:
+    """(line, imported module, names) of every polybus import in ``module``, lazy ones too."""
+    path, tree = source(module)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [alias.name for alias in node.names]
+            if target.startswith("polybus"):
+                # `from . import native` imports a module: name it
+                submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+                found += [(node.lineno, m, []) for m in submodules]
+                if not submodules:
+                    found.append((node.lineno, target, names))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, []) for a in node.names if a.name.startswith("polybus")]
+    return found
+
+
+MODULES = set(modules())
+
+
+def test_layers_import_only_downwards() -> None:
+    upward = [
+        f"{module}:{line} imports {target} (layer {layer(target)} > {layer(module)})"
+        for module in MODULES
+        for line, target, _ in imports(module)
+        if layer(target) > layer(module)
+    ]
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_no_module_imports_another_packages_private_names() -> None:
+    private = [
+        f"{module}:{line} imports {', '.join(n for n in names if n.startswith('_'))} from {target}"
+        for module in MODULES
+        for line, target, names in imports(module)
+        if (unit(target) != unit(module) and any(n.startswith("_") for n in names))
+        or (
+            unit(target) != unit(module)
+            and target.rpartition(".")[2].startswith("_")
+            and not target.startswith("polybus.adapters._support")
+        )
+    ]
+    assert not private, "\n".join(sorted(private))
+
+
+def test_adapters_stand_alone_and_only_native_opens_the_engine() -> None:
+    wrong = []
+    for module in MODULES:
+        for line, target, _ in imports(module):
+            if target.startswith("polybus.log") and unit(module) not in (
+                "polybus.log",
+                "polybus.adapters.native",
+                "polybus.adapters._support",  # opens the log for the native store and inbox
+                "polybus.sessions",  # the native session store, on the engine's public API
+                "polybus.patterns",  # the native inbox, likewise
+                "polybus.cli",
+                "polybus.testing",
+            ):
+                wrong.append(f"{module}:{line} imports the engine ({target})")
+            if target.startswith("polybus.log.") and unit(module) != "polybus.log":
+                wrong.append(f"{module}:{line} imports the engine's insides ({target})")
+            for name in CONCRETE_ADAPTERS:
+                adapter = f"polybus.adapters.{name}"
+                if (
+                    target.startswith(adapter)
+                    and unit(module) != adapter
+                    and (module.startswith(("polybus.adapters", "polybus.patterns", "polybus.bus")))
+                ):
+                    wrong.append(f"{module}:{line} imports the {name} adapter")
+    assert not wrong, "\n".join(sorted(wrong))

@@ -256,6 +256,9 @@ _SECRET_OPTION = re.compile(r"pass|secret|token|credential|key", re.IGNORECASE)
 def redact_url(url: str) -> str:
     """``url`` as an error message or a log line may show it: the password, and the
     value of any option named like a secret, replaced by ``***``."""
+    if "://" not in url:  # not a URL: hide whatever could be user:password@
+        user, at, rest = url.rpartition("@")
+        return f"{user.partition(':')[0]}:***@{rest}" if at else url
     try:
         parts = urlsplit(url)
         has_password = parts.password is not None

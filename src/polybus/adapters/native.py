@@ -2,8 +2,9 @@
 
 URL options: ``fsync=always|interval|never`` (default interval),
 ``fsync_interval=<seconds>``, ``skip_corrupt=true``. ``memory://name`` shares
-one in-memory log between buses of the same process; plain ``memory://`` is
-private to its bus.
+one in-memory log between everything in the process that opens that name
+(:mod:`polybus.adapters._support.native` opens the log for the backend, the
+session store and the inbox alike).
 
 Transactions (``Capability.TRANSACTIONS``) are the engine's own
 (:mod:`polybus.log.transaction`): the published records and the group's
@@ -14,69 +15,23 @@ group.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ClosedError, ConfigurationError
-from ..log import FsyncPolicy, Log, Record
+from ..log import Consumer, Log, Record
 from ..log import Transaction as LogTransaction
-from ..log.group import Consumer
+from ._support.native import log_options, open_log
 from .base import Capability, InRecord, OutRecord, Receipt, Start, Subscription, TopicSpec
 
 __all__ = ["NativeBackend", "from_url"]
 
-_shared: dict[str, tuple[Log, int]] = {}  # memory://name -> (log, users)
-_shared_lock = threading.Lock()
-
-
-def _flag(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"expected true or false in the URL, got {value!r}")
-
 
 def from_url(url: str) -> NativeBackend:
-    parts = urlsplit(url)
-    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = set(options) - {"fsync", "fsync_interval", "skip_corrupt"}
-    if unknown:
-        raise ConfigurationError(
-            f"unknown option(s) {sorted(unknown)} in {url!r}; "
-            "known: fsync, fsync_interval, skip_corrupt"
-        )
-    if parts.scheme == "memory":
-        # memory:// is the process's one default store, memory://<name> a store of its own
-        name = parts.netloc + parts.path
-        with _shared_lock:
-            log, users = _shared.get(name, (None, 0))
-            if log is None or log._closed:
-                log, users = Log(None), 0
-            _shared[name] = (log, users + 1)
-        return NativeBackend(log, shared_name=name)
-    if parts.netloc:
-        raise ConfigurationError(
-            f"{url!r} names the host {parts.netloc!r}, not a directory: write "
-            f"native:///{parts.netloc}{parts.path} for the absolute path "
-            f"/{parts.netloc}{parts.path} (three slashes)"
-        )
-    path = unquote(parts.path)
-    if not path:
-        raise ConfigurationError(f"{url!r} names no directory: use native:///absolute/path")
-    try:
-        interval = float(options.get("fsync_interval", "1.0"))
-    except ValueError:
-        raise ConfigurationError(f"fsync_interval must be a number of seconds in {url!r}") from None
-    log = Log(
-        path,
-        fsync=cast(FsyncPolicy, options.get("fsync", "interval")),
-        fsync_interval=interval,
-        skip_corrupt=_flag(options.get("skip_corrupt", "false")),
-    )
-    return NativeBackend(log)
+    """A backend on the log ``native:///path`` or ``memory://[name]`` names."""
+    options = log_options(url)
+    log, release = open_log(options)
+    return NativeBackend(log, in_memory=options.parts.scheme == "memory", release=release)
 
 
 class NativeSubscription:
@@ -184,11 +139,14 @@ class NativeBackend:
         | Capability.TRANSACTIONS
     )
 
-    def __init__(self, log: Log, *, shared_name: str | None = None) -> None:
+    def __init__(
+        self, log: Log, *, in_memory: bool = False, release: Callable[[], None] | None = None
+    ) -> None:
+        """On ``log``; ``release`` lets go of it at :meth:`close` (default: closes it)."""
         self.log = log
-        if shared_name is not None:  # memory: other processes cannot reach it
+        if in_memory:  # other processes cannot reach it
             self.capabilities = NativeBackend.capabilities & ~Capability.MULTI_PROCESS
-        self._shared_name = shared_name
+        self._release = release or log.close
         self._closed = False
         self._subscriptions: set[NativeSubscription] = set()
 
@@ -259,7 +217,7 @@ class NativeBackend:
         if not isinstance(subscription, NativeSubscription):
             raise ConfigurationError("a transaction needs a subscription of this bus")
         consumer = subscription._consumer
-        if consumer._closed:
+        if consumer.closed:
             raise ClosedError("subscription is closed; subscribe again")
         if subscription not in self._subscriptions:
             raise ConfigurationError("a transaction needs a subscription of this bus")
@@ -271,13 +229,4 @@ class NativeBackend:
         self._closed = True
         for sub in list(self._subscriptions):
             sub.close()
-        if self._shared_name is None:
-            self.log.close()
-            return
-        with _shared_lock:
-            log, users = _shared[self._shared_name]
-            if users <= 1:
-                del _shared[self._shared_name]
-                log.close()
-            else:
-                _shared[self._shared_name] = (log, users - 1)
+        self._release()

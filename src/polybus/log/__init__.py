@@ -1,12 +1,14 @@
 """The native log engine: segments, CRC-checked batches, recovery, groups.
 
 It imports no broker client. See :class:`Log` for the entry point, and
-:meth:`Consumer.transaction` for appends and acks committed together.
+:meth:`Consumer.transaction` for appends and acks committed together. Code outside
+the engine imports only this package's names: :func:`encode_batch` and
+:func:`encode_one` encode what :meth:`Partition.append_encoded` appends.
 """
 
 from ..model import check_name
 from .engine import Log, Topic, TopicConfig
-from .format import Record
+from .format import Record, encode_batch, encode_one
 from .group import Consumer
 from .partition import FsyncPolicy, Partition
 from .producer import Producer
@@ -23,4 +25,6 @@ __all__ = [
     "TopicConfig",
     "Transaction",
     "check_name",
+    "encode_batch",
+    "encode_one",
 ]

@@ -119,6 +119,11 @@ class Log:
             )
             self._flusher.start()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def _flush_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             with self._lock:

@@ -299,6 +299,11 @@ class Consumer:
             )
             self._thread.start()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
     def _own_topic(self, name: str) -> Topic:
         if name != self.topic.name:
             raise TopicNotFound(f"topic {name!r} is not known to this consumer; use Log.consumer")

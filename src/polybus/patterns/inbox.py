@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ..errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError, redact_url
+from ..errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError
 from ._sql import Dialect, check_table, close_quietly, dialect_of, rollback_quietly
 
 if TYPE_CHECKING:
@@ -212,14 +212,9 @@ class NativeInbox:
         if isinstance(log, Log):
             self.log = log
         elif isinstance(log, str) and "://" in log:
-            from ..adapters import native
+            from ..adapters._support.native import log_options, open_log
 
-            if not log.startswith(("native://", "memory://")):
-                raise ConfigurationError(
-                    f"NativeInbox needs a native:///path URL, a directory or a Log, not {log!r}"
-                )
-            backend = native.from_url(log)
-            self.log, self._close_log = backend.log, backend.close
+            self.log, self._close_log = open_log(log_options(log))
         else:
             self.log = Log(log)
             self._close_log = self.log.close
@@ -318,7 +313,7 @@ class RedisInbox:
     ) -> None:
         import redis as redis_module
 
-        from ..adapters.redis import map_error
+        from ..adapters._support.redis import client_options, map_error, open_client
 
         self._map_error = map_error
         self._errors = (redis_module.RedisError, OSError)
@@ -329,11 +324,7 @@ class RedisInbox:
         self._ttl_ms = _ttl_ms(ttl)
         self._owned = isinstance(client, str)
         if isinstance(client, str):
-            url = client
-            try:
-                client = redis_module.Redis.from_url(url)
-            except ValueError as exc:
-                raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
+            client = open_client(client_options(client, ()), check=False)
         elif not isinstance(client, redis_module.Redis | redis_module.cluster.RedisCluster):
             raise ConfigurationError(
                 f"cannot use a {type(client).__module__}.{type(client).__qualname__}: pass a "

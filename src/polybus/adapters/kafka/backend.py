@@ -33,6 +33,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 )
 
 from ...errors import ClosedError, ConfigurationError, PolybusError, TopicNotFound
+from .._support.options import parse_flag
 from ..base import Capability, Start, Subscription, TopicSpec
 from .errors import _kafka_error, _while_leaders_move, map_error
 from .producer import _DELIVERY_GRACE, _METADATA_TTL, _librdkafka_chooses, _Publisher, murmur2
@@ -52,7 +53,8 @@ _OWNED = (
 
 
 def _flag(value: object) -> bool:
-    return str(value).lower() in ("true", "1", "yes", "on")
+    """A librdkafka boolean property, given as a bool or a string."""
+    return parse_flag(str(value)) is True
 
 
 class KafkaBackend(_Publisher):

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 from confluent_kafka import KafkaException, Producer
 
-from ...errors import ConfigurationError, redact_url
-from .._support import connect_timeout, ensure_reachable
+from ...errors import ConfigurationError
+from .._support import Options, connect_timeout, ensure_reachable
 from .backend import KafkaBackend
 from .errors import map_error
 
@@ -21,52 +21,37 @@ _UNDOTTED = ("acks", "debug", "partitioner", "retries")  #: librdkafka propertie
 
 def from_url(url: str) -> KafkaBackend:
     """A backend for ``kafka://host:port[,host:port][?options]``; see the package docstring."""
-    parts = urlsplit(url)
+    options = Options(
+        url,
+        ours=_OPTIONS,
+        passes=lambda name: "." in name or name in _UNDOTTED,
+        passes_hint=f"or a librdkafka property: {', '.join(_UNDOTTED)} or one with a dot "
+        "(linger.ms=5)",
+        what="Kafka",
+    )
+    parts = options.parts
     hosts = parts.netloc.rpartition("@")[2]
     if not hosts:
-        raise ConfigurationError(
-            f"{redact_url(url)!r} names no broker: use kafka://host:9092[,host2:9092]"
-        )
+        raise options.error("names no broker: use kafka://host:9092[,host2:9092]")
     if parts.path not in ("", "/"):
-        raise ConfigurationError(
-            f"{redact_url(url)!r}: a Kafka URL has no path; put options after '?'"
-        )
-    config: dict[str, Any] = {"bootstrap.servers": hosts}
+        raise options.error("a Kafka URL has no path; put options after '?'")
+    config: dict[str, Any] = {"bootstrap.servers": hosts, **dict(options.passed)}
     if parts.username is not None:
         config["sasl.username"] = unquote(parts.username)
         config["sasl.password"] = unquote(parts.password or "")
         config["security.protocol"] = "SASL_SSL"
         config["sasl.mechanism"] = "PLAIN"
-    options: dict[str, str] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if "." in name or name in _UNDOTTED:
-            config[name] = value
-        elif name in _OPTIONS:
-            options[name] = value
-        else:
-            raise ConfigurationError(
-                f"unknown option {name!r} in {redact_url(url)!r}; known: "
-                f"{', '.join(_OPTIONS)}, or a "
-                f"librdkafka property: {', '.join(_UNDOTTED)} or one with a dot (linger.ms=5)"
-            )
-    try:
-        reconnect_timeout = float(options.get("reconnect_timeout", "30"))
-        replication_factor = int(options.get("replication_factor", "-1"))
-    except ValueError as exc:
-        raise ConfigurationError(
-            f"bad option value in {redact_url(url)!r}: reconnect_timeout is seconds, "
-            f"replication_factor an integer ({exc})"
-        ) from None
+    reconnect_timeout = options.seconds("reconnect_timeout", 30.0)
+    replication_factor = options.number("replication_factor", -1)
     addresses = []
     for address in hosts.split(","):
         host, colon, port = address.strip().rpartition(":")
         try:
             addresses.append((host.strip("[]"), int(port)) if colon else (port, 9092))
         except ValueError:
-            raise ConfigurationError(
-                f"bad broker address {address!r} in {redact_url(url)!r}: use host:port"
-            ) from None
-    ensure_reachable("Kafka broker", addresses, connect_timeout(options.get("connect_timeout")))
+            raise options.error(f"bad broker address {address!r}: use host:port") from None
+    timeout = connect_timeout(options.text("connect_timeout", "") or None)
+    ensure_reachable("Kafka broker", addresses, timeout)
     return KafkaBackend(
         config, reconnect_timeout=reconnect_timeout, replication_factor=replication_factor
     )

@@ -71,17 +71,19 @@ timeout.
 
 The package's modules: :mod:`.connect` (URL and client), :mod:`.backend` (RedisBackend),
 :mod:`.subscription` (RedisSubscription), :mod:`.entries` (the entry layout), :mod:`.resp`
-(RESP packing and replies), :mod:`.scripts` (the ``.lua`` files), :mod:`.errors` (map_error).
+(RESP packing and replies), :mod:`.scripts` (the ``.lua`` files); the client and
+``map_error`` come from the toolkit, :mod:`polybus.adapters._support.redis`.
 """
 
 from __future__ import annotations
+
+from .._support.redis import map_error
 
 # also reachable here, as callers build records and specs: adapter.OutRecord(...)
 from ..base import OutRecord as OutRecord
 from ..base import TopicSpec as TopicSpec
 from .backend import RedisBackend, stream_key
 from .connect import from_client, from_url
-from .errors import map_error
 from .subscription import RedisSubscription
 
 __all__ = [

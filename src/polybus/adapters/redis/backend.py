@@ -33,6 +33,7 @@ from ...errors import (
     TopicNotFound,
 )
 from ...model import partition_for_key
+from .._support.redis import map_error, retryable
 from ..base import (
     Capability,
     OutRecord,
@@ -42,7 +43,6 @@ from ..base import (
     tombstone_refused,
 )
 from .entries import _Packer
-from .errors import _retryable, map_error
 from .resp import _as_dict, _pack
 from .scripts import _DECLARE, _SCRIPTS, _evalsha, _Script
 from .subscription import RedisSubscription
@@ -189,7 +189,7 @@ class RedisBackend:
             except PolybusError:
                 raise
             except Exception as exc:
-                if not _retryable(exc):
+                if not retryable(exc):
                     raise map_error(exc) from exc
                 now = time.monotonic()
                 if now >= deadline:

@@ -21,9 +21,9 @@ import redis.exceptions as rx
 from redis.connection import ConnectionPool
 
 from ...errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError, TopicNotFound
+from .._support.redis import map_error, retryable
 from ..base import InRecord
 from .entries import _handle, _record
-from .errors import _retryable, map_error
 from .resp import _as_dict, _before, _id_key, _pack, _streams
 from .scripts import _CLAIM, _MOVE_DUE, _READ, _RELEASE, _evalsha
 
@@ -197,7 +197,7 @@ class RedisSubscription:
                 self._drop_connection()
                 if isinstance(exc, PolybusError):
                     raise
-                if not _retryable(exc):
+                if not retryable(exc):
                     raise map_error(exc) from exc
                 now = time.monotonic()
                 if self._outage_since is None:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
+from ...adapters._support import Options
 from ...bus import connect
 from ...errors import BackendUnavailable, ConfigurationError, PolybusError, redact_url
 from ..base import CODECS, SessionStore, SessionStoreUnavailable
@@ -42,44 +43,32 @@ _SCHEMES = {
 }
 
 
-def url_options(url: str, known: set[str]) -> dict[str, str]:
-    """The query options of ``url``; ConfigurationError naming any not in ``known``."""
-    options = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
-    unknown = set(options) - known
-    if unknown:
-        raise ConfigurationError(
-            f"unknown option(s) {sorted(unknown)} in {redact_url(url)!r}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    return options
-
-
 def bus_store_from_url(
     url: str,
     make: Callable[..., T],
-    options: Mapping[str, Callable[[str], Any]],
+    options: Mapping[str, type[str] | type[float]],
     defaults: Mapping[str, str],
     unavailable: Callable[[BaseException], SessionStoreUnavailable],
     **given: Any,
 ) -> T:
     """A store on a Bus of its own: ``make(bus, owns_bus=True, **options)``.
 
-    The URL's query options named in ``options`` (name -> parser) go to the
-    store, the others to the bus, with ``defaults`` for bus options the URL
-    does not set. A broker that cannot be reached raises ``unavailable(error)``.
+    The URL's query options named in ``options`` (name -> str, or float for
+    seconds) go to the store, the others to the bus, with ``defaults`` for bus
+    options the URL does not set. A broker that cannot be reached raises
+    ``unavailable(error)``.
     """
-    parts = urlsplit(url)
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if k in options:
-            ours[k] = options[k](v)
-        else:
-            theirs.append((k, v))
+    parsed = Options(url, ours=options, passes=lambda name: True)  # the bus checks the rest
+    ours = {
+        name: parsed.text(name, "") if kind is str else parsed.seconds(name, 1.0)
+        for name, kind in options.items()
+        if parsed.given(name)
+    }
+    theirs = parsed.passed
     set_ = {k for k, _ in theirs}
     theirs += [(k, v) for k, v in defaults.items() if k not in set_]
     try:
-        bus = connect(parts._replace(query=urlencode(theirs)).geturl())
+        bus = connect(parsed.parts._replace(query=urlencode(theirs)).geturl())
     except PolybusError as exc:
         if isinstance(exc, ValueError):  # a bad URL or option, not a broker that is down
             raise
@@ -117,7 +106,7 @@ def open_store(target: str | SessionStore | Any, **options: Any) -> SessionStore
         return _from_object(target, options)
     if "://" not in target:
         raise ConfigurationError(
-            f"bad session store URL {target!r}: expected scheme://..., e.g. 'memory://', "
+            f"bad session store URL {redact_url(target)!r}: use scheme://..., e.g. 'memory://', "
             "'native:///var/lib/app/sessions', 'redis://localhost:6379/0', "
             "'kafka://localhost:9092', 'amqp://guest:guest@localhost'"
         )
@@ -125,7 +114,7 @@ def open_store(target: str | SessionStore | Any, **options: Any) -> SessionStore
     entry = _SCHEMES.get(scheme)
     if entry is None:
         raise BackendUnavailable(
-            f"unknown session store scheme {scheme!r} in {target!r}; "
+            f"unknown session store scheme {scheme!r} in {redact_url(target)!r}; "
             f"known: {', '.join(sorted(_SCHEMES))}"
         )
     module_name, client, extra = entry

@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 import time
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
+from ...adapters._support import Options
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord
-from . import check_codec, url_options
+from . import check_codec
 from ._view import View, item_of, record_of, records_of
 
 __all__ = ["MemoryStore", "from_url"]
@@ -113,8 +113,9 @@ class MemoryStore:
 
 def from_url(url: str, **options: Any) -> MemoryStore:
     """``memory://`` or ``memory://name``; options ``codec`` and ``sweep_interval``."""
-    parts = urlsplit(url)
-    query: dict[str, Any] = url_options(url, {"codec", "sweep_interval"})
-    if "sweep_interval" in query:
-        query["sweep_interval"] = float(query["sweep_interval"])
-    return MemoryStore((parts.netloc + parts.path) or None, **{**query, **options})
+    parsed = Options(url, ours={"codec", "sweep_interval"})
+    given: dict[str, Any] = {"codec": parsed.text("codec", "json")}
+    if parsed.given("sweep_interval"):
+        given["sweep_interval"] = parsed.seconds("sweep_interval", 1.0)
+    parts = parsed.parts
+    return MemoryStore((parts.netloc + parts.path) or None, **{**given, **options})

@@ -30,13 +30,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, cast
-from urllib.parse import unquote, urlsplit
 
-from ...errors import ClosedError, ConfigurationError, DecodeError, PolybusError
-from ...log import FsyncPolicy, Log, Record
-from ...log.format import encode_batch, encode_one
+from ...adapters._support.native import log_options, open_log
+from ...errors import ClosedError, DecodeError, PolybusError
+from ...log import Log, Record, encode_batch, encode_one
 from ..base import CODECS, RecordCodec, SessionConflict, SessionRecord, SessionStoreUnavailable
-from . import check_codec, url_options
+from . import check_codec
 from ._view import View, item_of, record_of, records_of
 
 __all__ = ["NativeStore", "from_bus", "from_url"]
@@ -221,25 +220,17 @@ def _unavailable(store: NativeStore, exc: BaseException) -> SessionStoreUnavaila
 
 def from_url(url: str, **options: Any) -> NativeStore:
     """``native:///path[?fsync=always|interval|never&codec=...&topic=...]``."""
-    parts = urlsplit(url)
-    query = url_options(url, {"codec", "topic", "sweep_interval", "fsync", "fsync_interval"})
-    path = unquote(parts.netloc + parts.path)
-    if not path:
-        raise ConfigurationError(f"{url!r} names no directory: use native:///absolute/path")
+    parsed = log_options(url, {"codec", "topic", "sweep_interval"})
+    given: dict[str, Any] = {
+        name: parsed.text(name, "") for name in ("codec", "topic") if parsed.given(name)
+    }
+    if parsed.given("sweep_interval"):
+        given["sweep_interval"] = parsed.seconds("sweep_interval", 1.0)
+    log, release = open_log(parsed)
     try:
-        log = Log(
-            path,
-            fsync=cast(FsyncPolicy, query.pop("fsync", "interval")),
-            fsync_interval=float(query.pop("fsync_interval", "1.0")),
-        )
-        if "sweep_interval" in query:
-            options.setdefault("sweep_interval", float(query.pop("sweep_interval")))
-    except ValueError as exc:
-        raise ConfigurationError(f"bad option in {url!r}: {exc}") from exc
-    try:
-        return NativeStore(log, owns_log=True, **{**query, **options})
+        return NativeStore(log, owns_log=True, **{**given, **options})
     except BaseException:
-        log.close()
+        release()
         raise
 
 

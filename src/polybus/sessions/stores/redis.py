@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.cluster
@@ -43,7 +41,8 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from ...errors import ConfigurationError, DecodeError, redact_url
+from ...adapters._support.redis import client_options, open_client
+from ...errors import ConnectionLost, DecodeError
 from ..base import (
     CODECS,
     Head,
@@ -99,7 +98,7 @@ end
 return n
 """
 
-_OPTIONS = {"codec", "prefix", "cluster"}
+_OPTIONS = {"codec", "prefix"}
 _MEMO = 4096  # sessions a store's memos keep (then they start over)
 _T = TypeVar("_T")
 
@@ -274,67 +273,18 @@ class RedisStore:
             self.client.close()
 
 
-def _sentinel_client(url: str, client_options: dict[str, Any]) -> redis.Redis:
-    parts = urlsplit(url)
-    hosts = []
-    for hostport in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = hostport.rpartition(":")
-        if not host:
-            host, port = port, "26379"
-        try:
-            hosts.append((host.strip("[]"), int(port)))
-        except ValueError:
-            raise ConfigurationError(
-                f"bad Sentinel address {hostport!r} in {redact_url(url)!r}"
-            ) from None
-    path = [p for p in parts.path.split("/") if p]
-    if not path:
-        raise ConfigurationError(
-            f"{redact_url(url)!r} names no Sentinel service: use redis+sentinel://host:26379/mymaster[/db]"
-        )
-    db = int(path[1]) if len(path) > 1 else 0
-    password = unquote(parts.password) if parts.password else None
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
-        hosts, sentinel_kwargs={"socket_timeout": client_options.get("socket_timeout", 2.0)}
-    )
-    master = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
-        path[0], db=db, password=password, **client_options
-    )
-    return cast(redis.Redis, master)
-
-
 def from_url(url: str, **options: Any) -> RedisStore:
-    """Connect lazily (no I/O here) to the Redis the URL names."""
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        (ours.__setitem__(name, value) if name in _OPTIONS else theirs.append((name, value)))
+    """Connect lazily (no I/O here) to the Redis, Cluster or Sentinel master the URL names."""
+    parsed = client_options(url, _OPTIONS)
     # Fail fast when Redis is down (one retry: a pooled connection may be stale).
-    client_options: dict[str, Any] = {
+    settings: dict[str, Any] = {
         "retry": Retry(NoBackoff(), 1),
         "socket_connect_timeout": 2.0,
         "socket_timeout": 2.0,
     }
     try:
-        client: redis.Redis | redis.cluster.RedisCluster
-        if parts.scheme == "redis+sentinel":  # options typed as redis-py types its URLs'
-            parsers = cast(
-                dict[str, Callable[[str], Any]], redis.connection.URL_QUERY_ARGUMENT_PARSERS
-            )
-            for name, value in theirs:
-                parse = parsers.get(name)
-                client_options[name] = parse(value) if parse is not None else value
-            client = _sentinel_client(url, client_options)
-        elif ours.pop("cluster", "false").lower() in ("1", "true", "yes", "on"):
-            client_url = urlunsplit(parts._replace(query=urlencode(theirs)))
-            client = redis.cluster.RedisCluster.from_url(client_url, **client_options)
-        else:
-            client_url = urlunsplit(parts._replace(query=urlencode(theirs)))
-            client = redis.Redis.from_url(client_url, **client_options)
-    except (ValueError, TypeError) as exc:
-        raise ConfigurationError(f"bad Redis URL {redact_url(url)!r}: {exc}") from exc
-    except redis.RedisError as exc:  # a Cluster client asks for the slots at once
-        raise _unavailable(exc) from exc
-    ours.pop("cluster", None)
-    return RedisStore(client, owns_client=True, **{**ours, **options})
+        client = open_client(parsed, check=False, **settings)
+    except ConnectionLost as exc:  # a Cluster client asks for the slots at once
+        raise SessionStoreUnavailable(f"Redis session store unavailable: {exc}") from exc
+    given = {name: parsed.text(name, "") for name in _OPTIONS if parsed.given(name)}
+    return RedisStore(client, owns_client=True, **{**given, **options})

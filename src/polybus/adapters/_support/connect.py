@@ -1,4 +1,4 @@
-"""What the network adapters share (they never import each other)."""
+"""How long a new bus waits for its broker, and the check that one answers at all."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import socket
 import time
 from collections.abc import Sequence
 
-from ..errors import BrokerUnreachable, ConfigurationError
+from ...errors import BrokerUnreachable, ConfigurationError
 
 __all__ = ["CONNECT_TIMEOUT", "connect_timeout", "ensure_reachable"]
 

@@ -1,0 +1,17 @@
+"""The toolkit under the adapters, session stores and inboxes: what they would otherwise
+each write with their own rules.
+
+- :mod:`.options`: one reader of URL options (flags, numbers, durations, choices),
+  whose every error names the option and shows the URL with its secrets hidden;
+- :mod:`.connect`: the connect deadline and the "is anybody there" check;
+- :mod:`.redis` and :mod:`.native`: one way to open a Redis client and the native
+  engine's log from a URL, and redis-py's errors as polybus errors.
+
+Only the first two load here; the client-specific modules are imported by path, so
+a plain install never imports redis-py or the engine through this package.
+"""
+
+from .connect import CONNECT_TIMEOUT, connect_timeout, ensure_reachable
+from .options import Options
+
+__all__ = ["CONNECT_TIMEOUT", "Options", "connect_timeout", "ensure_reachable"]
