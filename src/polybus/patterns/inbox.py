@@ -32,7 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from ..adapters._support import Options
 from ..errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError
+from ..registry import opener
 from ._sql import Dialect, check_table, close_quietly, dialect_of, rollback_quietly
 
 if TYPE_CHECKING:
@@ -40,7 +42,15 @@ if TYPE_CHECKING:
 
     from ..log import Log, Partition
 
-__all__ = ["DEFAULT_TTL", "Inbox", "MemoryInbox", "NativeInbox", "RedisInbox", "SqlInbox"]
+__all__ = [
+    "DEFAULT_TTL",
+    "Inbox",
+    "MemoryInbox",
+    "NativeInbox",
+    "RedisInbox",
+    "SqlInbox",
+    "open_inbox",
+]
 
 T = TypeVar("T")
 
@@ -99,6 +109,15 @@ class _InFlight:
             self._cond.notify_all()
 
 
+def open_inbox(url: str, **options: Any) -> Inbox:
+    """The inbox ``url`` names: ``memory://``, ``native:///path`` (:class:`NativeInbox`),
+    ``redis://...`` or ``redis+sentinel://...`` (:class:`RedisInbox`), or a scheme a
+    package registered (:mod:`polybus.registry`); ``options`` go to its constructor
+    (``ttl=...``). An SQL inbox needs a connection factory: build :class:`SqlInbox`."""
+    inbox: Inbox = opener("inbox", url)(url, **options)
+    return inbox
+
+
 class MemoryInbox:
     """An inbox in this process's memory: it dedups redeliveries while the process lives."""
 
@@ -112,6 +131,12 @@ class MemoryInbox:
         self._running: dict[str, object] = {}  #: entry -> the call handling it
         self._waiting = 0  #: calls waiting for a running copy to finish
         self._next_sweep = 0
+
+    @classmethod
+    def from_url(cls, url: str, *, ttl: float = DEFAULT_TTL) -> MemoryInbox:
+        """A new inbox for ``memory://`` (it takes no options)."""
+        Options(url, ours=(), what="memory inbox")
+        return cls(ttl=ttl)
 
     def process(
         self, group: str, message_id: str, handler: Callable[[], T]

@@ -9,6 +9,7 @@ and a network broker, for fault tests.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -112,8 +113,48 @@ def require_server(name: str, reason: str | None) -> None:
         pytest.skip(f"{name} backend unavailable: {reason}")
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda case: case.name)
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--polybus-url",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="run the conformance suites on the backend URL opens (a scheme a package "
+        "registered, e.g. nats=nats://localhost:4222) instead of the built-in backends; "
+        "repeat for several",
+    )
+
+
+def backend_cases(config: pytest.Config) -> list[BackendCase]:
+    """The backends the suites run on: those ``--polybus-url`` names, else :data:`BACKENDS`."""
+    given: list[str] = config.getoption("polybus_url")
+    cases = []
+    for item in given:
+        name, equals, url = item.partition("=")
+        if not equals or "://" not in url:
+            raise pytest.UsageError(
+                f"--polybus-url wants NAME=URL, e.g. nats=nats://host; got {item!r}"
+            )
+        cases.append(BackendCase(name, functools.partial(_fixed, url)))
+    return cases or BACKENDS
+
+
+def _fixed(url: str, tmp: Path) -> str:
+    return url
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    if any("backend" in str(m.args[0]) for m in metafunc.definition.iter_markers("parametrize")):
+        return  # the test picks its backends itself
+    cases = backend_cases(metafunc.config)
+    metafunc.parametrize("backend", cases, ids=[case.name for case in cases], indirect=True)
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> BackendCase:
+    """The backend under test (one per backend the suites run on)."""
     case: BackendCase = request.param
     require_server(case.name, case.unavailable())
     mark_gap(request, case.gaps())

@@ -20,27 +20,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from ...adapters._support import Options
 from ...bus import connect
-from ...errors import BackendUnavailable, ConfigurationError, PolybusError, redact_url
+from ...errors import ConfigurationError, PolybusError
+from ...registry import opener
 from ..base import CODECS, SessionStore, SessionStoreUnavailable
 
 T = TypeVar("T")
 
 __all__ = ["open_store"]
-
-_SCHEMES = {
-    "memory": ("polybus.sessions.stores.memory", None, None),
-    "native": ("polybus.sessions.stores.native", None, None),
-    "redis": ("polybus.sessions.stores.redis", "redis", "redis"),
-    "rediss": ("polybus.sessions.stores.redis", "redis", "redis"),
-    "redis+sentinel": ("polybus.sessions.stores.redis", "redis", "redis"),
-    "kafka": ("polybus.sessions.stores.kafka", "confluent_kafka", "kafka"),
-    "amqp": ("polybus.sessions.stores.rabbitmq", "pika", "rabbitmq"),
-    "amqps": ("polybus.sessions.stores.rabbitmq", "pika", "rabbitmq"),
-}
 
 
 def bus_store_from_url(
@@ -104,29 +94,7 @@ def open_store(target: str | SessionStore | Any, **options: Any) -> SessionStore
             store: SessionStore = target
             return store
         return _from_object(target, options)
-    if "://" not in target:
-        raise ConfigurationError(
-            f"bad session store URL {redact_url(target)!r}: use scheme://..., e.g. 'memory://', "
-            "'native:///var/lib/app/sessions', 'redis://localhost:6379/0', "
-            "'kafka://localhost:9092', 'amqp://guest:guest@localhost'"
-        )
-    scheme = urlsplit(target).scheme.lower()
-    entry = _SCHEMES.get(scheme)
-    if entry is None:
-        raise BackendUnavailable(
-            f"unknown session store scheme {scheme!r} in {redact_url(target)!r}; "
-            f"known: {', '.join(sorted(_SCHEMES))}"
-        )
-    module_name, client, extra = entry
-    if client is not None:
-        try:
-            importlib.import_module(client)
-        except ImportError as exc:
-            raise BackendUnavailable(
-                f"the {scheme}:// session store needs {client!r}: pip install 'polybus[{extra}]'"
-            ) from exc
-    module = importlib.import_module(module_name)
-    opened: SessionStore = module.from_url(target, **options)
+    opened: SessionStore = opener("sessions", target)(target, **options)
     return opened
 
 
@@ -139,7 +107,8 @@ def _from_object(target: Any, options: dict[str, Any]) -> SessionStore:
         return redis_store
     backend = getattr(target, "backend", None)  # a polybus.Bus
     if backend is not None:
-        kind = type(backend).__module__.rpartition(".")[2]
+        module_path = type(backend).__module__.split(".")  # polybus.adapters.<kind>[.module]
+        kind = module_path[2] if module_path[:2] == ["polybus", "adapters"] else None
         if kind == "redis":  # the bus's own client: sessions keep their own keys
             return _from_object(backend.client, options)
         if kind in ("native", "kafka", "rabbitmq"):
