@@ -111,7 +111,9 @@ def test_the_shipped_conformance_suite_runs_on_a_registered_scheme(
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
+    assert " passed" in summary, summary
+    assert "failed" not in summary, summary
+    assert "error" not in summary, summary
     assert int(summary.split(" passed")[0].split()[-1]) >= 5, summary  # the suite really ran
 
 

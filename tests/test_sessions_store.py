@@ -21,6 +21,7 @@ import polybus
 from polybus.errors import DecodeError
 from polybus.sessions import SessionManager, SessionStoreUnavailable, open_store
 from polybus.testing import servers
+from polybus.testing.conformance import drain
 from polybus.testing.plugin import require_server, with_options
 from polybus.testing.sessions import *  # noqa: F403
 from polybus.testing.sessions import record, wait_until
@@ -171,6 +172,11 @@ def test_redis_sentinel_follows_a_failover(tmp_path: Path) -> None:
             f"redis+sentinel://127.0.0.1:{sentinel_port}/main?socket_timeout=2&max_connections=50"
         )
         try:
+            # a bus on the same URL reaches the master the Sentinel names
+            with polybus.connect(f"redis+sentinel://127.0.0.1:{sentinel_port}/main") as bus:
+                bus.publish("sentinel-topic", "through the sentinel")
+                with bus.subscribe("sentinel-topic", "g", start="earliest") as sub:
+                    assert [d.value for d in drain(sub, 1)] == ["through the sentinel"]
             session = manager.login(manager.load(None), "alice")
             session["step"] = 1
             assert manager.save(session)
