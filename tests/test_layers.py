@@ -207,3 +207,16 @@ def test_adapters_stand_alone_and_only_native_opens_the_engine() -> None:
                 ):
                     wrong.append(f"{module}:{line} imports the {name} adapter")
     assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_named_tuples_are_built_fast_only_through_the_checked_constructor() -> None:
+    from polybus.types import Receipt, tuple_new
+
+    with pytest.raises(TypeError, match="Receipt has 3 fields, not 4"):
+        tuple_new(Receipt, 4)
+    unchecked = [
+        f"{path.relative_to(SRC)}"
+        for path in SRC.rglob("*.py")
+        if "tuple.__new__" in path.read_text() and path.name != "types.py"
+    ]
+    assert not unchecked, f"use polybus.types.tuple_new, which checks the field count: {unchecked}"

@@ -8,8 +8,9 @@ They sit below the adapters and the facade alike, so ``message.py`` and
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from .errors import CapabilityError
 
@@ -21,6 +22,7 @@ __all__ = [
     "Start",
     "TopicSpec",
     "tombstone_refused",
+    "tuple_new",
 ]
 
 Start = Literal["earliest", "latest"]
@@ -98,3 +100,20 @@ class TopicSpec:
     retention_bytes: int | None = None
     compact: bool = False
     groups: tuple[str, ...] = field(default=())
+
+
+T = TypeVar("T", bound=tuple[Any, ...])
+
+
+def tuple_new(cls: type[T], fields: int) -> Callable[[type[T], tuple[Any, ...]], T]:
+    """``tuple.__new__``, for building the NamedTuple ``cls`` from a tuple of all its
+    ``fields`` values in a hot path: it skips the class's Python-level ``__new__``,
+    about 100 ns a record on CPython 3.11. It also skips the field-count check, so
+    this one is done here, once, at import: a field added to ``cls`` later fails
+    at once instead of building short tuples."""
+    declared = len(getattr(cls, "_fields", ()))
+    if declared != fields:
+        raise TypeError(
+            f"{cls.__name__} has {declared} fields, not {fields}: update its fast constructors"
+        )
+    return tuple.__new__

@@ -28,6 +28,7 @@ from ..errors import (
     SessionError,
     SessionStoreUnavailable,
 )
+from ..types import tuple_new
 
 __all__ = [
     "CODECS",
@@ -242,9 +243,12 @@ class _MsgpackCodec(RecordCodec):
 Head = tuple[Any, ...]
 
 
+_new_record = tuple_new(SessionRecord, 9)  # SessionRecord(...) without its Python __new__
+
+
 def with_data(head: Head, data: dict[str, Any]) -> SessionRecord:
     """The record of ``head`` with ``data``."""
-    return tuple.__new__(SessionRecord, (*head, data))
+    return _new_record(SessionRecord, (*head, data))
 
 
 def _fields(r: SessionRecord) -> list[Any]:

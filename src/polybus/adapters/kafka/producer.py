@@ -28,7 +28,7 @@ from ...errors import (
     PolybusError,
     TopicNotFound,
 )
-from ..base import OutRecord, Receipt
+from ...types import OutRecord, Receipt, tuple_new
 from .errors import _SESSION_LOST, map_error
 
 
@@ -45,7 +45,7 @@ log = logging.getLogger("polybus.kafka")
 
 _DELIVERY_GRACE = 5.0  # seconds past message.timeout.ms a delivery report may take to arrive
 _METADATA_TTL = 30.0  # seconds a topic's partition count is reused before a new lookup
-_new_tuple = tuple.__new__  # builds NamedTuples without their Python-level __new__
+_new_receipt = tuple_new(Receipt, 3)  # Receipt(...) without its Python-level __new__
 
 
 def _encoded_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, bytes]]:
@@ -255,7 +255,7 @@ class _Publisher:
             in_order: Iterable[int] = offsets[0]
         else:
             in_order = map(next, map([iter(o) for o in offsets].__getitem__, chosen))
-        receipts = map(_new_tuple, repeat(Receipt), zip(repeat(topic), chosen, in_order))
+        receipts = map(_new_receipt, repeat(Receipt), zip(repeat(topic), chosen, in_order))
         return cast(list[Receipt], list(receipts))
 
     def _failed(self, producer: Producer, topic: str, err: KafkaError) -> PolybusError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ...errors import DecodeError
+from ...types import tuple_new
 from ..base import Head, RecordCodec, SessionRecord, with_data
 
 
@@ -25,7 +26,7 @@ def item_of(record: SessionRecord, payload: bytes, data_start: int, extra: Any =
     return _new(Item, (record[2], record[5], record[1], payload, extra, record[:8], data_start))
 
 
-_new = tuple.__new__  # Item(...) without the Python-level __new__ of a NamedTuple
+_new = tuple_new(Item, 7)  # Item(...) without the Python-level __new__ of a NamedTuple
 
 
 def record_of(codec: RecordCodec, item: Item) -> SessionRecord:
