@@ -74,16 +74,21 @@ def test_header_names_are_defined_only_in_the_envelope_module() -> None:
     assert not elsewhere, f"move these header names to polybus/envelope.py: {elsewhere}"
 
 
-@pytest.mark.parametrize("module", ["polybus", "polybus.aio"])
-def test_importing_the_facade_does_not_load_the_engine(module: str) -> None:
+@pytest.mark.parametrize("module", ["polybus", "polybus.aio", "polybus.patterns"])
+@pytest.mark.parametrize("unwanted", ["polybus.log", "polybus.testing", "pytest"])
+def test_importing_the_facade_does_not_load_the_engine_or_the_test_kit(
+    module: str, unwanted: str
+) -> None:
     import subprocess
     import sys
 
-    code = f"import sys, {module}; print(sorted(m for m in sys.modules if 'polybus.log' in m))"
+    code = (
+        f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith({unwanted!r})))"
+    )
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
-    assert loaded == "[]", f"importing {module} loads the engine: {loaded}"
+    assert loaded == "[]", f"importing {module} loads {unwanted}: {loaded}"
 
 
 # -- the import contract ------------------------------------------------------------------

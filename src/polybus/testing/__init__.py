@@ -1,5 +1,8 @@
 """The conformance suite and its fixtures, shipped so every adapter runs the same tests.
 
+Install with the ``testing`` extra (``pip install 'polybus[testing]'``), which
+brings pytest; nothing else in polybus imports this package.
+
 Use it from a test package::
 
     # conftest.py
