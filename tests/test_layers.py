@@ -128,11 +128,14 @@ def layer(module: str) -> int:
 
 
 def unit(module: str) -> str:
-    """The package a private name may be shared within."""
+    """The package a private name may be shared within: an adapter's package, a
+    subpackage, or ``polybus`` for the top-level modules."""
     parts = module.split(".")
     if parts[:2] == ["polybus", "adapters"] and len(parts) > 2:
         return ".".join(parts[:3])
-    return ".".join(parts[:2]) if len(parts) > 1 else module
+    if len(parts) > 2 or (len(parts) == 2 and (SRC / parts[1]).is_dir()):
+        return ".".join(parts[:2])
+    return "polybus"
 
 
 def imports(module: str) -> list[tuple[int, str, list[str]]]:
@@ -191,14 +194,16 @@ def test_adapters_stand_alone_and_only_native_opens_the_engine() -> None:
     wrong = []
     for module in MODULES:
         for line, target, _ in imports(module):
-            if target.startswith("polybus.log") and unit(module) not in (
-                "polybus.log",
-                "polybus.adapters.native",
-                "polybus.adapters._support",  # opens the log for the native store and inbox
-                "polybus.sessions",  # the native session store, on the engine's public API
-                "polybus.patterns",  # the native inbox, likewise
-                "polybus.cli",
-                "polybus.testing",
+            if target.startswith("polybus.log") and not module.startswith(
+                (
+                    "polybus.log",
+                    "polybus.adapters.native",
+                    "polybus.adapters._support",  # opens the log for the native store and inbox
+                    "polybus.sessions",  # the native session store, on the engine's public API
+                    "polybus.patterns",  # the native inbox, likewise
+                    "polybus.cli",
+                    "polybus.testing",
+                )
             ):
                 wrong.append(f"{module}:{line} imports the engine ({target})")
             if target.startswith("polybus.log.") and unit(module) != "polybus.log":
@@ -225,3 +230,77 @@ def test_named_tuples_are_built_fast_only_through_the_checked_constructor() -> N
         if "tuple.__new__" in path.read_text() and path.name != "types.py"
     ]
     assert not unchecked, f"use polybus.types.tuple_new, which checks the field count: {unchecked}"
+
+
+def test_a_module_over_600_lines_says_why_at_its_top() -> None:
+    long = [
+        f"{path.relative_to(SRC)} ({count} lines)"
+        for path in SRC.rglob("*.py")
+        if (count := len(path.read_text().splitlines())) > 620  # about 600
+        and not path.read_text().startswith("# Over ")
+    ]
+    assert not long, f"split these, or start them with '# Over N lines because ...': {long}"
+
+
+NAMED_TUPLE_API = {"_replace", "_fields", "_asdict", "_make", "_field_defaults"}
+
+
+def private_names_defined(tree: ast.Module) -> set[str]:
+    """The ``_names`` a module defines: functions, classes, attributes it assigns,
+    module globals and slots."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    names.add(target.id)
+                if getattr(target, "id", "") == "__slots__" and isinstance(node.value, ast.Tuple):
+                    names.update(e.value for e in node.value.elts if isinstance(e, ast.Constant))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def third_party_names(tree: ast.Module) -> set[str]:
+    """Names a module binds to a client library's objects (imports and their aliases)."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if not node.module.startswith("polybus"):
+                names.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    for node in tree.body:  # one level of aliases: _E = KafkaError
+        if isinstance(node, ast.Assign) and getattr(node.value, "id", None) in names:
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_nothing_reaches_for_another_packages_private_attributes() -> None:
+    trees = {module: source(module)[1] for module in MODULES}
+    defined: dict[str, set[str]] = {}
+    for module, tree in trees.items():
+        defined.setdefault(unit(module), set()).update(private_names_defined(tree))
+    reaching = []
+    for module, tree in trees.items():
+        own, foreign = defined[unit(module)], third_party_names(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+                continue
+            base = node.value
+            while isinstance(base, ast.Attribute | ast.Call | ast.Subscript):
+                base = base.func if isinstance(base, ast.Call) else base.value
+            if (
+                node.attr.startswith("__")
+                or node.attr in NAMED_TUPLE_API | own
+                or (isinstance(base, ast.Name) and base.id in {"self", "cls", "super", *foreign})
+            ):
+                continue
+            owners = sorted(u for u, names in defined.items() if node.attr in names)
+            if owners:
+                reaching.append(f"{module}:{node.lineno} {ast.unparse(node)} ({owners})")
+    assert not reaching, "\n".join(sorted(reaching))

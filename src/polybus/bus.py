@@ -379,6 +379,11 @@ class Bus:
         """Whether :meth:`close` was called."""
         return self._closed
 
+    @property
+    def declared(self) -> frozenset[str]:
+        """The topics this bus declared (or published to, which declares them)."""
+        return frozenset(self._declared)
+
     def _check(self) -> None:
         if self._closed:
             raise ClosedError("bus is closed; connect again")

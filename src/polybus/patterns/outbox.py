@@ -127,7 +127,7 @@ class Outbox:
 
 
 def _row(message: Message, topic: str) -> tuple[Any, ...]:
-    value, content_type = message._value, message.content_type
+    value, content_type = message.value, message.content_type
     if content_type is None and type(value) is bytes:
         payload = value  # as the bus does: plain bytes travel without a content type
     else:

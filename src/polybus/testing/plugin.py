@@ -196,7 +196,7 @@ def connect(backend: BackendCase, tmp_path: Path) -> Iterator[Callable[..., poly
     for bus in reversed(buses):
         bus.close()
     if backend.name == "rabbitmq":  # exchanges and queues outlive their buses
-        for declared in {t for bus in buses for t in bus._declared}:
+        for declared in {t for bus in buses for t in bus.declared}:
             # a pattern's own topics are read by a group named like the topic
             servers.rabbitmq_delete_topic(declared, (*GROUPS, declared))
 
