@@ -27,6 +27,7 @@ from ...errors import (
     PolybusError,
     TopicNotFound,
 )
+from .._support.backoff import Backoff
 
 _E = KafkaError
 _CONNECTION = frozenset(
@@ -154,6 +155,7 @@ def _while_leaders_move(call: Callable[[], _T], timeout: float) -> _T:
     want of a partition's leader. Right after a topic is made, or while a leader moves,
     a broker can answer NOT_LEADER_FOR_PARTITION until its metadata catches up."""
     deadline = time.monotonic() + timeout
+    backoff = Backoff(first=0.1, cap=0.1, jitter=False)
     while True:
         try:
             return call()
@@ -161,7 +163,7 @@ def _while_leaders_move(call: Callable[[], _T], timeout: float) -> _T:
             err = _kafka_error(exc)
             if err is None or err.code() not in _LEADER_MOVING or time.monotonic() > deadline:
                 raise
-        time.sleep(0.1)
+        backoff.sleep(deadline)
 
 
 def _kafka_error(exc: BaseException) -> KafkaError | None:

@@ -33,6 +33,7 @@ from ...errors import (
     TopicNotFound,
 )
 from ...model import partition_for_key
+from .._support.backoff import Backoff
 from .._support.redis import map_error, retryable
 from ..base import (
     Capability,
@@ -182,7 +183,7 @@ class RedisBackend:
         ``deadline`` (default: ``reconnect_timeout`` from now); then raise ConnectionLost."""
         if deadline is None:
             deadline = time.monotonic() + self.reconnect_timeout
-        delay = 0.02
+        backoff = Backoff(first=0.02, cap=1.0)
         while True:
             try:
                 return op()
@@ -198,8 +199,7 @@ class RedisBackend:
                         f"(reconnect_timeout): {exc}"
                     ) from exc
                 self._after_failure(exc)
-                time.sleep(min(delay * (0.5 + random.random()), max(0.0, deadline - now)))
-                delay = min(delay * 2, 1.0)
+                backoff.sleep(deadline)
 
     def _after_failure(self, exc: BaseException) -> None:
         if self._cluster and isinstance(exc, rx.MovedError):

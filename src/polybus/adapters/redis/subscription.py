@@ -21,6 +21,7 @@ import redis.exceptions as rx
 from redis.connection import ConnectionPool
 
 from ...errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError, TopicNotFound
+from .._support.backoff import Backoff
 from .._support.redis import map_error, retryable
 from ..base import InRecord
 from .entries import _handle, _record
@@ -187,7 +188,7 @@ class RedisSubscription:
 
     def _fetch_retrying(self, max_records: int, timeout: float) -> list[InRecord]:
         deadline = time.monotonic() + timeout
-        delay = 0.02
+        backoff = Backoff(first=0.02, cap=1.0)
         while True:
             try:
                 records = self._fetch_once(max_records, deadline)
@@ -209,8 +210,7 @@ class RedisSubscription:
                 if now >= deadline:
                     return []
                 self._backend._after_failure(exc)
-                time.sleep(min(delay * (0.5 + random.random()), deadline - now))
-                delay = min(delay * 2, 1.0)
+                backoff.sleep(deadline)
 
     def _connection(self) -> Any:
         """This member's own connection: it may hold a prefetch, so it is not shared."""
