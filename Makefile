@@ -13,7 +13,7 @@ export UV_PYTHON_DOWNLOADS := never
 # In the order examples/README.md tells them.
 EXAMPLES := order_fanout payment_pipeline ride_matching video_pipeline judge_queue chess sessions
 
-.PHONY: demo test test-latest upgrade lint format bench compare clean services kafka
+.PHONY: demo test test-latest test-pika-oldest upgrade lint format bench compare clean services kafka
 
 $(UV):
 	$(PY) -m venv .uv
@@ -42,6 +42,17 @@ test-latest: $(UV)
 	$(UV) pip install -q --python .venv-latest/bin/python --upgrade -e . --group dev --group bench
 	touch .venv-latest/.installed-$(notdir $(PY))
 	$(MAKE) test VENV=.venv-latest
+	$(MAKE) test-pika-oldest
+
+# The RabbitMQ tests against the oldest pika the range allows: the adapter leans on pika
+# internals (adapters/rabbitmq/pika_hooks.py), so both ends of the range are tried.
+PIKA_OLDEST := 1.3.0
+test-pika-oldest: $(UV) services
+	$(UV) venv -q --allow-existing --python $(PY) .venv-pika-oldest
+	UV_PROJECT_ENVIRONMENT=.venv-pika-oldest $(UV) sync -q --locked --all-groups --python $(PY)
+	$(UV) pip install -q --python .venv-pika-oldest/bin/python "pika==$(PIKA_OLDEST)"
+	.venv-pika-oldest/bin/python -m pytest -n 4 -p no:randomly tests/test_rabbitmq.py \
+		tests/test_conformance.py tests/test_patterns.py tests/test_sessions_store.py -k rabbitmq
 
 # Move uv.lock to the newest releases within pyproject.toml's ranges; commit it after `make test`.
 upgrade: $(UV)
@@ -79,4 +90,4 @@ compare: $(STAMP) services
 	$(BIN)/python benchmarks/compare.py
 
 clean:
-	rm -rf .uv $(VENV) .venv-latest build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info
+	rm -rf .uv $(VENV) .venv-latest .venv-pika-oldest build .pytest_cache .mypy_cache .ruff_cache src/*.egg-info

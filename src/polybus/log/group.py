@@ -55,7 +55,7 @@ _not_before = operator.attrgetter("not_before_ms")
 
 
 @dataclass
-class _Owned:
+class OwnedPartition:
     """This member's view of one partition it reads."""
 
     position: int  #: next offset to read
@@ -276,7 +276,7 @@ class Consumer:
         self._unapplied: Callable[[], None] | None = None
         self._transactional = False  # the group state is marked as using transactions
         self._lock = threading.RLock()
-        self._owned: dict[int, _Owned] = {}
+        self._owned: dict[int, OwnedPartition] = {}
         self._closed = False
         self._rotate = 0
         self._last_commit = 0.0
@@ -290,7 +290,7 @@ class Consumer:
         if group is None:
             for i in range(len(topic.partitions)):
                 pos = initial_offset(topic, i, start)
-                self._owned[i] = _Owned(position=pos, committed=pos, epoch=0)
+                self._owned[i] = OwnedPartition(position=pos, committed=pos, epoch=0)
         else:
             self._gf = GroupFile(root, topic.name, group, self._topics, fsync=fsync)
             self._sync()
@@ -380,7 +380,9 @@ class Consumer:
                         if pos is None:
                             pos = commits[key] = initial_offset(self.topic, p, self.start)
                         pos = max(pos, self.topic.partitions[p].start_offset)
-                        mine = self._owned[p] = _Owned(position=pos, committed=pos, epoch=epoch)
+                        mine = self._owned[p] = OwnedPartition(
+                            position=pos, committed=pos, epoch=epoch
+                        )
                         acked = state.get("acked", {}).get(key)
                         if acked:
                             mine.skip = [r for r in acked if r[1] > pos]
@@ -543,6 +545,43 @@ class Consumer:
                 o.forget_acked = False
         self._last_commit = time.time()
         return lost
+
+    # -- the seam a Transaction works through (log/transaction.py), and nothing else --
+
+    def topic_named(self, name: str) -> Topic:
+        """Another topic of this consumer's log (a transaction's output)."""
+        return self._topics(name)
+
+    @contextmanager
+    def members_partitions(self) -> Iterator[dict[int, OwnedPartition]]:
+        """Hold this member's lock; yield the partitions it owns (partition -> state),
+        which the caller may settle records of and drop lost ones from."""
+        with self._lock:
+            yield self._owned
+
+    @contextmanager
+    def group_locked(self, what: str) -> Iterator[tuple[dict[int, OwnedPartition], dict[str, Any]]]:
+        """Hold this member's lock and the group's (write-back left to the caller),
+        with any transaction the lock's recovery completed applied here; yield the owned
+        partitions and the group state. ClosedError saying ``what`` when closed."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"consumer is closed; {what}")
+            assert self._gf is not None
+            with self._gf.locked(write_back=False) as state:
+                self._catch_up()
+                yield self._owned, state
+
+    @property
+    def group_file(self) -> GroupFile:
+        """The group's state file (transactions record their intent in it)."""
+        assert self._gf is not None
+        return self._gf
+
+    def apply_later(self, apply: Callable[[], None] | None) -> None:
+        """Under :meth:`group_locked`: have the next lock of the group run ``apply``
+        here (a recorded transaction whose commit may yet fail), or forget it (None)."""
+        self._unapplied = apply
 
     def transaction(self) -> Transaction:
         """Begin a :class:`~polybus.log.transaction.Transaction`: appends to any topics of

@@ -85,7 +85,7 @@ from .format import (
 )
 
 if TYPE_CHECKING:
-    from .group import Consumer, GroupFile, _Owned
+    from .group import Consumer, GroupFile, OwnedPartition
     from .partition import Partition
 
 __all__ = ["Transaction"]
@@ -250,7 +250,7 @@ class Transaction:
         self._consumer = consumer
         self._outputs: dict[tuple[str, int], _Outputs] = {}
         #: (partition, offset) -> the record and the ownership it was polled under
-        self._acks: dict[tuple[int, int], tuple[Record, _Owned]] = {}
+        self._acks: dict[tuple[int, int], tuple[Record, OwnedPartition]] = {}
         self._lost: set[int] = set()  # partitions of acked records lost before commit
         self._done = False
 
@@ -273,7 +273,7 @@ class Transaction:
         Raises TopicNotFound for a topic that does not exist, ClosedError once spent.
         """
         self._check()
-        t = self._consumer._topics(topic)
+        t = self._consumer.topic_named(topic)
         p = t.partition_for(key)
         staged = self._outputs.get((topic, p))
         if staged is None:
@@ -294,10 +294,9 @@ class Transaction:
         here (already settled, or polled by another consumer).
         """
         self._check()
-        c = self._consumer
-        with c._lock:
+        with self._consumer.members_partitions() as owned:
             for rec in records:
-                o = c._owned.get(rec.partition)
+                o = owned.get(rec.partition)
                 if o is None:
                     self._lost.add(rec.partition)
                 elif o.inflight.get(rec.offset) is rec:
@@ -330,36 +329,31 @@ class Transaction:
         c = self._consumer
         try:
             batches = self._encode(txn)
-            with c._lock:
-                if c._closed:
-                    raise ClosedError("consumer is closed; nothing was committed")
-                assert c._gf is not None
-                gf = c._gf
-                with gf.locked(write_back=False) as state:  # the intent records the state
-                    if "txn" not in state:
-                        raise FencedError(
-                            f"the state of group {c.group!r} was reset meanwhile; nothing was "
-                            "committed"
-                        )
-                    c._catch_up()
-                    self._check_owned(state)
-                    commits, acked, apply_here = self._plan(state)
-                    outputs: list[list[Any]] = []
-                    with ExitStack() as stack:
-                        for (topic, p), part, batch in batches:
-                            end = stack.enter_context(part.exclusive())
-                            outputs.append([topic, p, rebase_batch(batch, end)])
-                        intent = Intent(txn, commits, acked, outputs)
-                        written = write_intent(gf, intent)
-                        recorded = True
-                        c._unapplied = apply_here  # if what follows fails, the next lock does it
-                        for ((_topic, _p), part, _b), (_t, _q, batch) in zip(
-                            batches, outputs, strict=True
-                        ):
-                            part.append_encoded(batch)
-                    gf.last_intent, gf.last_written = intent, written
-                    c._unapplied = None
-                    apply_here()
+            # the group's state is written back by the intent, not by the lock
+            with c.group_locked("nothing was committed") as (owned, state):
+                gf = c.group_file
+                if "txn" not in state:
+                    raise FencedError(
+                        f"the state of group {c.group!r} was reset meanwhile; nothing was committed"
+                    )
+                self._check_owned(owned, state)
+                commits, acked, apply_here = self._plan(owned, state)
+                outputs: list[list[Any]] = []
+                with ExitStack() as stack:
+                    for (topic, p), part, batch in batches:
+                        end = stack.enter_context(part.exclusive())
+                        outputs.append([topic, p, rebase_batch(batch, end)])
+                    intent = Intent(txn, commits, acked, outputs)
+                    written = write_intent(gf, intent)
+                    recorded = True
+                    c.apply_later(apply_here)  # if what follows fails, the next lock does it
+                    for ((_topic, _p), part, _b), (_t, _q, batch) in zip(
+                        batches, outputs, strict=True
+                    ):
+                        part.append_encoded(batch)
+                gf.last_intent, gf.last_written = intent, written
+                c.apply_later(None)
+                apply_here()
         except BaseException:
             if not recorded:
                 self._redeliver()
@@ -380,14 +374,14 @@ class Transaction:
             out.append((where, s.partition, batch))
         return out
 
-    def _check_owned(self, state: dict[str, Any]) -> None:
+    def _check_owned(self, owned: dict[int, OwnedPartition], state: dict[str, Any]) -> None:
         """Under both locks: raise FencedError (forgetting lost partitions) if this member
         no longer owns the partition of an acked record with the epoch it polled it."""
         c = self._consumer
         owners = state["owners"]
         lost = set(self._lost)
         for (p, offset), (rec, o) in self._acks.items():
-            if c._owned.get(p) is not o or owners.get(str(p)) != [c.member_id, o.epoch]:
+            if owned.get(p) is not o or owners.get(str(p)) != [c.member_id, o.epoch]:
                 lost.add(p)
             elif o.inflight.get(offset) is not rec:
                 raise ConfigurationError(
@@ -397,16 +391,16 @@ class Transaction:
         if not lost:
             return
         for p in lost:
-            mine = c._owned.get(p)
+            mine = owned.get(p)
             if mine is not None and owners.get(str(p)) != [c.member_id, mine.epoch]:
-                del c._owned[p]
+                del owned[p]
         raise FencedError(
             f"partitions {sorted(lost)} of {c.topic.name!r} now belong to another member of "
             f"group {c.group!r}; nothing was committed and their records go to that member"
         )
 
     def _plan(
-        self, state: dict[str, Any]
+        self, owned: dict[int, OwnedPartition], state: dict[str, Any]
     ) -> tuple[dict[str, int], dict[str, list[list[int]]], Callable[[], None]]:
         """Under both locks: the group's committed offsets and acked ranges once this
         transaction is applied, and the function that settles its acked records here."""
@@ -415,9 +409,9 @@ class Transaction:
             by_partition.setdefault(p, []).append(offset)
         commits: dict[str, int] = dict(state["commits"])
         acked: dict[str, list[list[int]]] = dict(state.get("acked", {}))
-        settle: list[tuple[_Owned, list[int], int]] = []
+        settle: list[tuple[OwnedPartition, list[int], int]] = []
         for p, offsets in by_partition.items():
-            o = self._consumer._owned[p]
+            o = owned[p]
             staged = set(offsets)
             low = o.position
             rest = [k for k in o.inflight if k not in staged]
@@ -447,10 +441,9 @@ class Transaction:
 
     def _redeliver(self) -> None:
         """Give the staged acks' records back to this member (attempt + 1)."""
-        c = self._consumer
-        with c._lock:
+        with self._consumer.members_partitions() as owned:
             for (p, offset), (rec, o) in self._acks.items():
-                if c._owned.get(p) is o and o.inflight.get(offset) is rec:
+                if owned.get(p) is o and o.inflight.get(offset) is rec:
                     del o.inflight[offset]
                     rec.attempt += 1
                     o.redeliver.append(rec)
