@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass
 
 from ..errors import ClosedError, ConfigurationError, TopicNotFound
 from ..model import check_name, partition_for_key
+from ..types import Start
 from .format import Headers
-from .group import Consumer, Start, ensure_group, group_lag
+from .group import Consumer
+from .groupfile import ensure_group, group_lag
 from .partition import FsyncPolicy, Partition, PartitionConfig
 from .producer import Producer
 

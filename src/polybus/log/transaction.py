@@ -85,7 +85,8 @@ from .format import (
 )
 
 if TYPE_CHECKING:
-    from .group import Consumer, GroupFile, OwnedPartition
+    from .group import Consumer
+    from .groupfile import GroupFile, OwnedPartition
     from .partition import Partition
 
 __all__ = ["Transaction"]
