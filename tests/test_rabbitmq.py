@@ -213,6 +213,24 @@ def test_deliveries_cut_from_the_stream_match_what_pika_decodes(
     }
 
 
+def test_deliveries_pika_decodes_keep_the_brokers_integer_headers(
+    connect: Callable[..., polybus.Bus], topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every delivery left to pika, a new group is still filled from the history and a
+    seek still reads stream offsets: pika decodes x-stream-offset into an int type of its own,
+    which must stay an int."""
+    monkeypatch.setattr(rabbitmq, "_cut_deliveries", lambda buf, sinks: 0)
+    bus = connect()
+    bus.declare(topic)
+    bus.publish_many(topic, list(range(3)))
+    with bus.subscribe(topic, "g", start="earliest") as sub:  # copies the history into g
+        assert [d.message.value for d in drain(sub, 3)] == list(range(3))
+        sub.seek(0, timestamp=0.0)
+        replayed = drain(sub, 3)
+    assert [d.message.value for d in replayed] == list(range(3))
+    assert all(isinstance(d.offset, int) for d in replayed)  # stream offsets
+
+
 def test_deliveries_are_cut_only_when_whole() -> None:
     """Split a stream of frames at every byte: each delivery comes out once, whole, in order,
     and every other frame is left to pika."""

@@ -592,8 +592,8 @@ def _via_pika(sink: _Sink) -> Callable[[Any, Any, Any, bytes], None]:
 
     def deliver(_channel: Any, method: Any, properties: Any, body: bytes) -> None:
         if properties.headers:  # as text what pika decodes but cannot encode (floats)
-            properties.headers = {
-                k: v if type(v) in (str, bytes, int, bool) else _text(v)
+            properties.headers = {  # an int stays one, in pika's own int type too (a long)
+                k: v if isinstance(v, (str, bytes, int)) else _text(v)
                 for k, v in properties.headers.items()
             }
         key = method.routing_key
