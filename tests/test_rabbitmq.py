@@ -20,6 +20,7 @@ import polybus
 from polybus import CapabilityError, ConfigurationError, Delivery, Message
 from polybus.adapters import rabbitmq
 from polybus.adapters.base import OutRecord
+from polybus.adapters.rabbitmq import pika_hooks, publisher, wire
 from polybus.testing import servers
 from polybus.testing.conformance import drain
 from polybus.testing.plugin import require_server, with_options
@@ -174,7 +175,7 @@ def test_deliveries_cut_from_the_stream_match_what_pika_decodes(
         ),
     )
     through_pika = 0
-    via_pika = rabbitmq._via_pika
+    via_pika = pika_hooks._via_pika
 
     def counting(sink: Any) -> Callable[..., None]:
         deliver = via_pika(sink)
@@ -186,7 +187,7 @@ def test_deliveries_cut_from_the_stream_match_what_pika_decodes(
 
         return count
 
-    monkeypatch.setattr(rabbitmq, "_via_pika", counting)
+    monkeypatch.setattr(pika_hooks, "_via_pika", counting)
 
     def read(group: str) -> list[tuple[Any, ...]]:
         with bus.subscribe(topic, group) as sub:
@@ -195,7 +196,7 @@ def test_deliveries_cut_from_the_stream_match_what_pika_decodes(
 
     cut = read("g")
     assert through_pika == 1  # only the big one in pieces
-    monkeypatch.setattr(rabbitmq, "_cut_deliveries", lambda buf, sinks: 0)
+    monkeypatch.setattr(pika_hooks, "_cut_deliveries", lambda buf, sinks: 0)
     assert read("h") == cut
     assert through_pika == 6
     assert [r[1] for r in cut] == [b'{"a":1}', b"", b"m" * 100_000, b"b" * 300_000, b"p"]
@@ -213,14 +214,32 @@ def test_deliveries_cut_from_the_stream_match_what_pika_decodes(
     }
 
 
+def test_deliveries_pika_decodes_keep_the_brokers_integer_headers(
+    connect: Callable[..., polybus.Bus], topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every delivery left to pika, a new group is still filled from the history and a
+    seek still reads stream offsets: pika decodes x-stream-offset into an int type of its own,
+    which must stay an int."""
+    monkeypatch.setattr(pika_hooks, "_cut_deliveries", lambda buf, sinks: 0)
+    bus = connect()
+    bus.declare(topic)
+    bus.publish_many(topic, list(range(3)))
+    with bus.subscribe(topic, "g", start="earliest") as sub:  # copies the history into g
+        assert [d.message.value for d in drain(sub, 3)] == list(range(3))
+        sub.seek(0, timestamp=0.0)
+        replayed = drain(sub, 3)
+    assert [d.message.value for d in replayed] == list(range(3))
+    assert all(isinstance(d.offset, int) for d in replayed)  # stream offsets
+
+
 def test_deliveries_are_cut_only_when_whole() -> None:
     """Split a stream of frames at every byte: each delivery comes out once, whole, in order,
     and every other frame is left to pika."""
 
     def deliver(channel: int, tag: int, routing_key: str, body: bytes) -> bytes:
-        _, content = rabbitmq._content(OutRecord(body, headers=(("polybus-id", f"m{tag}"),)))
+        _, content = wire._content(OutRecord(body, headers=(("polybus-id", f"m{tag}"),)))
         method = pika.spec.Basic.Deliver(f"ctag{channel}", tag, tag % 2 == 0, "ex", routing_key)
-        head = rabbitmq._HEADER_FRAME.pack(2, channel, len(content) + 12, 60, 0, len(body))
+        head = wire._HEADER_FRAME.pack(2, channel, len(content) + 12, 60, 0, len(body))
         bodies = [
             pika.frame.Body(channel, body[i : i + 100]).marshal() for i in range(0, len(body), 100)
         ]
@@ -260,8 +279,8 @@ def test_deliveries_are_cut_only_when_whole() -> None:
         for chunk in (stream[:cut], stream[cut:]):
             buf += chunk
             while buf:  # as _Connection._on_data_available does
-                used = rabbitmq._cut_deliveries(buf, sinks)
-                if used == rabbitmq._WAIT:
+                used = wire._cut_deliveries(buf, sinks)
+                if used == wire._WAIT:
                     break
                 if not used:
                     used, frame = pika.frame.decode_frame(buf)
@@ -513,7 +532,7 @@ def test_publishing_keeps_a_window_of_unconfirmed_messages(
 ) -> None:
     writes = 0
     peak = 0
-    flush, confirmed = rabbitmq._FrameWriter.flush, rabbitmq._Publisher._confirmed
+    flush, confirmed = publisher._FrameWriter.flush, publisher._Publisher._confirmed
 
     def counting_flush(self: Any) -> None:
         nonlocal writes
@@ -525,8 +544,8 @@ def test_publishing_keeps_a_window_of_unconfirmed_messages(
         peak = max(peak, len(self._inflight))
         confirmed(self, channel, frame)
 
-    monkeypatch.setattr(rabbitmq._FrameWriter, "flush", counting_flush)
-    monkeypatch.setattr(rabbitmq._Publisher, "_confirmed", watching_confirmed)
+    monkeypatch.setattr(publisher._FrameWriter, "flush", counting_flush)
+    monkeypatch.setattr(publisher._Publisher, "_confirmed", watching_confirmed)
     bus = connect(confirm_window=500)
     bus.declare(topic, groups=["g"])
     count = 3000
@@ -839,7 +858,7 @@ def test_an_ephemeral_subscriber_catches_up_after_a_connection_cut(
 def test_content_properties_as_pika_reads_them(
     record: OutRecord, routing_key: str, expected: dict[str, Any]
 ) -> None:
-    key, content = rabbitmq._content(record)
+    key, content = wire._content(record)
     properties = pika.BasicProperties()
     properties.decode(content)
     assert key == routing_key
@@ -862,13 +881,13 @@ def test_a_header_name_too_long_for_amqp_is_refused(
 def test_publishing_without_the_frame_writer_shortcut(
     connect: Callable[..., polybus.Bus], topic: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    init = rabbitmq._FrameWriter.__init__
+    init = publisher._FrameWriter.__init__
 
     def without_emit(self: Any, channel: Any, mandatory: bool) -> None:
         init(self, channel, mandatory)
         self._emit = None  # as if pika lacked _adapter_emit_data
 
-    monkeypatch.setattr(rabbitmq._FrameWriter, "__init__", without_emit)
+    monkeypatch.setattr(publisher._FrameWriter, "__init__", without_emit)
     bus = connect()
     bus.declare(topic, groups=["g"])
     sent = [Message(i, key=f"k{i}", headers={"h": str(i)}) for i in range(50)]
