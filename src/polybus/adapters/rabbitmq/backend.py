@@ -18,11 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pika  # type: ignore[import-untyped]
 import pika.exceptions as pex  # type: ignore[import-untyped]
 
+from ...envelope import MESSAGE_ID
 from ...errors import (
     BrokerUnreachable,
     CapabilityError,
@@ -31,10 +31,8 @@ from ...errors import (
     ConnectionLost,
     MessageTooLarge,
     PolybusError,
-    redact_url,
 )
-from ...message import MESSAGE_ID
-from .._support import connect_timeout, ensure_reachable
+from .._support import Options, connect_timeout, ensure_reachable
 from ..base import (
     Capability,
     OutRecord,
@@ -71,54 +69,25 @@ _OPTIONS = (
 )
 
 
-def _number(options: dict[str, str], name: str, default: float, url: str) -> float:
-    try:
-        value = float(options.get(name, default))
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number in {redact_url(url)!r}") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be positive in {redact_url(url)!r}")
-    return value
-
-
 def from_url(url: str) -> RabbitMQBackend:
     """Connect to the broker ``url`` names: ``amqp[s]://user:password@host:port/vhost?options``."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("amqp", "amqps"):
-        raise ConfigurationError(
-            f"not a RabbitMQ URL: {redact_url(url)!r}; use amqp:// or amqps://"
-        )
-    ours: dict[str, str] = {}
-    theirs: list[tuple[str, str]] = []
-    unknown: list[str] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in _OPTIONS:
-            ours[name] = value
-        elif name in URL_OPTIONS:
-            theirs.append((name, value))
-        else:
-            unknown.append(name)
-    if unknown:
-        raise ConfigurationError(
-            f"unknown option(s) {sorted(unknown)} in {redact_url(url)!r}; "
-            f"known: {', '.join(sorted(_OPTIONS + URL_OPTIONS))}"
-        )
+    options = Options(url, ours=_OPTIONS, passes=URL_OPTIONS, what="RabbitMQ")
+    if options.parts.scheme.lower() not in ("amqp", "amqps"):
+        raise options.error("not a RabbitMQ URL: use amqp:// or amqps://")
     try:
-        parameters = pika.URLParameters(urlunsplit(parts._replace(query=urlencode(theirs))))
+        parameters = pika.URLParameters(options.passed_url())
     except (ValueError, TypeError) as exc:
-        raise ConfigurationError(f"bad RabbitMQ URL {redact_url(url)!r}: {exc}") from None
-    history = ours.get("history", "true").lower()
-    if history not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        raise ConfigurationError(f"history must be true or false in {redact_url(url)!r}")
-    timeout = connect_timeout(ours.get("connect_timeout"))
+        raise options.error(str(exc)) from None
+    timeout = connect_timeout(options.text("connect_timeout", "") or None)
     ensure_reachable("RabbitMQ", [(parameters.host, parameters.port)], timeout)
+    queue_type = options.text("queue_type", "") or None
     return RabbitMQBackend(
         parameters,
-        reconnect_timeout=_number(ours, "reconnect_timeout", 30.0, url),
-        queue_type=ours.get("queue_type"),
-        prefetch=int(_number(ours, "prefetch", 1000, url)),
-        confirm_window=int(_number(ours, "confirm_window", 1000, url)),
-        history=history in ("true", "1", "yes", "on"),
+        reconnect_timeout=options.seconds("reconnect_timeout", 30.0),
+        queue_type=queue_type,
+        prefetch=options.number("prefetch", 1000, minimum=1),
+        confirm_window=options.number("confirm_window", 1000, minimum=1),
+        history=options.flag("history", True),
         # the broker answered TCP; a healthy one then opens in milliseconds
         handshake_timeout=max(timeout, _HANDSHAKE_TIMEOUT),
     )

@@ -23,6 +23,7 @@ import pika.exceptions as pex  # type: ignore[import-untyped]
 from pika.adapters.select_connection import IOLoop  # type: ignore[import-untyped]
 
 from ...errors import ClosedError, ConnectionLost, PolybusError
+from .._support.backoff import Backoff
 from .errors import _CONNECTION_ERRORS, _describe, _refused, map_error
 from .names import BINDING_KEY, EXCHANGE_TYPE
 from .pika_hooks import _Connection
@@ -31,7 +32,6 @@ log = logging.getLogger(__package__)  # the adapter's logger: polybus.adapters.r
 
 T = TypeVar("T")
 
-_MIN_BACKOFF, _MAX_BACKOFF = 0.05, 2.0
 _BUS_CLOSED = "bus is closed; connect again"
 _CLOSE_WAIT = 5.0  # how long closing waits for the broker's close-ok
 
@@ -203,7 +203,7 @@ class _Link:
         self.server_version: tuple[int, ...] = ()
         self._parameters = parameters
         self._declarations = declarations
-        self._backoff = _MIN_BACKOFF
+        self._backoff = Backoff(first=0.05, cap=2.0)
         self._ever_opened = False
         self._closing = False
         self._closed: Future[None] = Future()
@@ -264,15 +264,14 @@ class _Link:
             self._on_open_error(None, exc)
 
     def _retry(self) -> None:
-        self.loop.later(self._backoff, self._connect)
-        self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+        self.loop.later(self._backoff.next_delay(), self._connect)
 
     def _on_open(self, connection: Any) -> None:
         if self._closing:
             connection.close()
             return
         self.connection = connection
-        self._backoff = _MIN_BACKOFF
+        self._backoff.reset()
         self.server_version = _version(connection.server_properties)
         self._declarations.replay(connection, lambda: self._ready(connection))
 

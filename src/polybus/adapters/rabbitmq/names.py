@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...envelope import RABBITMQ_KEY, RABBITMQ_REPLAY_END
 from ...errors import ConfigurationError
 
-#: a binary or long key travels base64-encoded in this header (routing keys are short text)
-KEY_HEADER = "polybus-key"
-#: marks the end of a replay; polybus readers of a history stream skip these
-MARKER_HEADER = "polybus-replay-end"
+KEY_HEADER = RABBITMQ_KEY  #: a binary or long key, base64-encoded (see polybus.envelope)
+MARKER_HEADER = RABBITMQ_REPLAY_END  #: the end of a replay (see polybus.envelope)
 
 DEFAULT_HISTORY_AGE_S = 7 * 24 * 3600
 

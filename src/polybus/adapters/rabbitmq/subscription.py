@@ -30,6 +30,7 @@ import pika.exceptions as pex  # type: ignore[import-untyped]
 import pika.spec  # type: ignore[import-untyped]
 from pika.data import decode_value  # type: ignore[import-untyped]
 
+from ...envelope import CONTENT_TYPE, CORRELATION_ID, MESSAGE_ID, TIMESTAMP
 from ...errors import (
     CapabilityError,
     ClosedError,
@@ -37,7 +38,6 @@ from ...errors import (
     ConnectionLost,
     PolybusError,
 )
-from ...message import CONTENT_TYPE, CORRELATION_ID, MESSAGE_ID, TIMESTAMP
 from ..base import InRecord
 from .errors import _describe, _reply, map_error
 from .link import _CLOSE_WAIT, _Link, _wait

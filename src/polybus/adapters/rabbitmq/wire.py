@@ -15,14 +15,14 @@ import base64
 import functools
 import struct
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pika  # type: ignore[import-untyped]
 import pika.spec  # type: ignore[import-untyped]
 
+from ...envelope import CONTENT_TYPE, CORRELATION_ID, MESSAGE_ID
 from ...errors import ConfigurationError
-from ...message import CONTENT_TYPE, CORRELATION_ID, MESSAGE_ID
 from ..base import OutRecord
 from .names import KEY_HEADER
 
@@ -231,7 +231,8 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     if isinstance(value, datetime):
-        return value.isoformat()
+        # an AMQP timestamp is UTC; pika before 1.4 decodes it without saying so
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
