@@ -173,3 +173,17 @@ def test_redact_url_keeps_all_but_the_secrets() -> None:
         "kafka://h:9092?ssl.key.password=***&linger.ms=5"
     )
     assert redact_url("native:///var/lib/bus") == "native:///var/lib/bus"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"kafka://u:{SECRET}@127.0.0.1:1,127.0.0.1:2?connect_timeout=0.2",
+        f"redis://:{SECRET}@127.0.0.1:1,127.0.0.1:2/0?cluster=true&connect_timeout=0.2",
+    ],
+)
+def test_a_url_naming_several_hosts_is_tried_not_refused(url: str) -> None:
+    with pytest.raises(polybus.BrokerUnreachable) as refused:
+        polybus.connect(url)
+    assert "127.0.0.1:2" in str(refused.value)  # every host was tried
+    assert SECRET not in str(refused.value)

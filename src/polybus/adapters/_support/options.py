@@ -53,10 +53,10 @@ class Options:
         self.shown = redact_url(url)  #: the URL as messages show it
         try:
             self.parts: SplitResult = urlsplit(url)
-            self.parts.port  # noqa: B018  # a bad port raises here, not deep in a client
+            if "," not in self.parts.netloc:  # one host: a bad port raises here, not in a client
+                self.parts.port  # noqa: B018
         except ValueError as exc:
-            shown = f"bad {what + ' ' if what else ''}URL {self.shown!r}"
-            raise ConfigurationError(f"{shown}: {_redacted(exc, url)}") from None
+            raise self.error(_redacted(exc, url)) from None
         accepts = passes if callable(passes) else passes.__contains__
         self._ours: dict[str, str] = {}
         self.passed: list[tuple[str, str]] = []  #: options for the client library, in order
