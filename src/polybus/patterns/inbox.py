@@ -338,9 +338,10 @@ class RedisInbox:
     ) -> None:
         import redis as redis_module
 
-        from ..adapters._support.redis import client_options, map_error, open_client
+        from ..adapters._support.redis import client_options, map_error, open_client, redis_errors
 
         self._map_error = map_error
+        self._redis_errors = redis_errors
         self._errors = (redis_module.RedisError, OSError)
         if "{" in prefix or "}" in prefix:
             raise ConfigurationError(f"the key prefix {prefix!r} must not contain '{{' or '}}'")
@@ -373,11 +374,9 @@ class RedisInbox:
         entry = (group, message_id)
         self._in_flight.enter(entry)
         try:
-            try:
+            with self._redis_errors():
                 if self.client.exists(key):
                     return False, None
-            except self._errors as exc:
-                raise self._map_error(exc) from exc
             result = handler()
             try:
                 self.client.set(key, b"1", px=self._ttl_ms)

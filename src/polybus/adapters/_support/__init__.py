@@ -5,6 +5,8 @@ each write with their own rules.
   whose every error names the option and shows the URL with its secrets hidden;
 - :mod:`.connect`: the connect deadline and the "is anybody there" check;
 - :mod:`.backoff`: the one back-off every retry and reconnect loop waits with;
+- :mod:`.errors`: the one shape of error mapping, a context manager per client library
+  (``kafka_errors``, ``amqp_errors``, ``redis_errors``) built on its ``map_error``;
 - :mod:`.redis` and :mod:`.native`: one way to open a Redis client and the native
   engine's log from a URL, and redis-py's errors as polybus errors.
 

@@ -26,9 +26,18 @@ from ...errors import (
     TopicNotFound,
 )
 from .connect import connect_timeout, ensure_reachable
+from .errors import mapped_errors
 from .options import Options
 
-__all__ = ["SCHEMES", "Client", "client_options", "map_error", "open_client", "retryable"]
+__all__ = [
+    "SCHEMES",
+    "Client",
+    "client_options",
+    "map_error",
+    "open_client",
+    "redis_errors",
+    "retryable",
+]
 
 Client = redis.Redis | redis.cluster.RedisCluster
 SCHEMES = ("redis", "rediss", "redis+sentinel")
@@ -185,3 +194,7 @@ def map_error(exc: BaseException) -> PolybusError:
     ):
         return ConnectionLost(f"Redis is unreachable ({name}): {text}")
     return PolybusError(f"Redis client error ({type(exc).__module__}.{name}): {text}")
+
+
+#: ``with redis_errors():`` around a call into redis-py maps what it raises
+redis_errors = mapped_errors(map_error, rx.RedisError, OSError)

@@ -35,7 +35,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from ...errors import ClosedError, ConfigurationError, PolybusError, TopicNotFound
 from .._support.options import parse_flag
 from ..base import Capability, Start, Subscription, TopicSpec
-from .errors import _kafka_error, _while_leaders_move, map_error
+from .errors import _kafka_error, _while_leaders_move, kafka_errors, map_error
 from .producer import _DELIVERY_GRACE, _METADATA_TTL, _librdkafka_chooses, _Publisher, murmur2
 from .subscription import KafkaSubscription
 from .transactions import KafkaTransaction
@@ -191,10 +191,8 @@ class KafkaBackend(_Publisher):
     def _admin_client(self) -> AdminClient:
         with self._lock:
             if self._admin is None:
-                try:
+                with kafka_errors():
                     self._admin = AdminClient(self._client_config())
-                except KafkaException as exc:
-                    raise map_error(exc) from exc
             return self._admin
 
     def _check(self) -> None:
@@ -255,10 +253,8 @@ class KafkaBackend(_Publisher):
         TopicNotFound if it does not show within the reconnect timeout."""
         deadline = time.monotonic() + self.reconnect_timeout
         while True:
-            try:
+            with kafka_errors():
                 metadata = self._admin_client().list_topics(topic, timeout=self.reconnect_timeout)
-            except KafkaException as exc:
-                raise map_error(exc) from exc
             found = metadata.topics.get(topic)
             if (
                 found is not None

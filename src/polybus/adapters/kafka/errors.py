@@ -28,6 +28,7 @@ from ...errors import (
     TopicNotFound,
 )
 from .._support.backoff import Backoff
+from .._support.errors import mapped_errors
 
 _E = KafkaError
 _CONNECTION = frozenset(
@@ -232,3 +233,7 @@ def _map_class(exc: BaseException) -> PolybusError:
     if isinstance(exc, TypeError | ValueError):
         return ConfigurationError(text)
     return PolybusError(text)
+
+
+#: ``with kafka_errors():`` around a call into confluent-kafka maps what it raises
+kafka_errors = mapped_errors(map_error, KafkaException)

@@ -30,7 +30,7 @@ from confluent_kafka import (
 from ...errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError, TopicNotFound
 from ..base import InRecord, Start
 from .acks import _Partition
-from .errors import _CONFIG, _NOT_FOUND, _while_leaders_move, map_error
+from .errors import _CONFIG, _NOT_FOUND, _while_leaders_move, kafka_errors, map_error
 from .transactions import _TransactionalMember
 
 if TYPE_CHECKING:
@@ -92,10 +92,8 @@ class KafkaSubscription(_TransactionalMember):
         config = {**config, "error_cb": self._on_error}
         if group is not None:
             config["on_commit"] = self._on_commit
-        try:
+        with kafka_errors():
             self._consumer = Consumer(config)
-        except KafkaException as exc:
-            raise map_error(exc) from exc
         try:
             if group is None:
                 self._assign_all(start)
@@ -414,7 +412,7 @@ class KafkaSubscription(_TransactionalMember):
                 f"(assigned: {sorted(self._partitions)}); seek after it is assigned"
             )
         target = TopicPartition(self._topic, partition, OFFSET_END)
-        try:
+        with kafka_errors():
             if offset is None:
                 found = self._consumer.offsets_for_times(
                     [TopicPartition(self._topic, partition, cast(int, timestamp_ms))],
@@ -427,8 +425,6 @@ class KafkaSubscription(_TransactionalMember):
             else:
                 target.offset = offset
             self._consumer.seek(target)
-        except KafkaException as exc:
-            raise map_error(exc) from exc
         known = target.offset if target.offset >= 0 else None
         with self._lock:
             old.live = False
@@ -440,7 +436,7 @@ class KafkaSubscription(_TransactionalMember):
         group-less reader: not yet read, per partition)."""
         self._check()
         consumer, topic, timeout = self._consumer, self._topic, self._reconnect_timeout
-        try:
+        with kafka_errors():
             if self._group is None:
                 positions = {}
                 with self._lock:
@@ -459,8 +455,6 @@ class KafkaSubscription(_TransactionalMember):
                 low, high = self._watermarks(tp)
                 lags[tp.partition] = max(0, high - (tp.offset if tp.offset >= 0 else low))
             return lags
-        except KafkaException as exc:
-            raise map_error(exc) from exc
 
     def _finish_join(self) -> None:
         """Wait (at most a session timeout) for a join in flight to complete.

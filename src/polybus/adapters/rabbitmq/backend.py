@@ -41,7 +41,7 @@ from ..base import (
     TopicSpec,
     tombstone_refused,
 )
-from .errors import _declare_error, _describe, _reply, map_error
+from .errors import _declare_error, _describe, _reply, amqp_errors
 from .link import _BUS_CLOSED, _Control, _Declarations, _Link, _Loop, _run_op, _wait
 from .names import (
     _check_name,
@@ -355,14 +355,13 @@ class RabbitMQBackend:
         self._declarations.add(op)
 
     def _exists(self, invoke: Callable[[Any, Callable[[Any], None]], None]) -> bool:
-        try:
-            self._control.call(invoke)
-        except pex.ChannelClosedByBroker as exc:
-            if _reply(exc)[0] == 404:
-                return False
-            raise map_error(exc) from exc
-        except pex.AMQPError as exc:
-            raise map_error(exc) from exc
+        with amqp_errors():
+            try:
+                self._control.call(invoke)
+            except pex.ChannelClosedByBroker as exc:
+                if _reply(exc)[0] == 404:
+                    return False
+                raise
         return True
 
     # publishing

@@ -17,6 +17,7 @@ from ...errors import (
     PolybusError,
     TopicNotFound,
 )
+from .._support.errors import mapped_errors
 
 _CONNECTION_ERRORS = (
     pex.AMQPConnectionError,
@@ -139,3 +140,7 @@ def _declare_error(exc: BaseException, what: str) -> PolybusError:
     if isinstance(error, ConfigurationError):
         return ConfigurationError(f"cannot declare the {what}: {error}")
     return error
+
+
+#: ``with amqp_errors():`` around a call into pika maps what it raises
+amqp_errors = mapped_errors(map_error, pex.AMQPError)
