@@ -48,7 +48,7 @@ _EXAMPLES: dict[Kind, str] = {
 
 
 class _Entry(NamedTuple):
-    target: str  #: "module:function"
+    target: str | Callable[..., Any]  #: the opener, or its "module:function" path
     client: str | None = None  #: the third-party module it needs
     extra: str | None = None  #: the pip extra that installs it
 
@@ -109,18 +109,7 @@ def register(
     if not callable(target) and ":" not in target:
         raise ConfigurationError(f"register {scheme!r} with a callable or 'module:function'")
     with _lock:
-        _entries[kind][scheme.lower()] = _Entry(
-            target if isinstance(target, str) else _remember(target), client
-        )
-
-
-_callables: dict[str, Callable[..., Any]] = {}
-
-
-def _remember(target: Callable[..., Any]) -> str:
-    key = f"<callable {id(target)}>"
-    _callables[key] = target
-    return key
+        _entries[kind][scheme.lower()] = _Entry(target, client)
 
 
 def schemes(kind: Kind) -> list[str]:
@@ -161,12 +150,12 @@ def opener(kind: Kind, url: str) -> Callable[..., Any]:
         try:
             importlib.import_module(entry.client)
         except ImportError as exc:
+            install = f"polybus[{entry.extra}]" if entry.extra else entry.client
             raise BackendUnavailable(
-                f"the {scheme}:// {_NOUN[kind]} needs {entry.client!r}: "
-                f"pip install 'polybus[{entry.extra}]'"
+                f"the {scheme}:// {_NOUN[kind]} needs {entry.client!r}: pip install '{install}'"
             ) from exc
-    if entry.target in _callables:
-        return _callables[entry.target]
+    if callable(entry.target):
+        return entry.target
     module_name, _, path = entry.target.partition(":")
     found: Any = importlib.import_module(module_name)
     for name in path.split("."):
