@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 import polybus
 from polybus import ConfigurationError
 from polybus.errors import redact_url
-from polybus.patterns.inbox import NativeInbox, RedisInbox
+from polybus.patterns.inbox import NativeInbox, RedisInbox, SqlInbox
 from polybus.sessions.stores import open_store
 from polybus.testing import servers
+from polybus.testing.plugin import require_server
 
 SECRET = "s3cr3t-Pa55"
 NOWHERE = "127.0.0.1:1"  # refused at once
@@ -187,3 +189,20 @@ def test_a_url_naming_several_hosts_is_tried_not_refused(url: str) -> None:
         polybus.connect(url)
     assert "127.0.0.1:2" in str(refused.value)  # every host was tried
     assert SECRET not in str(refused.value)
+
+
+def test_a_database_refusing_the_password_does_not_show_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    require_server("postgres", servers.postgres_unavailable())
+    parts = urlsplit(servers.postgres_url())
+    host = parts.netloc.rpartition("@")[2]
+    dsn = urlunsplit(parts._replace(netloc=f"{parts.username or 'polybus'}:{SECRET}@{host}"))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(polybus.PolybusError) as refused:  # noqa: PT012  # opens at once
+        inbox = SqlInbox(lambda: psycopg.connect(dsn, connect_timeout=5))
+        inbox.process("g", "message-1", lambda: None)
+    assert SECRET not in str(refused.value)
+    assert SECRET not in repr(refused.value)
+    assert all(SECRET not in record.getMessage() for record in caplog.records)
