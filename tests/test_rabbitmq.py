@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import logging
 import threading
 import time
 import uuid
@@ -913,3 +914,19 @@ def test_queue_names_are_predictable(
     bus.publish(topic, "to the group")
     with bus.subscribe(topic, "billing.v2") as sub:
         assert [d.message.value for d in drain(sub, 1)] == ["to the group"]
+
+
+def test_existence_probes_do_not_log_warnings_but_other_clients_closes_still_do(
+    connect: Callable[..., polybus.Bus],
+    topic: str,
+    admin: Callable[[], Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pika")
+    bus = connect()
+    bus.declare(topic, groups=["g"])  # probes the exchange and the queue: both missing
+    bus.publish(topic, b"x")
+    assert [r.getMessage() for r in caplog.records if "(404)" in r.getMessage()] == []
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        admin().queue_declare(f"{topic}-nowhere", passive=True)  # a plain pika client's 404
+    assert any("(404)" in r.getMessage() for r in caplog.records)

@@ -19,6 +19,11 @@ keep a queue's order when a subscription closes, one to learn pika's URL options
 - **URL options**: ``URL_OPTIONS`` are read off ``URLParameters``' ``_set_url_*``
   setters.
 
+It also quiets one pika log line: the adapter asks the broker whether an exchange or
+queue exists with passive declares, and pika logs every "no" (a 404 Channel.Close)
+as a WARNING. ``_QuietProbes`` drops that line for this adapter's own connections
+only; a 404 that matters reaches the caller as a polybus error anyway.
+
 At import this module checks that pika still has each of them (attributes of pika's
 classes, and for the attributes pika sets per instance, that the pika method the
 shortcut relies on uses them) and sets a flag per shortcut. Where something is
@@ -235,3 +240,16 @@ def close_without_cancel(channel: Any, tag: str | None) -> None:
         consumers[tag] = lambda *_: None
     else:
         channel.close()
+
+
+class _QuietProbes(logging.Filter):
+    """Drops pika's WARNING for a 404 Channel.Close on a connection of this adapter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 3 and args[0] == 404:
+            return not isinstance(getattr(args[2], "connection", None), _Connection)
+        return True
+
+
+logging.getLogger("pika.channel").addFilter(_QuietProbes())
