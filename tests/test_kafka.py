@@ -8,6 +8,7 @@ Run as a script, this module is the child process of the transaction crash test.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -624,3 +625,17 @@ def test_error_codes_map_to_polybus_errors(code: int, error: type[Exception]) ->
 
 if __name__ == "__main__":
     kill_in_commit(*sys.argv[1:])
+
+
+def test_each_client_gets_only_the_properties_it_reads(
+    bootstrap: str, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="polybus.kafka")
+    # linger.ms only a producer reads, fetch.wait.max.ms only a consumer
+    with polybus.connect(f"kafka://{bootstrap}?linger.ms=1&fetch.wait.max.ms=10") as bus:
+        bus.declare(topic, groups=["g"])
+        bus.publish(topic, b"x")
+        with bus.subscribe(topic, "g") as sub:
+            assert [d.value for d in drain(sub, 1)] == [b"x"]
+    warnings = [r.getMessage() for r in caplog.records if "CONFWARN" in r.getMessage()]
+    assert warnings == []

@@ -37,6 +37,7 @@ from .._support.options import parse_flag
 from ..base import Capability, Start, Subscription, TopicSpec
 from .errors import _kafka_error, _while_leaders_move, kafka_errors, map_error
 from .producer import _DELIVERY_GRACE, _METADATA_TTL, _librdkafka_chooses, _Publisher, murmur2
+from .scopes import CONSUMER_ONLY, PRODUCER_ONLY, without
 from .subscription import KafkaSubscription
 from .transactions import KafkaTransaction
 
@@ -156,7 +157,7 @@ class KafkaBackend(_Publisher):
         config: dict[str, Any] = {
             "partitioner": "murmur2_random",
             "message.timeout.ms": int(self.reconnect_timeout * 1000),
-            **self.config,
+            **without(self.config, CONSUMER_ONLY),
             "enable.idempotence": True,
             "acks": "all",
             "transactional.id": transactional_id,
@@ -186,7 +187,8 @@ class KafkaBackend(_Publisher):
         return KafkaTransaction(subscription)
 
     def _client_config(self, **extra: Any) -> dict[str, Any]:
-        return {**self.config, **extra}
+        """The config of an admin client (it reads no producer or consumer property)."""
+        return {**without(self.config, CONSUMER_ONLY, PRODUCER_ONLY), **extra}
 
     def _admin_client(self) -> AdminClient:
         with self._lock:
@@ -367,7 +369,7 @@ class KafkaBackend(_Publisher):
             "enable.auto.offset.store": False,
             "auto.offset.reset": start,
             "isolation.level": "read_committed",  # librdkafka's default, said out loud
-            **self.config,
+            **without(self.config, PRODUCER_ONLY),
         }
         if group is not None:
             session_ms = self._session_ms(session_timeout)

@@ -30,6 +30,7 @@ from ...errors import (
 )
 from ...types import OutRecord, Receipt, tuple_new
 from .errors import _SESSION_LOST, map_error
+from .scopes import CONSUMER_ONLY, without
 
 
 def _librdkafka_chooses(key: bytes, partition_count: int) -> int:
@@ -90,7 +91,7 @@ class _Publisher:
             "acks": "all",
             "partitioner": "murmur2_random",  # the Java client's: keys land where JVM apps put them
             "message.timeout.ms": int(self.reconnect_timeout * 1000),
-            **self.config,
+            **without(self.config, CONSUMER_ONLY),
             "error_cb": on_error,
         }
         try:
