@@ -168,10 +168,13 @@ class Subscriber:
         return message
 
     def _value(self, record: InRecord) -> Any:
-        decode = decoder_for(record.header(CONTENT_TYPE))
+        value, content_type = record.value, record.header(CONTENT_TYPE)
+        if value is None or (content_type is None and self._model is None):
+            return value  # a tombstone, or bytes: they travel without a content type
+        decode = decoder_for(content_type)
         if self._model is not None:
             decode = self._model_decoder(decode)
-        return None if record.value is None else decode(record.value)
+        return decode(value)
 
     def _nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
         self._sub.nack(records, requeue=requeue)
