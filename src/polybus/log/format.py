@@ -98,7 +98,7 @@ class Record(InRecord):
         self._headers = headers
 
     def header(self, name: str) -> str | None:
-        if self._headers is None and (_NAMES.get(name) or _encoded(name)) not in self._blob:
+        if self._headers is None and name.encode("utf-8", "surrogatepass") not in self._blob:
             return None  # absent without decoding: the block holds each name as is
         return super().header(name)
 
@@ -111,16 +111,6 @@ class Record(InRecord):
             f"Record(partition={self.partition}, offset={self.offset}, key={self.key!r}, "
             f"value={self.value!r:.60}, headers={self.headers!r})"
         )
-
-
-_NAMES: dict[str, bytes] = {}  # header name -> its UTF-8 bytes, as Record.header looks for it
-
-
-def _encoded(name: str) -> bytes:
-    if len(_NAMES) > 1024:  # names come from callers: keep the table small
-        _NAMES.clear()
-    encoded = _NAMES[name] = name.encode("utf-8", "surrogatepass")
-    return encoded
 
 
 def _encode_headers(headers: Headers | None) -> bytes:

@@ -15,7 +15,7 @@ a plain install never imports redis-py or the engine through this package.
 """
 
 from .backoff import Backoff
-from .connect import CONNECT_TIMEOUT, connect_timeout, ensure_reachable
+from .connect import CONNECT_TIMEOUT, ensure_reachable
 from .options import Options
 
-__all__ = ["CONNECT_TIMEOUT", "Backoff", "Options", "connect_timeout", "ensure_reachable"]
+__all__ = ["CONNECT_TIMEOUT", "Backoff", "Options", "ensure_reachable"]

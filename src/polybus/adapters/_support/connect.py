@@ -6,26 +6,11 @@ import socket
 import time
 from collections.abc import Sequence
 
-from ...errors import BrokerUnreachable, ConfigurationError
+from ...errors import BrokerUnreachable
 
-__all__ = ["CONNECT_TIMEOUT", "connect_timeout", "ensure_reachable"]
+__all__ = ["CONNECT_TIMEOUT", "ensure_reachable"]
 
 CONNECT_TIMEOUT = 2.0  #: seconds a new bus waits for its broker to answer at all
-
-
-def connect_timeout(value: str | None) -> float:
-    """The ``connect_timeout`` URL option in seconds; ConfigurationError if it is not one."""
-    if value is None:
-        return CONNECT_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ConfigurationError(
-            f"connect_timeout must be a positive number of seconds, not {value!r}"
-        )
-    return seconds
 
 
 def ensure_reachable(server: str, addresses: Sequence[tuple[str, int]], timeout: float) -> None:

@@ -16,6 +16,7 @@ from typing import TypeVar
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ...errors import ConfigurationError, redact_url
+from .connect import CONNECT_TIMEOUT
 
 __all__ = ["Options", "parse_flag"]
 
@@ -113,14 +114,17 @@ class Options:
             return default
         raw = self._ours[name]
         kind = type(default)
-        wanted = ("an integer" if kind is int else "a number") + (f" of {unit}" if unit else "")
+        wanted = ("a positive " if positive else "an " if kind is int else "a ") + (
+            "integer" if kind is int else "number"
+        )
+        wanted += f" of {unit}" if unit else ""
         try:
             value = kind(raw)
         except ValueError:
             raise self.error(f"{name} must be {wanted}, not {raw!r}") from None
         if (positive and not value > 0) or (minimum is not None and value < minimum):
-            least = "above 0" if positive else f"at least {minimum}"
-            raise self.error(f"{name} must be {wanted} {least}, not {raw!r}")
+            least = f" of at least {minimum}" if minimum is not None else ""
+            raise self.error(f"{name} must be {wanted}{least}, not {raw!r}")
         return value
 
     def optional_number(self, name: str, kind: type[N], *, minimum: N | None = None) -> N | None:
@@ -131,6 +135,21 @@ class Options:
     def seconds(self, name: str, default: float) -> float:
         """A duration in seconds, above zero."""
         return self.number(name, float(default), positive=True, unit="seconds")
+
+    def connect_timeout(self) -> float:
+        """The ``connect_timeout`` option: how long a new bus waits for its broker."""
+        return self.seconds("connect_timeout", CONNECT_TIMEOUT)
+
+    def addresses(self, default_port: int) -> list[tuple[str, int]]:
+        """The ``host:port`` pairs of the URL's comma-separated host list."""
+        out = []
+        for hostport in self.parts.netloc.rpartition("@")[2].split(","):
+            try:
+                address = urlsplit(f"//{hostport.strip()}")
+                out.append((address.hostname or "localhost", address.port or default_port))
+            except ValueError:
+                raise self.error(f"bad address {hostport!r}: use host:port") from None
+        return out
 
     def passed_url(self) -> str:
         """The URL with only the options handed to the client library."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import redis
 import redis.cluster
@@ -25,7 +25,7 @@ from ...errors import (
     PolybusError,
     TopicNotFound,
 )
-from .connect import connect_timeout, ensure_reachable
+from .connect import ensure_reachable
 from .errors import mapped_errors
 from .options import Options
 
@@ -75,32 +75,21 @@ def open_client(options: Options, *, check: bool = True, **settings: Any) -> Cli
     first use. ``settings`` go to redis-py (``retry``, timeouts).
     """
     parts = options.parts
-    timeout = connect_timeout(options.text("connect_timeout", "") or None)
+    timeout, cluster = options.connect_timeout(), options.flag("cluster", False)
     sentinel = parts.scheme == "redis+sentinel"
-    addresses = _addresses(options, 26379 if sentinel else 6379)
+    addresses = options.addresses(26379 if sentinel else 6379)
     if check:
         ensure_reachable("Sentinel" if sentinel else "Redis", addresses, timeout)
     try:
         if sentinel:
             return _sentinel_master(options, addresses, settings)
-        if options.flag("cluster", False):
+        if cluster:
             return redis.cluster.RedisCluster.from_url(options.passed_url(), **settings)
         return redis.Redis.from_url(options.passed_url(), **settings)
     except (ValueError, TypeError) as exc:
         raise options.error(str(exc)) from None
     except Exception as exc:  # a Cluster client asks for the slots at once
         raise map_error(exc) from exc
-
-
-def _addresses(options: Options, default_port: int) -> list[tuple[str, int]]:
-    out = []
-    for hostport in options.parts.netloc.rpartition("@")[2].split(","):
-        try:
-            address = urlsplit(f"//{hostport}")
-            out.append((address.hostname or "localhost", address.port or default_port))
-        except ValueError:
-            raise options.error(f"bad address {hostport!r}: use host:port") from None
-    return out
 
 
 def _sentinel_master(

@@ -11,7 +11,7 @@ from urllib.parse import unquote
 from confluent_kafka import KafkaException, Producer
 
 from ...errors import ConfigurationError
-from .._support import Options, connect_timeout, ensure_reachable
+from .._support import Options, ensure_reachable
 from .backend import KafkaBackend
 from .errors import map_error
 
@@ -43,15 +43,7 @@ def from_url(url: str) -> KafkaBackend:
         config["sasl.mechanism"] = "PLAIN"
     reconnect_timeout = options.seconds("reconnect_timeout", 30.0)
     replication_factor = options.number("replication_factor", -1)
-    addresses = []
-    for address in hosts.split(","):
-        host, colon, port = address.strip().rpartition(":")
-        try:
-            addresses.append((host.strip("[]"), int(port)) if colon else (port, 9092))
-        except ValueError:
-            raise options.error(f"bad broker address {address!r}: use host:port") from None
-    timeout = connect_timeout(options.text("connect_timeout", "") or None)
-    ensure_reachable("Kafka broker", addresses, timeout)
+    ensure_reachable("Kafka broker", options.addresses(9092), options.connect_timeout())
     return KafkaBackend(
         config, reconnect_timeout=reconnect_timeout, replication_factor=replication_factor
     )

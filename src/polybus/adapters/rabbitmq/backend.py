@@ -32,7 +32,7 @@ from ...errors import (
     MessageTooLarge,
     PolybusError,
 )
-from .._support import Options, connect_timeout, ensure_reachable
+from .._support import Options, ensure_reachable
 from ..base import (
     Capability,
     OutRecord,
@@ -78,16 +78,21 @@ def from_url(url: str) -> RabbitMQBackend:
         parameters = pika.URLParameters(options.passed_url())
     except (ValueError, TypeError) as exc:
         raise options.error(str(exc)) from None
-    timeout = connect_timeout(options.text("connect_timeout", "") or None)
-    ensure_reachable("RabbitMQ", [(parameters.host, parameters.port)], timeout)
+    timeout = options.connect_timeout()
+    # read before connecting: a bad option is said at once
+    reconnect_timeout = options.seconds("reconnect_timeout", 30.0)
     queue_type = options.text("queue_type", "") or None
+    prefetch = options.number("prefetch", 1000, minimum=1)
+    confirm_window = options.number("confirm_window", 1000, minimum=1)
+    history = options.flag("history", True)
+    ensure_reachable("RabbitMQ", [(parameters.host, parameters.port)], timeout)
     return RabbitMQBackend(
         parameters,
-        reconnect_timeout=options.seconds("reconnect_timeout", 30.0),
+        reconnect_timeout=reconnect_timeout,
         queue_type=queue_type,
-        prefetch=options.number("prefetch", 1000, minimum=1),
-        confirm_window=options.number("confirm_window", 1000, minimum=1),
-        history=options.flag("history", True),
+        prefetch=prefetch,
+        confirm_window=confirm_window,
+        history=history,
         # the broker answered TCP; a healthy one then opens in milliseconds
         handshake_timeout=max(timeout, _HANDSHAKE_TIMEOUT),
     )

@@ -24,14 +24,14 @@ def from_url(url: str) -> RedisBackend:
     """Connect to the Redis a ``redis://``, ``rediss://`` or ``redis+sentinel://`` URL
     names, once it accepts a connection (BrokerUnreachable otherwise)."""
     options = client_options(url, _OPTIONS)
+    # read before connecting: a bad option is said at once
+    prefix = options.text("prefix", "polybus")
+    reconnect_timeout = options.seconds("reconnect_timeout", 30.0)
+    maxlen = options.optional_number("maxlen", int, minimum=1)
     # No retries inside redis-py: this adapter retries until its own reconnect deadline.
     client = open_client(options, retry=Retry(NoBackoff(), 0))
     return RedisBackend(
-        client,
-        prefix=options.text("prefix", "polybus"),
-        reconnect_timeout=options.seconds("reconnect_timeout", 30.0),
-        maxlen=options.optional_number("maxlen", int, minimum=1),
-        owns_client=True,
+        client, prefix=prefix, reconnect_timeout=reconnect_timeout, maxlen=maxlen, owns_client=True
     )
 
 
