@@ -18,7 +18,7 @@ from polybus.adapters.base import Capability
 from polybus.adapters.native import NativeBackend
 from polybus.codecs import JSON, MSGPACK, decoder_for, encode
 from polybus.errors import BrokerUnreachable, ConnectionLost
-from polybus.message import uuid7
+from polybus.message import uuid7, uuid7s
 from polybus.testing import servers
 
 
@@ -30,6 +30,15 @@ def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
     assert parsed.version == 7
     assert parsed.variant == uuid.RFC_4122
     assert abs((parsed.int >> 80) / 1000 - time.time()) < 5
+
+
+def test_uuid7_batches_sort_with_single_ids_past_a_spent_counter() -> None:
+    # 4,097 ids in a batch spend the 12-bit counter of a millisecond: the rest borrow the next
+    ids = [*uuid7s(3), uuid7(), *uuid7s(4097), uuid7(), *uuid7s(1), *uuid7s(0)]
+    assert len(ids) == 4103
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 7 for i in ids)
 
 
 @pytest.mark.parametrize(

@@ -468,14 +468,21 @@ class Bus:
         ts_ms = int(now * 1000)
         stamp = (TIMESTAMP, str(ts_ms))
         items = messages if isinstance(messages, list) else list(messages)
-        # the plain values' ids in one step: one lock and one clock read for the batch
-        ids = iter(uuid7s(sum(not isinstance(m, Message) for m in items)))
-        records = [
-            out_record(m, not_before)
-            if isinstance(m, Message)
-            else _value_out(m, next(ids), ts_ms, stamp, not_before)
-            for m in items
-        ]
+        kinds = set(map(type, items))
+        if kinds == {bytes}:  # plain bytes, the commonest batch: 0.2 µs a record less
+            records = [
+                _new_record(OutRecord, (value, None, ((MESSAGE_ID, id), stamp), ts_ms, not_before))
+                for value, id in zip(items, uuid7s(len(items)), strict=True)
+            ]
+        else:
+            # the plain values' ids in one step: one lock and one clock read for the batch
+            ids = iter(uuid7s(sum(not isinstance(m, Message) for m in items)))
+            records = [
+                out_record(m, not_before)
+                if isinstance(m, Message)
+                else _value_out(m, next(ids), ts_ms, stamp, not_before)
+                for m in items
+            ]
         if not records:
             return []
         self.declare_once(topic)
