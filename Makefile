@@ -78,6 +78,7 @@ format: $(STAMP)
 bench: $(STAMP) services
 	$(BIN)/python -m polybus.testing.apache_kafka fetch
 	$(BIN)/python benchmarks/native_engine.py
+	$(BIN)/python benchmarks/native_facade.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/patterns.py
