@@ -344,7 +344,7 @@ def drain(consumer: Consumer, n: int, max_records: int, timeout: float) -> bytes
             continue
         ack(records)
         seen += len(records)
-        last = records[-1].value
+        last = records[-1].payload
         idle_since = time.monotonic()
     if seen != n:
         raise BenchmarkError(f"consumer read {seen} records, expected {n}")

@@ -206,7 +206,7 @@ def producer(directory: str, producer_id: str, count: str, gate: str) -> None:
 
 
 def _consumed_line(tag: str, time_ns: int, rec: Record) -> str:
-    value = (rec.value or b"").decode()
+    value = (rec.payload or b"").decode()
     return f"{tag} {time_ns} {rec.partition} {rec.offset} {value}\n"
 
 
@@ -403,13 +403,13 @@ def tx_worker(
             time.sleep(int(work_ms) / 1000)
             tx: Transaction = member.transaction()
             for rec in records:
-                for topic, key, value in tx_outputs((rec.value or b"").decode()):
+                for topic, key, value in tx_outputs((rec.payload or b"").decode()):
                     tx.append(topic, value.encode(), key=key.encode())
             tx.ack(records)
             if rng.random() < 0.15:
                 tx.abort()
                 continue
-            values = " ".join((r.value or b"").decode() for r in records)
+            values = " ".join((r.payload or b"").decode() for r in records)
             if kill is not None and point in KILL_POINTS and commits == 2:
                 kill.arm(f"K {point} {values}\n", len(tx._outputs))
             try:

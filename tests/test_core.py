@@ -130,6 +130,24 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
             assert sub.fetch(10, timeout=0.2) == []
 
 
+def test_an_engine_record_is_a_delivery_that_decodes_but_settles_through_its_consumer(
+    tmp_path: Path,
+) -> None:
+    from polybus.log import Log
+
+    with polybus.connect(f"native://{tmp_path}") as bus:
+        bus.declare("t", partitions=1, groups=["g"])
+        bus.publish("t", {"n": 1}, key="k")
+    with Log(tmp_path) as log, log.consumer("t", "g") as consumer:
+        (record,) = consumer.poll(10, timeout=5)
+        assert isinstance(record, polybus.Delivery)
+        assert record.payload == b'{"n":1}'
+        assert (record.value, record.message.key, record.attempt) == ({"n": 1}, "k", 1)
+        with pytest.raises(ConfigurationError, match=r"Consumer\.ack"):
+            record.ack()
+        consumer.ack([record])
+
+
 def test_message_reply_links_correlation_and_causation() -> None:
     request = Message({"q": 1})
     reply = request.reply({"a": 2})

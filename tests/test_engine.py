@@ -39,7 +39,7 @@ def read_all(log: Log, topic: str, partition: int = 0) -> list[bytes | None]:
     out = []
     offset = 0
     while batch := part.read(offset, 333):
-        out.extend(r.value for r in batch)
+        out.extend(r.payload for r in batch)
         offset = batch[-1].offset + 1
     return out
 
@@ -81,7 +81,7 @@ def test_reads_in_small_chunks_see_every_batch_whole(tmp_path: Path) -> None:
             got: list[bytes | None] = []
             offset = 0
             while batch := part.read(offset, 7, max_bytes=max_bytes):
-                got.extend(r.value for r in batch)
+                got.extend(r.payload for r in batch)
                 offset = batch[-1].offset + 1
             assert got == expected, max_bytes
 
@@ -97,7 +97,7 @@ def test_retention_by_size_and_age_deletes_oldest_segments(tmp_path: Path) -> No
         assert total < 20_000 + 2 * 8192
         first = part.read(0, 1)[0]
         assert first.offset == part.start_offset
-        assert first.value == values(1, first.offset)[0]
+        assert first.payload == values(1, first.offset)[0]
 
         by_age = log.create_topic("age", segment_bytes=8192, retention_ms=1)
         part = by_age.partitions[0]
@@ -124,7 +124,7 @@ def test_compaction_keeps_the_newest_value_per_key(tmp_path: Path) -> None:
             records.extend(batch)
             offset = batch[-1].offset + 1
         assert len(records) < 200  # of 1001; the active segment is never compacted
-        latest = {r.key: r.value for r in records}
+        latest = {r.key: r.payload for r in records}
         assert latest == {
             b"k0": None,
             **{f"k{k}".encode(): f"{k}:199".encode() for k in range(1, 5)},
@@ -163,7 +163,7 @@ def test_compaction_of_mixed_batches_keeps_keyless_records_headers_and_times(
         records = list(part._scan_from(0))
         sealed_end = int(sorted((tmp_path / "topics/mixed/0").glob("*.log"))[-1].stem)
         for r in records:
-            assert expected[r.offset] == (r.key, r.value)
+            assert expected[r.offset] == (r.key, r.payload)
         kept = {r.offset for r in records}
         for offset, (key, _) in expected.items():
             if key is None or newest[key] == offset or offset >= sealed_end:
@@ -192,10 +192,10 @@ def test_compaction_drops_a_record_only_for_a_newer_one_that_survives_a_reboot(
             part.append(b"x" * 500)  # keyless filler until the segment rolls
         part.append(b"new", key=b"k")
         part.compact()
-        assert part.read(0, 1)[0].value == b"old"  # the roll synced it; "new" is not yet
+        assert part.read(0, 1)[0].payload == b"old"  # the roll synced it; "new" is not yet
         part.flush()
         part.compact()
-        assert [r.value for r in part._scan_from(0) if r.key == b"k"] == [b"new"]
+        assert [r.payload for r in part._scan_from(0) if r.key == b"k"] == [b"new"]
 
 
 def test_compaction_forgets_a_tombstone_once_past_its_retention(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_compaction_forgets_a_tombstone_once_past_its_retention(tmp_path: Path) 
         while len(list((tmp_path / "topics/t/0").glob("*.log"))) < 2:
             part.append(b"x" * 500)  # keyless filler until the segment rolls
         part.compact()
-        keyed = {r.key: r.value for r in part._scan_from(0) if r.key is not None}
+        keyed = {r.key: r.payload for r in part._scan_from(0) if r.key is not None}
         assert keyed == {b"recent": None, b"other": b"kept"}
 
 
@@ -226,7 +226,7 @@ def test_compaction_runs_in_the_background_after_a_roll(tmp_path: Path) -> None:
         while len(list(part._scan_from(0))) > 60:
             assert time.monotonic() < deadline, "compaction did not run after the rolls"
             time.sleep(0.01)
-        latest = {r.key: r.value for r in part._scan_from(0)}
+        latest = {r.key: r.payload for r in part._scan_from(0)}
         assert latest == {b"k0": b"v399", b"k1": b"v397", b"k2": b"v398"}
         # the reader let go of the files compaction replaced: their space is free
         assert not [
@@ -293,7 +293,7 @@ def test_waiter_wakes_on_a_write_from_another_process(tmp_path: Path) -> None:
         waited = time.monotonic() - started
         child.wait(10)
         waiter.close()
-        assert part.read(0)[0].value == b"wake"
+        assert part.read(0)[0].payload == b"wake"
         assert waited < 10  # a missed wake-up would sleep the whole 20 s
 
 
@@ -326,8 +326,8 @@ def test_producer_batches_keep_key_order_and_linger_makes_them_visible(tmp_path:
             deadline = time.monotonic() + 10
             while len(got) < 400 and time.monotonic() < deadline:
                 records = reader.poll(1000, timeout=0.5)  # the tail arrives by linger alone
-                got.extend(int(r.value or b"") for r in records)
-                assert all(r.headers == (("i", (r.value or b"").decode()),) for r in records)
+                got.extend(int(r.payload or b"") for r in records)
+                assert all(r.headers == (("i", (r.payload or b"").decode()),) for r in records)
             reader.close()
         assert sorted(got) == list(range(400))
         for k in range(7):

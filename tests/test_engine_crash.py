@@ -91,7 +91,7 @@ def read_all(part: Partition, max_records: int = 1000, max_bytes: int = 1 << 20)
 
 
 def stored(records: Iterable[Record]) -> list[Stored]:
-    return [(r.offset, r.key, r.value, r.headers) for r in records]
+    return [(r.offset, r.key, r.payload, r.headers) for r in records]
 
 
 def flip(path: Path, flips: Iterable[tuple[int, int]]) -> None:
@@ -142,7 +142,7 @@ def check_crash_log(part: Partition, acks: Iterable[Ack]) -> None:
     assert [r.offset for r in records] == list(range(end))
     writer_of: dict[int, int] = {}
     for rec in records:
-        decoded = parse_crash_value(rec.value)
+        decoded = parse_crash_value(rec.payload)
         assert decoded is not None, f"damaged value read back: {rec!r}"
         assert decoded[0] == rec.offset, f"record written for offset {decoded[0]} read at {rec!r}"
         writer_of[rec.offset] = decoded[1]
@@ -154,7 +154,7 @@ def check_crash_log(part: Partition, acks: Iterable[Ack]) -> None:
     ]
     assert not lost, f"{len(lost)} acknowledged records lost or replaced (run, offset): {lost[:5]}"
     assert part.append(crash_value(end, PARENT_RUN, b"")) == end
-    back = [parse_crash_value(r.value) for r in part.read(end)]
+    back = [parse_crash_value(r.payload) for r in part.read(end)]
     assert back == [(end, PARENT_RUN)], f"the record appended at {end} reads back as {back}"
 
 
@@ -280,7 +280,7 @@ def test_writer_killed_while_compacting_keeps_every_keys_newest_record(tmp_path:
                 part = log.topic(TOPIC).partitions[0]
                 records = read_all(part)
                 for rec in records:
-                    decoded = parse_crash_value(rec.value)
+                    decoded = parse_crash_value(rec.payload)
                     assert decoded is not None, f"damaged value read back: {rec!r}"
                     assert decoded[0] == rec.offset, f"record of {decoded[0]} read at {rec!r}"
                 last = {r.key: r.offset for r in records}

@@ -154,7 +154,7 @@ class Group:
                 offset = 0
                 while recs := part.read(offset):
                     for rec in recs:
-                        stored[rec.partition, rec.offset] = (rec.value or b"").decode()
+                        stored[rec.partition, rec.offset] = (rec.payload or b"").decode()
                     offset = recs[-1].offset + 1
         assert sorted(stored.values()) == sorted(produced())
         partitions_of_key: defaultdict[str, set[int]] = defaultdict(set)

@@ -61,7 +61,7 @@ def read_topic(log: Log, name: str) -> list[tuple[int, int, bytes | None, bytes 
     for part in log.topic(name).partitions:
         offset = part.start_offset
         while recs := part.read(offset):
-            out.extend((r.partition, r.offset, r.key, r.value) for r in recs)
+            out.extend((r.partition, r.offset, r.key, r.payload) for r in recs)
             offset = recs[-1].offset + 1
     return out
 
@@ -225,7 +225,7 @@ def open_group(tmp_path: Path, inputs: int) -> Log:
 def process(log: Log, member: Consumer, records: list[Record]) -> None:
     with member.transaction() as tx:
         for rec in records:
-            for topic, key, value in tx_outputs((rec.value or b"").decode()):
+            for topic, key, value in tx_outputs((rec.payload or b"").decode()):
                 tx.append(topic, value.encode(), key=key.encode())
         tx.ack(records)
 
@@ -298,7 +298,9 @@ def test_commit_interrupted_after_its_intent_completes_at_the_next_lock(
         for name in (TX_OUT, TX_OUT2):  # another producer, before anyone locks the group
             for part in log.topic(name).partitions:
                 part.append(b"noise:between")
-        assert check_exactly_once(tmp_path / "log") == {r.value.decode() for r in first if r.value}
+        assert check_exactly_once(tmp_path / "log") == {
+            r.payload.decode() for r in first if r.payload
+        }
         member.commit()  # must not move the commit back below the completed transaction
         process(log, member, poll_all(member, 10))
         member.close()
@@ -339,7 +341,7 @@ def test_a_transaction_refuses_what_it_cannot_do(tmp_path: Path) -> None:
         with pytest.raises(ClosedError):
             tx.commit()
         redelivered = poll_all(member, 4)
-        assert sorted((r.partition, r.offset, r.attempt) for r in redelivered) == sorted(
+        assert sorted((r.partition, r.offset, r.delivery_count) for r in redelivered) == sorted(
             (r.partition, r.offset, 2) for r in records[1:]
         )
         assert outputs_in_log(log) == Counter()
@@ -358,4 +360,4 @@ def test_an_intent_left_by_an_earlier_group_of_that_name_is_not_applied(tmp_path
         again = poll_all(member, 6)  # read from the start: nothing applied from the old intent
         member.transaction().abort()
         member.close()
-    assert {(r.value or b"").decode() for r in again} == {str(i) for i in range(6)}
+    assert {(r.payload or b"").decode() for r in again} == {str(i) for i in range(6)}

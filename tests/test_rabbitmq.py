@@ -193,7 +193,10 @@ def test_deliveries_cut_from_the_stream_match_what_pika_decodes(
     def read(group: str) -> list[tuple[Any, ...]]:
         with bus.subscribe(topic, group) as sub:
             records = [d.record for d in drain(sub, 5)]
-        return [(r.offset, r.value, r.key, r.headers, r.timestamp_ms, r.attempt) for r in records]
+        return [
+            (r.offset, r.payload, r.key, r.headers, r.timestamp_ms, r.delivery_count)
+            for r in records
+        ]
 
     cut = read("g")
     assert through_pika == 1  # only the big one in pieces

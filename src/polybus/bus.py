@@ -15,11 +15,10 @@ from .envelope import (
     CORRELATION_ID,
     KEY_BINARY,
     MESSAGE_ID,
-    RESERVED_PREFIX,
     TIMESTAMP,
 )
 from .errors import CapabilityError, ClosedError, ConfigurationError, DecodeError
-from .message import Delivery, Message, uuid7s
+from .message import UNDECODED, Delivery, Message, message_of, uuid7s, value_of
 from .model import check_name
 from .registry import open_backend
 from .types import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec, tuple_new
@@ -41,10 +40,6 @@ def connect(url: str | Backend | object, *, default_partitions: int = 4) -> Bus:
     return Bus(open_backend(url), default_partitions=default_partitions)
 
 
-_new_message = Message.__new__
-_MISSING = Message._MISSING
-
-
 def _key_bytes(key: object, headers: list[tuple[str, str]]) -> bytes | None:
     if key is None or type(key) is bytes:
         if key is not None:
@@ -63,7 +58,7 @@ def out_record(message: Message, not_before_ms: int = 0) -> OutRecord:
     the headers. Patterns that publish records of their own start from it."""
     value, content_type = message._value, message.content_type
     payload: bytes | None
-    if value is _MISSING:  # received and never decoded: forward the payload (or tombstone)
+    if value is UNDECODED:  # received and never decoded: forward the payload (or tombstone)
         payload = message.payload
         headers = [(MESSAGE_ID, message.id)]
         if content_type is not None:
@@ -107,40 +102,6 @@ def _value_out(
     return _new_record(OutRecord, (payload, None, headers, ts_ms, not_before_ms))
 
 
-def _to_message(record: InRecord) -> Message:
-    fields = dict(record.headers)
-    pop = fields.pop
-    message_id = pop(MESSAGE_ID, None)
-    stamp = pop(TIMESTAMP, None)
-    content_type = pop(CONTENT_TYPE, None)
-    correlation_id = causation_id = None
-    raw_key = record.key
-    binary = False
-    if fields:  # more than the usual envelope: other envelope fields or the user's headers
-        correlation_id = pop(CORRELATION_ID, None)
-        causation_id = pop(CAUSATION_ID, None)
-        binary = pop(KEY_BINARY, None) is not None
-        if any(name.startswith(RESERVED_PREFIX) for name in fields):
-            fields = {k: v for k, v in fields.items() if not k.startswith(RESERVED_PREFIX)}
-    key: str | bytes | None = raw_key
-    if raw_key is not None and not binary:
-        key = raw_key.decode(errors="surrogateescape")
-    message = _new_message(Message)
-    message._value = _MISSING
-    message._decoder = decoder_for(content_type)
-    message.payload = record.value
-    message.key = key
-    message.headers = fields
-    message.id = message_id or f"{record.topic}/{record.partition}/{record.offset}"
-    message.timestamp = (
-        int(stamp) if stamp is not None and stamp.isdigit() else record.timestamp_ms
-    ) / 1000
-    message.correlation_id = correlation_id
-    message.causation_id = causation_id
-    message.content_type = content_type
-    return message
-
-
 class Subscriber:
     """A consumer of one topic, in a group or alone; iterate it or call :meth:`fetch`.
 
@@ -162,21 +123,20 @@ class Subscriber:
         return self._sub.group
 
     def _message(self, record: InRecord) -> Message:
-        message = _to_message(record)
+        message = message_of(record)
         if self._model is not None:
             message._decoder = self._model_decoder(message._decoder)
         return message
 
     def _value(self, record: InRecord) -> Any:
-        value, content_type = record.value, record.header(CONTENT_TYPE)
-        if value is None or (content_type is None and self._model is None):
-            return value  # a tombstone, or bytes: they travel without a content type
-        decode = decoder_for(content_type)
-        if self._model is not None:
-            decode = self._model_decoder(decode)
-        return decode(value)
+        if self._model is None:
+            return value_of(record)
+        payload = record.payload
+        if payload is None:
+            return None  # a tombstone
+        return self._model_decoder(decoder_for(record.header(CONTENT_TYPE)))(payload)
 
-    def _nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
+    def _nack(self, records: Sequence[Delivery], *, requeue: bool) -> None:
         self._sub.nack(records, requeue=requeue)
 
     def fetch(self, max_messages: int = 100, timeout: float = 1.0) -> list[Delivery]:
@@ -188,27 +148,31 @@ class Subscriber:
             raise ClosedError(f"subscriber to {self.topic!r} is closed; subscribe again")
         if max_messages < 1:
             raise ConfigurationError("max_messages must be at least 1")
-        return [Delivery(r, self) for r in self._sub.fetch(max_messages, max(0.0, timeout))]
+        deliveries = self._sub.fetch(max_messages, max(0.0, timeout))
+        for delivery in deliveries:  # a redelivery may be the object handed out before
+            delivery._owner = self
+            delivery.settled = False
+        return deliveries
 
     def ack(self, deliveries: Iterable[Delivery]) -> None:
         """Ack many deliveries in one backend call; settled ones are skipped."""
-        records = []
+        unsettled = []
         for d in deliveries:
             if not d.settled:
                 d.settled = True
-                records.append(d._record)
-        if records:
-            self._ack(records)
+                unsettled.append(d)
+        if unsettled:
+            self._ack(unsettled)
 
     def nack(self, deliveries: Iterable[Delivery], *, requeue: bool = True) -> None:
         """Nack many deliveries in one backend call; settled ones are skipped."""
-        records = []
+        unsettled = []
         for d in deliveries:
             if not d.settled:
                 d.settled = True
-                records.append(d._record)
-        if records:
-            self._sub.nack(records, requeue=requeue)
+                unsettled.append(d)
+        if unsettled:
+            self._sub.nack(unsettled, requeue=requeue)
 
     def commit(self) -> None:
         """Make every ack so far durable before returning (blocks).
@@ -328,7 +292,7 @@ class BusTransaction:
             )
         if not delivery.settled:
             delivery.settled = True
-            self._tx.ack([delivery._record])
+            self._tx.ack([delivery])
 
     def commit(self) -> None:
         """Make the staged messages visible and commit the acks, atomically.

@@ -58,7 +58,7 @@ def _tail(log: Log, args: argparse.Namespace) -> None:
         key=lambda rec: rec.timestamp_ms,
     )
     for rec in itertools.islice(records, args.n):
-        value = rec.value if rec.value is None else rec.value[:120]
+        value = rec.payload if rec.payload is None else rec.payload[:120]
         print(f"{rec.partition}:{rec.offset} ts={rec.timestamp_ms} key={rec.key!r} {value!r}")
 
 

@@ -59,37 +59,37 @@ class OutRecord(NamedTuple):
 
 
 class InRecord:
-    """One message read by a group member, with its position.
+    """One message as a backend read it: raw payload, key and headers, and its position.
 
-    A class of its own rather than a dataclass so that a backend may hand out its
-    own records as InRecords: the native engine's records are a subclass, which
-    decodes ``headers`` only when asked (one object per message from the log to
-    the handler).
+    The raw half of a :class:`~polybus.message.Delivery`, which subclasses it and
+    adds decoding and settling: a backend builds Deliveries with these arguments,
+    so a message is one object from the backend's batch to the handler. The
+    native engine's records are Deliveries that decode ``headers`` only when read.
     """
 
-    __slots__ = ("attempt", "handle", "headers", "key", "offset", "partition", "timestamp_ms",
-                 "topic", "value")  # fmt: skip
+    __slots__ = ("delivery_count", "handle", "headers", "key", "offset", "partition", "payload",
+                 "timestamp_ms", "topic")  # fmt: skip
 
     def __init__(
         self,
         topic: str,
         partition: int,
         offset: int | str,
-        value: bytes | None,  # None: a tombstone
+        payload: bytes | None,  # None: a tombstone
         key: bytes | None,
         headers: tuple[tuple[str, str], ...],
         timestamp_ms: int,
-        attempt: int = 1,  # 1 on first delivery, +1 per redelivery this backend knows of
+        delivery_count: int = 1,  # 1 on first delivery, +1 per redelivery this backend knows of
         handle: object = None,  # the adapter's own token for ack/nack (never shown to users)
     ) -> None:
         self.topic = topic
         self.partition = partition
         self.offset = offset
-        self.value = value
+        self.payload = payload
         self.key = key
         self.headers = headers
         self.timestamp_ms = timestamp_ms
-        self.attempt = attempt
+        self.delivery_count = delivery_count
         self.handle = handle
 
     def header(self, name: str) -> str | None:
@@ -102,8 +102,8 @@ class InRecord:
 
     def __repr__(self) -> str:
         return (
-            f"InRecord(topic={self.topic!r}, partition={self.partition}, "
-            f"offset={self.offset!r}, key={self.key!r}, attempt={self.attempt})"
+            f"{type(self).__name__}(topic={self.topic!r}, partition={self.partition}, "
+            f"offset={self.offset!r}, key={self.key!r}, delivery_count={self.delivery_count})"
         )
 
 

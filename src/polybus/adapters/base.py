@@ -1,9 +1,12 @@
 """The adapter protocol: what every backend implements, and nothing more.
 
 A backend moves :class:`OutRecord` batches into topics and hands
-:class:`InRecord` batches to group members. The envelope, codecs, patterns and
-reliability features are written once above this layer. The value types
-(:mod:`polybus.types`) are re-exported here, as every adapter needs them.
+:class:`~polybus.message.Delivery` batches to group members: a Delivery is an
+:class:`InRecord` (built with the same arguments) that the facade hands on as it
+is, so a message is one object from the backend to the handler. The envelope,
+codecs, patterns and reliability features are written once above this layer.
+The value types (:mod:`polybus.types`) and Delivery are re-exported here, as
+every adapter needs them.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from ..message import Delivery
 from ..types import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec, tombstone_refused
 
 __all__ = [
     "Backend",
     "Capability",
+    "Delivery",
     "InRecord",
     "OutRecord",
     "Receipt",
@@ -37,18 +42,18 @@ class Subscription(Protocol):
     @property
     def group(self) -> str | None: ...
 
-    def fetch(self, max_records: int, timeout: float) -> list[InRecord]:
+    def fetch(self, max_records: int, timeout: float) -> list[Delivery]:
         """Return up to ``max_records`` records, waiting at most ``timeout`` seconds.
 
         Returns an empty list on timeout; never blocks longer.
         """
         ...
 
-    def ack(self, records: Sequence[InRecord]) -> None:
+    def ack(self, records: Sequence[Delivery]) -> None:
         """Mark records processed; the contiguous acked prefix becomes committed."""
         ...
 
-    def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
+    def nack(self, records: Sequence[Delivery], *, requeue: bool) -> None:
         """Redeliver records (``requeue``) or drop them for this group."""
         ...
 
@@ -111,7 +116,7 @@ class Transaction(Protocol):
         """Stage ``records`` for ``topic``; no consumer sees them before ``commit``."""
         ...
 
-    def ack(self, records: Sequence[InRecord]) -> None:
+    def ack(self, records: Sequence[Delivery]) -> None:
         """Stage acks of records the transaction's subscription fetched."""
         ...
 

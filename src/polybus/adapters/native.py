@@ -23,7 +23,7 @@ from ..log import Consumer, Log, Record
 from ..log import Transaction as LogTransaction
 from ..types import tuple_new
 from ._support.native import log_options, open_log
-from .base import Capability, InRecord, OutRecord, Receipt, Start, Subscription, TopicSpec
+from .base import Capability, Delivery, OutRecord, Receipt, Start, Subscription, TopicSpec
 
 _receipt = tuple_new(Receipt, 3)  # Receipt(...) through its generated __new__ costs more
 
@@ -51,19 +51,19 @@ class NativeSubscription:
     def group(self) -> str | None:
         return self._consumer.group
 
-    def fetch(self, max_records: int, timeout: float) -> list[InRecord]:
-        # The engine's records are InRecords: handed on as they are, not copied (one
+    def fetch(self, max_records: int, timeout: float) -> list[Delivery]:
+        # The engine's records are Deliveries: handed on as they are, not copied (one
         # object per message; 0.8 µs a record before), their headers decoded when read.
         records = self._consumer.poll(max_records, timeout)
         topic = self._topic
         for record in records:
             record.topic = topic
-        return cast(list[InRecord], records)
+        return cast(list[Delivery], records)
 
-    def ack(self, records: Sequence[InRecord]) -> None:
+    def ack(self, records: Sequence[Delivery]) -> None:
         self._consumer.ack(cast(Sequence[Record], records))
 
-    def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
+    def nack(self, records: Sequence[Delivery], *, requeue: bool) -> None:
         self._consumer.nack(cast(Sequence[Record], records), requeue=requeue)
 
     def seek(
@@ -107,7 +107,7 @@ class NativeTransaction:
                 not_before_ms=r.not_before_ms,
             )
 
-    def ack(self, records: Sequence[InRecord]) -> None:
+    def ack(self, records: Sequence[Delivery]) -> None:
         self._tx.ack(cast(Sequence[Record], records))
 
     def commit(self) -> None:

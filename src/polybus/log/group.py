@@ -294,7 +294,7 @@ class Consumer:
                 if o is None or o.inflight.pop(rec.offset, None) is None:
                     continue
                 if requeue:
-                    rec.attempt += 1
+                    rec.delivery_count += 1
                     o.redeliver.append(rec)
 
     def seek(self, partition: int, offset: int) -> None:

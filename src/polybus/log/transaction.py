@@ -446,7 +446,7 @@ class Transaction:
             for (p, offset), (rec, o) in self._acks.items():
                 if owned.get(p) is o and o.inflight.get(offset) is rec:
                     del o.inflight[offset]
-                    rec.attempt += 1
+                    rec.delivery_count += 1
                     o.redeliver.append(rec)
 
     def abort(self) -> None:

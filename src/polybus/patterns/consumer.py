@@ -530,7 +530,7 @@ class Consumer:
 
     def _hold(self, d: Delivery, key: str | bytes, delay: float) -> None:
         due_ms = int((time.time() + delay) * 1000)
-        d.record.attempt += 1  # the next try is counted as a redelivery is
+        d.delivery_count += 1  # the next try is counted as a redelivery is
         with self._lock:
             self._retrying.add(id(d))
             self._blocked.setdefault(key, deque())

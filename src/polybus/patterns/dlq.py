@@ -71,7 +71,7 @@ def dead_letter_copy(
     now_ms = int(time.time() * 1000)
     headers = [(k, v) for k, v in failure_headers(record, exc, now_ms) if k != DUE]
     headers += [(DEAD_LETTER_GROUP, group), (DEAD_LETTER_REASON, reason), (ATTEMPTS, str(attempts))]
-    return OutRecord(record.value, record.key, tuple(headers), now_ms)
+    return OutRecord(record.payload, record.key, tuple(headers), now_ms)
 
 
 def _ms(value: str | None) -> float:
@@ -195,7 +195,7 @@ class DeadLetters:
         def again(d: Delivery) -> OutRecord:
             record = d.record
             if edit is None:
-                value, key, envelope = record.value, record.key, record.headers
+                value, key, envelope = record.payload, record.key, record.headers
             else:
                 new = edit(d.message)
                 message = new if isinstance(new, Message) else _edited(d.message, new)
@@ -272,7 +272,7 @@ _PROVENANCE = frozenset(
 
 def _as_out(delivery: Delivery) -> OutRecord:
     record = delivery.record
-    return OutRecord(record.value, record.key, record.headers, int(time.time() * 1000))
+    return OutRecord(record.payload, record.key, record.headers, int(time.time() * 1000))
 
 
 def _edited(message: Message, value: Any) -> Message:

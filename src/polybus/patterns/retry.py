@@ -178,7 +178,7 @@ def retry_copy(
     headers = failure_headers(record, exc, int(time.time() * 1000))
     headers += [(ATTEMPT, str(attempt)), (DUE, str(due_ms))]
     return OutRecord(
-        record.value,
+        record.payload,
         record.key,
         tuple(headers),
         int(time.time() * 1000),

@@ -112,6 +112,8 @@ def test_round_trip_keeps_value_key_headers_and_envelope(connect: Connect, topic
         assert d.topic == topic
         assert d.group == "g"
         assert d.attempt == 1
+        assert d.record is d  # one object from the backend's batch to the handler
+    assert got[sent[1].id].payload == b"\x00\xffraw"
 
 
 @pytest.mark.parametrize("bad", ["bad topic/name*", "", ".hidden", "x" * 201, "café"])
@@ -256,6 +258,9 @@ def test_nack_redelivers_and_drop_does_not(connect: Connect, topic: str) -> None
         assert [(d.message.value, d.attempt) for d in again] == [("retry-me", 2)]
         assert again[0].message.id == by_value["retry-me"].message.id
         assert sub.fetch(10, timeout=0.3) == []
+    bus.publish(topic, "marker")
+    with bus.subscribe(topic, "g") as sub:  # the redelivery's ack counted: it does not return
+        assert [d.message.value for d in drain(sub, 1)] == ["marker"]
 
 
 def test_seek_replays(connect: Connect, topic: str) -> None:

@@ -28,7 +28,7 @@ from confluent_kafka import (
 )
 
 from ...errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError, TopicNotFound
-from ..base import InRecord, Start
+from ..base import Delivery, Start
 from .acks import _Partition
 from .errors import _CONFIG, _NOT_FOUND, _while_leaders_move, kafka_errors, map_error
 from .transactions import _TransactionalMember
@@ -74,7 +74,7 @@ class KafkaSubscription(_TransactionalMember):
         self._reconnect_timeout = backend.reconnect_timeout
         self._lock = threading.Lock()
         self._partitions: dict[int, _Partition] = {}
-        self._requeued: deque[InRecord] = deque()
+        self._requeued: deque[Delivery] = deque()
         self._requeue_turn = True  #: with max_records=1, whether a requeued record goes next
         self._next_commit = 0.0
         self._down_since: float | None = None
@@ -269,7 +269,7 @@ class KafkaSubscription(_TransactionalMember):
         if self._closed:
             raise ClosedError(f"subscription to {self._topic!r} is closed; subscribe again")
 
-    def fetch(self, max_records: int, timeout: float) -> list[InRecord]:
+    def fetch(self, max_records: int, timeout: float) -> list[Delivery]:
         self._check()
         if self._failure is not None:
             raise map_error(KafkaException(self._failure))
@@ -280,7 +280,7 @@ class KafkaSubscription(_TransactionalMember):
         if now >= self._next_commit:
             self._next_commit = now + _COMMIT_INTERVAL
             self._commit(None, asynchronous=True)
-        out: list[InRecord] = []
+        out: list[Delivery] = []
         if self._requeued:
             # Leave consume() room (every other call when max_records is 1): only it serves
             # rebalances, and a member whose given-back records keep failing, because the
@@ -316,7 +316,7 @@ class KafkaSubscription(_TransactionalMember):
         topic = self._topic
         states = self._partitions
         append = out.append
-        record = InRecord
+        record = Delivery
         last = -1
         state: _Partition | None = None
         track: Callable[[Any], None] = out.append  # placeholder: set with ``state`` below
@@ -373,7 +373,7 @@ class KafkaSubscription(_TransactionalMember):
         self._check()
         self._commit(None, asynchronous=False, strict=True)
 
-    def ack(self, records: Sequence[InRecord]) -> None:
+    def ack(self, records: Sequence[Delivery]) -> None:
         last: _Partition | None = None
         settle: Callable[[Any], None] = _ignore
         with self._lock:
@@ -384,14 +384,14 @@ class KafkaSubscription(_TransactionalMember):
                     settle = state.settled.add if state.live else _ignore
                 settle(r.offset)
 
-    def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
+    def nack(self, records: Sequence[Delivery], *, requeue: bool) -> None:
         with self._lock:
             for r in records:
                 state = cast(_Partition, r.handle)
                 if not state.live:
                     continue
                 if requeue:
-                    r.attempt += 1
+                    r.delivery_count += 1
                     self._requeued.append(r)
                 else:
                     state.settled.add(cast(int, r.offset))

@@ -60,7 +60,7 @@ from ...errors import (
     FencedError,
     PolybusError,
 )
-from ..base import InRecord, OutRecord
+from ..base import Delivery, OutRecord
 from .acks import _Partition
 from .errors import (
     _CONNECTION,
@@ -112,7 +112,7 @@ class _TransactionalMember:
     _reconnect_timeout: float
     _lock: threading.Lock
     _partitions: dict[int, _Partition]
-    _requeued: deque[InRecord]
+    _requeued: deque[Delivery]
     _consumer: Consumer
     _commit_lock: threading.Lock
     _sent_async: bool
@@ -188,7 +188,7 @@ class _TransactionalMember:
         self._failed_deliveries.append(err)
 
     def _commit_transaction(
-        self, outputs: Sequence[tuple[str, Sequence[OutRecord]]], acks: Sequence[InRecord]
+        self, outputs: Sequence[tuple[str, Sequence[OutRecord]]], acks: Sequence[Delivery]
     ) -> None:
         """Produce ``outputs`` and commit the settled prefix, counting ``acks``, in one
         Kafka transaction; on any failure the acked records are given back."""
@@ -209,7 +209,7 @@ class _TransactionalMember:
                 for state, point in planned:
                     state.committed = point
 
-    def _planned_offsets(self, acks: Sequence[InRecord]) -> list[tuple[_Partition, int]]:
+    def _planned_offsets(self, acks: Sequence[Delivery]) -> list[tuple[_Partition, int]]:
         """The partitions whose commit point ``acks`` move, with the new point; raises
         FencedError if one of them is no longer this member's."""
         staged: dict[_Partition, set[int]] = {}
@@ -365,13 +365,13 @@ class _TransactionalMember:
         # take a transaction timeout or more to let go.
         threading.Thread(target=close, name="polybus-kafka-txn-close", daemon=True).start()
 
-    def _give_back(self, acks: Sequence[InRecord]) -> None:
+    def _give_back(self, acks: Sequence[Delivery]) -> None:
         """Deliver a failed or aborted transaction's acked records again (attempt + 1);
         those of partitions this member lost go to their new owner."""
         with self._lock:
             for r in acks:
                 if cast(_Partition, r.handle).live:
-                    r.attempt += 1
+                    r.delivery_count += 1
                     self._requeued.append(r)
 
 
@@ -386,7 +386,7 @@ class KafkaTransaction:
     def __init__(self, subscription: KafkaSubscription) -> None:
         self._sub = subscription
         self._outputs: list[tuple[str, Sequence[OutRecord]]] = []
-        self._acks: list[InRecord] = []
+        self._acks: list[Delivery] = []
         self._spent = False
 
     def _check(self) -> None:
@@ -399,7 +399,7 @@ class KafkaTransaction:
             raise CapabilityError("Kafka cannot delay delivery (no DELAY capability)")
         self._outputs.append((topic, records))
 
-    def ack(self, records: Sequence[InRecord]) -> None:
+    def ack(self, records: Sequence[Delivery]) -> None:
         self._check()
         for r in records:
             if not isinstance(r.handle, _Partition) or r.topic != self._sub._topic:

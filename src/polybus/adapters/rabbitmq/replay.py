@@ -20,7 +20,7 @@ import pika  # type: ignore[import-untyped]
 import pika.spec  # type: ignore[import-untyped]
 
 from ...errors import ConnectionLost, PolybusError
-from ..base import InRecord
+from ..base import Delivery
 from .names import MARKER_HEADER
 from .pika_hooks import _consume
 
@@ -56,7 +56,7 @@ class _Replay:
         self.found = from_id is None and from_ms is None
         self.reopen = False  #: the connection was lost: open again once the queue is back
         self.marker = uuid.uuid4().hex
-        self.buffer: deque[tuple[int, int, InRecord]] = deque()  #: (gen, tag, record)
+        self.buffer: deque[tuple[int, int, Delivery]] = deque()  #: (gen, tag, record)
         self.gen = 0  #: which replay channel a buffered delivery came from
         self.channel: Any = None
         self.next_offset: int | None = None  #: first stream offset not yet taken

@@ -38,7 +38,7 @@ from ...errors import (
     ConnectionLost,
     PolybusError,
 )
-from ..base import InRecord
+from ..base import Delivery
 from .errors import _describe, _reply, map_error
 from .link import _CLOSE_WAIT, _Link, _wait
 from .names import BINDING_KEY, KEY_HEADER, MARKER_HEADER, history_queue_name, queue_name
@@ -100,7 +100,7 @@ class RabbitMQSubscription:
         self._error: PolybusError | None = None
         self._ready = threading.Event()
         self._wake = threading.Event()
-        self._buffer: deque[InRecord] = deque()
+        self._buffer: deque[Delivery] = deque()
         self._gen = 0  # channel generation: deliveries and acks of an older channel are stale
         self._token = uuid.uuid4().hex[:8]  # offsets of messages that carry no id
         self._channel: Any = None
@@ -109,7 +109,7 @@ class RabbitMQSubscription:
         self._floor = 0  # every delivery tag <= floor is settled
         self._above: set[int] = set()  # settled tags above the floor
         self._replay: _Replay | None = None
-        self._redeliver: deque[InRecord] = deque()  # replayed records nacked with requeue
+        self._redeliver: deque[Delivery] = deque()  # replayed records nacked with requeue
         self._consumer_tag: str | None = None
         self._seek_error: PolybusError | None = None
         # An ephemeral reader's queue dies with its connection; with a history, it
@@ -135,7 +135,7 @@ class RabbitMQSubscription:
         if error is not None:
             raise error
 
-    def fetch(self, max_records: int, timeout: float) -> list[InRecord]:
+    def fetch(self, max_records: int, timeout: float) -> list[Delivery]:
         self._check()
         deadline = time.monotonic() + timeout
         while True:
@@ -157,8 +157,8 @@ class RabbitMQSubscription:
                 continue
             self._wake.wait(remaining)
 
-    def _take(self, max_records: int) -> list[InRecord]:
-        out: list[InRecord] = []
+    def _take(self, max_records: int) -> list[Delivery]:
+        out: list[Delivery] = []
         redeliver = self._redeliver
         while redeliver and len(out) < max_records:
             out.append(redeliver.popleft())
@@ -181,8 +181,8 @@ class RabbitMQSubscription:
                         self._unsettled[record.handle] = self._last_id = offset
         return out
 
-    def _take_replayed(self, replay: _Replay, max_records: int) -> list[InRecord]:
-        out: list[InRecord] = []
+    def _take_replayed(self, replay: _Replay, max_records: int) -> list[Delivery]:
+        out: list[Delivery] = []
         last_tag = 0
         gen = replay.gen
         while replay.buffer and len(out) < max_records:
@@ -250,7 +250,7 @@ class RabbitMQSubscription:
         body: bytes,
         handle: object,
         replay: bool = False,
-    ) -> InRecord:
+    ) -> Delivery:
         """The record of a delivery whose content properties start at ``data[p]``
         (AMQP 0-9-1 section 4.2.6.1): they and the header table become text headers."""
         flags = data[p] << 8 | data[p + 1]
@@ -323,11 +323,11 @@ class RabbitMQSubscription:
             position = stream_offset
         else:
             position = message_id or f"{self._token}.{self._gen}.{tag}"
-        return InRecord(
+        return Delivery(
             self.topic, 0, position, body, key, tuple(headers), timestamp_ms, attempt, handle
         )
 
-    def ack(self, records: Sequence[InRecord]) -> None:
+    def ack(self, records: Sequence[Delivery]) -> None:
         self._settle(records, _ACK)
 
     def commit(self) -> None:
@@ -342,10 +342,10 @@ class RabbitMQSubscription:
         self._loop.submit(flush)
         _wait(done, lambda: self._closed or self._backend.closed)
 
-    def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
+    def nack(self, records: Sequence[Delivery], *, requeue: bool) -> None:
         self._settle(records, _REQUEUE if requeue else _DROP)
 
-    def _settle(self, records: Sequence[InRecord], action: int) -> None:
+    def _settle(self, records: Sequence[Delivery], action: int) -> None:
         if self._closed or self._backend.closed:
             raise ClosedError(_SUBSCRIPTION_CLOSED)
         handles = [record.handle for record in records]
@@ -359,7 +359,7 @@ class RabbitMQSubscription:
             for record in records:
                 if type(record.handle) is _Replay:
                     # a replay is this member's own read of the history: redeliver it locally
-                    record.attempt += 1
+                    record.delivery_count += 1
                     self._redeliver.append(record)
                     self._wake.set()
 

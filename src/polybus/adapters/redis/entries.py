@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 
-from ..base import InRecord, OutRecord
+from ..base import Delivery, OutRecord
 from .resp import _pack
 
 if TYPE_CHECKING:
     from .backend import _Topic
 
 
-def _handle(record: InRecord) -> tuple[int, bytes]:
+def _handle(record: Delivery) -> tuple[int, bytes]:
     """The (partition, stream id) a record was read from, for XACK and XCLAIM."""
     return cast(tuple[int, bytes], record.handle)
 
@@ -52,7 +52,7 @@ def _header_name(f: bytes) -> str:
 
 def _record(
     topic: str, partition: int, entry_id: bytes, fields: list[bytes], attempt: int
-) -> InRecord:
+) -> Delivery:
     value: bytes | None = None
     key: bytes | None = None
     headers: list[tuple[str, str]] = []
@@ -77,7 +77,7 @@ def _record(
         have = {name for name, _ in headers}
         headers.extend(h for h in plain if h[0] not in have)
     offset = entry_id.decode()
-    return InRecord(
+    return Delivery(
         topic,
         partition,
         offset,

@@ -23,7 +23,7 @@ from redis.connection import ConnectionPool
 from ...errors import ClosedError, ConfigurationError, ConnectionLost, PolybusError, TopicNotFound
 from .._support.backoff import Backoff
 from .._support.redis import map_error, retryable
-from ..base import InRecord
+from ..base import Delivery
 from .entries import _handle, _record
 from .resp import _as_dict, _before, _id_key, _pack, _streams
 from .scripts import _CLAIM, _MOVE_DUE, _READ, _RELEASE, _evalsha
@@ -77,7 +77,7 @@ class RedisSubscription:
         self._cursors = [b"0-0"] * topic.partitions
         self._next_due = -1  # epoch ms of the next delayed record, -1: none known
         self._rotation = random.randrange(topic.partitions)
-        self._buffer: deque[InRecord] = deque()  # read, not yet handed out (claims + reads)
+        self._buffer: deque[Delivery] = deque()  # read, not yet handed out (claims + reads)
         self._acks: list[tuple[int, bytes]] = []
         self._acks_lock = threading.Lock()
         self._outage_since: float | None = None
@@ -129,7 +129,7 @@ class RedisSubscription:
         self._check()
         self._flush_acks()
 
-    def ack(self, records: Sequence[InRecord]) -> None:
+    def ack(self, records: Sequence[Delivery]) -> None:
         """Mark records processed; sent with the next fetch, at close, or once 1000 wait."""
         self._check()
         with self._acks_lock:
@@ -138,7 +138,7 @@ class RedisSubscription:
         if full:
             self._flush_acks()
 
-    def nack(self, records: Sequence[InRecord], *, requeue: bool) -> None:
+    def nack(self, records: Sequence[Delivery], *, requeue: bool) -> None:
         """``requeue``: hand records back now (this member's next fetch takes them again,
         ``attempt`` + 1); else drop them for this group (acked)."""
         if not requeue:
@@ -161,12 +161,12 @@ class RedisSubscription:
 
     # -- fetch ----------------------------------------------------------------------------
 
-    def _take(self, max_records: int) -> list[InRecord]:
+    def _take(self, max_records: int) -> list[Delivery]:
         buf = self._buffer
         n = min(max_records, len(buf))
         return [buf.popleft() for _ in range(n)]
 
-    def fetch(self, max_records: int, timeout: float) -> list[InRecord]:
+    def fetch(self, max_records: int, timeout: float) -> list[Delivery]:
         """Up to ``max_records`` records, waiting at most ``timeout`` seconds ([] on timeout).
 
         While Redis is unreachable it retries within ``timeout``; once the outage has lasted
@@ -186,7 +186,7 @@ class RedisSubscription:
                     self._drop_connection()
             return records
 
-    def _fetch_retrying(self, max_records: int, timeout: float) -> list[InRecord]:
+    def _fetch_retrying(self, max_records: int, timeout: float) -> list[Delivery]:
         deadline = time.monotonic() + timeout
         backoff = Backoff(first=0.02, cap=1.0)
         while True:
@@ -227,7 +227,7 @@ class RedisSubscription:
             conn.disconnect()
             self._pool.release(conn)
 
-    def _fetch_once(self, max_records: int, deadline: float) -> list[InRecord]:
+    def _fetch_once(self, max_records: int, deadline: float) -> list[Delivery]:
         while True:
             if self._buffer or self._read_one(max_records):
                 return self._take(max_records)
@@ -245,7 +245,7 @@ class RedisSubscription:
             if time.monotonic() >= deadline:
                 return []
 
-    def _read_one(self, max_records: int) -> list[InRecord]:
+    def _read_one(self, max_records: int) -> list[Delivery]:
         """One round trip: send waiting acks, sweep for records to claim (when due), move due
         delayed records, and read new records of the first partition that has some."""
         sent, self._prefetched = self._prefetched, None
@@ -280,7 +280,7 @@ class RedisSubscription:
             raise
         return _Round(acks, n_acks, sweep, len(commands))
 
-    def _finish_round(self, sent: _Round) -> list[InRecord]:
+    def _finish_round(self, sent: _Round) -> list[Delivery]:
         replies: list[Any] = []
         try:
             self._backend._read(self._connection(), sent.commands, replies, None)
@@ -304,7 +304,7 @@ class RedisSubscription:
         )
         return self._deliver(records, problems, sent.acks)
 
-    def _read_blocking(self, max_records: int, block_ms: int) -> list[InRecord]:
+    def _read_blocking(self, max_records: int, block_ms: int) -> list[Delivery]:
         t = self._t
         command = _pack(
             b"XREADGROUP",
@@ -329,8 +329,8 @@ class RedisSubscription:
         return self._deliver(records, problems, [])
 
     def _deliver(
-        self, records: list[InRecord], problems: list[BaseException], acks: list[tuple[int, bytes]]
-    ) -> list[InRecord]:
+        self, records: list[Delivery], problems: list[BaseException], acks: list[tuple[int, bytes]]
+    ) -> list[Delivery]:
         """Buffer what was read; raise the first problem (the next fetch hands the records
         out), else hand them out."""
         self._buffer.extend(records)
@@ -339,13 +339,13 @@ class RedisSubscription:
             raise problems[0]
         return records
 
-    def _claimed(self, reply: Any, problems: list[BaseException]) -> list[InRecord]:
+    def _claimed(self, reply: Any, problems: list[BaseException]) -> list[Delivery]:
         if isinstance(reply, BaseException):
             self._sweep_at = 0.0  # try again on the next fetch
             self._recover(reply, problems)
             return []
         self._sweep_at = time.monotonic() + self._sweep_every
-        out: list[InRecord] = []
+        out: list[Delivery] = []
         topic = self._t.name
         for p, (cursor, entries) in enumerate(reply):
             self._cursors[p] = cursor
@@ -359,11 +359,11 @@ class RedisSubscription:
         else:
             self._next_due = int(float(reply))
 
-    def _read_reply(self, reply: Any, problems: list[BaseException]) -> list[InRecord]:
+    def _read_reply(self, reply: Any, problems: list[BaseException]) -> list[Delivery]:
         if isinstance(reply, BaseException):
             self._recover(reply, problems)
             return []
-        out: list[InRecord] = []
+        out: list[Delivery] = []
         topic, index = self._t.name, self._t.index
         for stream, entries in _streams(reply):
             p = index[stream]

@@ -88,18 +88,18 @@ class NativeStore:
 
     def _apply(self, r: Record) -> None:
         sid = cast(bytes, r.key).decode()
-        if r.value is None:
+        if r.payload is None:
             self._view.drop(sid)
             return
         try:
-            rec = self.codec.decode(r.value)
+            rec = self.codec.decode(r.payload)
         except DecodeError:
             self._view.drop(sid)  # a damaged record reads as absent
             return
         if rec.id != sid:  # not written by a session store: a record of another id
             self._view.drop(sid)
             return
-        self._view.put(sid, item_of(rec, r.value, self.codec.data_start(r.value, rec)))
+        self._view.put(sid, item_of(rec, r.payload, self.codec.data_start(r.payload, rec)))
 
     # -- writing under the partition's write lock -------------------------------------
 
