@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .adapters.base import Backend, Subscription, Transaction, TransactionalBackend
@@ -117,6 +117,8 @@ class Subscriber:
         self._model = model
         self._closed = False
         self._ack = subscription.ack  # a Delivery calls it directly: one call per ack
+        # and, without a model, value_of: a call less per value read (0.1 µs of about 1.3)
+        self._value: Callable[[InRecord], Any] = value_of if model is None else self._model_value
 
     @property
     def group(self) -> str | None:
@@ -128,9 +130,7 @@ class Subscriber:
             message._decoder = self._model_decoder(message._decoder)
         return message
 
-    def _value(self, record: InRecord) -> Any:
-        if self._model is None:
-            return value_of(record)
+    def _model_value(self, record: InRecord) -> Any:
         payload = record.payload
         if payload is None:
             return None  # a tombstone
@@ -410,6 +410,8 @@ class Bus:
         back (needs Capability.DELAY). Raises EncodeError, MessageTooLarge,
         ConnectionLost; nothing is stored when it raises.
         """
+        if key is None and not headers and not (content_type or correlation_id or causation_id):
+            return self.publish_many(topic, [value], delay=delay)[0]  # no Message: 1.5 µs less
         message = Message.of(
             value,
             key=key,

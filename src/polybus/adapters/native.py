@@ -175,7 +175,7 @@ class NativeBackend:
                 timestamp_ms=r.timestamp_ms,
                 not_before_ms=r.not_before_ms,
             )
-            return [Receipt(topic, p, offset)]
+            return [_receipt(Receipt, (topic, p, offset))]
         values, keys, headers, stamps, not_before = zip(*records, strict=True)
         parts = len(t.partitions)
         if parts == 1 or keys.count(None) == n:
