@@ -7,7 +7,9 @@ these tests run on the memory store unless they need a real server.
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -412,6 +414,26 @@ def test_data_is_json_or_msgpack_never_pickle(manager: SessionManager) -> None:
         assert packed.load(s.id)["raw"] == b"\x00\xff"
 
 
+def test_circular_or_too_deep_data_is_an_encode_error(manager: SessionManager) -> None:
+    session = logged_in(manager)
+    loop: list[Any] = []
+    loop.append(loop)
+    session["loop"] = loop
+    with pytest.raises(EncodeError, match="circular or nested too deep"):
+        manager.save(session)
+    deep: list[Any] = []
+    for _ in range(sys.getrecursionlimit() + 10):
+        deep = [deep]
+    session["loop"] = deep
+    with pytest.raises(EncodeError, match="circular or nested too deep"):
+        manager.save(session)
+    session["loop"] = [[[1]]]  # the encoder is still fine after those
+    assert manager.save(session)
+    assert manager.load(session.id)["loop"] == [[[1]]]
+    with pytest.raises(DecodeError, match="not JSON"):
+        CODECS["json"].load(b"[" * 100_000 + b"]" * 100_000)
+
+
 def test_an_undecodable_session_yields_a_new_session_and_a_warning(
     manager: SessionManager, store: CountingStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -517,6 +539,19 @@ _json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=11) | st.dictionaries(st.text(max_size=3), inner),
     max_leaves=30,
 )
+
+
+@given(_json_values)
+def test_session_data_is_written_as_the_json_module_writes_it(value: Any) -> None:
+    """The JSON codec's encoder made once gives the bytes of ``json.dumps`` with its
+    options, and refuses what it refuses (NaN and the infinities)."""
+    try:
+        expected = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        with pytest.raises(EncodeError, match="JSON"):
+            CODECS["json"].dump(value)
+        return
+    assert CODECS["json"].dump(value) == expected
 
 
 @settings(max_examples=50)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import secrets
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import msgpack
@@ -72,9 +72,29 @@ class SessionRecord(NamedTuple):
     data: dict[str, Any]
 
 
-_json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  # no NaN: no JSON
-_json_decode = json.JSONDecoder().decode
+def _json_encoder() -> Callable[[Any], str]:
+    """``JSONEncoder(separators=(",", ":"), allow_nan=False).encode`` (no NaN: no JSON),
+    its C encoder made once instead of per call, without the circular-reference check
+    (a cycle recurses until RecursionError, which :meth:`RecordCodec.dump` reports).
+    Side by side, 7 alternating rounds, CPU per encode of the benchmark's data: 2.79
+    (2.75-2.86) -> 1.91 (1.86-1.98) us."""
+    encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+    make: Any = getattr(json.encoder, "c_make_encoder", None)  # _json.make_encoder
+    if make is None:  # no C accelerator
+        return encoder.encode
+    # the arguments JSONEncoder.iterencode passes, without its markers dict
+    once = make(None, encoder.default, _json_str, None, ":", ",", False, False, False)
+    join = "".join
+
+    def encode(value: Any) -> str:
+        return join(once(value, 0))
+
+    return encode
+
+
 _json_str = json.encoder.encode_basestring_ascii  # what the encoder writes a str with
+_json_encode = _json_encoder()
+_json_decode = json.JSONDecoder().decode
 _float_repr = float.__repr__  # what the encoder writes a finite float with
 _unpackb = msgpack.unpackb
 
@@ -96,6 +116,8 @@ class RecordCodec:
         """Encode plain data; raises EncodeError naming what is not JSON data."""
         try:
             return _json_encode(value).encode()
+        except RecursionError as exc:  # a cycle, or deeper than the interpreter goes
+            raise EncodeError(f"session data is circular or nested too deep: {exc}") from exc
         except (TypeError, ValueError) as exc:
             raise EncodeError(
                 f"session data must be JSON data (str, int, float, bool, None, list, dict "
@@ -106,7 +128,7 @@ class RecordCodec:
         """Decode plain data; raises DecodeError."""
         try:
             return _json_decode(payload.decode())
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DecodeError(f"{len(payload)} bytes are not JSON: {exc}") from exc
 
     def encode(self, record: SessionRecord) -> bytes:
