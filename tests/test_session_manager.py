@@ -7,7 +7,9 @@ these tests run on the memory store unless they need a real server.
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -412,6 +414,26 @@ def test_data_is_json_or_msgpack_never_pickle(manager: SessionManager) -> None:
         assert packed.load(s.id)["raw"] == b"\x00\xff"
 
 
+def test_circular_or_too_deep_data_is_an_encode_error(manager: SessionManager) -> None:
+    session = logged_in(manager)
+    loop: list[Any] = []
+    loop.append(loop)
+    session["loop"] = loop
+    with pytest.raises(EncodeError, match="circular or nested too deep"):
+        manager.save(session)
+    deep: list[Any] = []
+    for _ in range(sys.getrecursionlimit() + 10):
+        deep = [deep]
+    session["loop"] = deep
+    with pytest.raises(EncodeError, match="circular or nested too deep"):
+        manager.save(session)
+    session["loop"] = [[[1]]]  # the encoder is still fine after those
+    assert manager.save(session)
+    assert manager.load(session.id)["loop"] == [[[1]]]
+    with pytest.raises(DecodeError, match="not JSON"):
+        CODECS["json"].load(b"[" * 100_000 + b"]" * 100_000)
+
+
 def test_an_undecodable_session_yields_a_new_session_and_a_warning(
     manager: SessionManager, store: CountingStore, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -519,6 +541,42 @@ _json_values = st.recursive(
 )
 
 
+@given(_json_values)
+def test_session_data_is_written_as_the_json_module_writes_it(value: Any) -> None:
+    """The JSON codec's encoder made once gives the bytes of ``json.dumps`` with its
+    options, and refuses what it refuses (NaN and the infinities)."""
+    try:
+        expected = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        with pytest.raises(EncodeError, match="JSON"):
+            CODECS["json"].dump(value)
+        return
+    assert CODECS["json"].dump(value) == expected
+
+
+@st.composite
+def _json_texts(draw: st.DrawFn) -> bytes:
+    """JSON text as the json module writes it, NaN, big ints and lone surrogates included,
+    escaped or not, with some space around."""
+    text = json.dumps(draw(_json_values), ensure_ascii=draw(st.booleans()))
+    space = draw(st.sampled_from(["", " ", "\n\t"]))
+    return (space + text + space).encode(errors="surrogatepass")
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=40) | _json_texts())
+def test_session_json_is_read_as_the_json_module_reads_it(payload: bytes) -> None:
+    """msgspec reads JSON records, and the json module what it refuses: either way the
+    values of ``json.loads``, of the same types, or a DecodeError where it fails."""
+    try:
+        expected = json.loads(payload.decode())
+    except (ValueError, UnicodeDecodeError):
+        with pytest.raises(DecodeError, match="not JSON"):
+            CODECS["json"].load(payload)
+        return
+    assert repr(CODECS["json"].load(payload)) == repr(expected)  # 1 is not 1.0 nor True
+
+
 @settings(max_examples=50)
 @given(st.lists(_json_values, min_size=11, max_size=11))
 def test_any_record_shaped_data_decodes_or_fails_cleanly(fields: list[Any]) -> None:
@@ -551,6 +609,14 @@ _records = st.builds(
 )
 
 
+def _as_the_manager_makes(record: SessionRecord) -> bool:
+    """Text of printable ASCII and times without an exponent, where the JSON codec writes
+    a record's head as the json module does, byte for byte."""
+    texts = [record.id, record.user_id or "", *record.client, record.fingerprint or ""]
+    times = record[3:6]
+    return all(t.isascii() and t.isprintable() for t in texts) and "e" not in repr(times)
+
+
 @settings(max_examples=50)
 @given(_records)
 def test_a_store_decodes_only_the_data_of_a_record_it_holds(record: SessionRecord) -> None:
@@ -561,7 +627,10 @@ def test_a_store_decodes_only_the_data_of_a_record_it_holds(record: SessionRecor
             payload, start = codec.encode_split(record)
         except EncodeError:  # text msgpack cannot encode (a lone surrogate)
             continue
-        assert payload == codec.dump(session_base._fields(record))
+        fields = session_base._fields(record)
+        assert repr(codec.load(payload)) == repr(codec.load(codec.dump(fields)))  # NaN
+        if codec.name == "msgpack" or _as_the_manager_makes(record):
+            assert payload == codec.dump(fields)  # byte for byte, as every reader knows it
         whole = codec.decode(payload)
         data = codec.decode_data(payload, start)
         assert codec.dump(data) == codec.dump(whole.data) == codec.dump(record.data)  # NaN
