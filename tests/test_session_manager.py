@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polybus import DecodeError, EncodeError
+from polybus.codecs import JSON, decoder_for
 from polybus.sessions import (
     ClientInfo,
     SessionConflict,
@@ -573,8 +574,11 @@ def test_session_json_is_read_as_the_json_module_reads_it(payload: bytes) -> Non
     except (ValueError, UnicodeDecodeError):
         with pytest.raises(DecodeError, match="not JSON"):
             CODECS["json"].load(payload)
+        with pytest.raises(DecodeError, match="not valid application/json"):
+            decoder_for(JSON)(payload)  # messages' JSON is read the same way
         return
     assert repr(CODECS["json"].load(payload)) == repr(expected)  # 1 is not 1.0 nor True
+    assert repr(decoder_for(JSON)(payload)) == repr(expected)
 
 
 @settings(max_examples=50)

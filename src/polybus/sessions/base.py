@@ -22,6 +22,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import msgpack
 import msgspec
 
+from ..codecs import load_json
 from ..errors import (
     DecodeError,
     EncodeError,
@@ -95,16 +96,12 @@ def _json_encoder() -> Callable[[Any], str]:
 
 _json_str = json.encoder.encode_basestring_ascii  # what the encoder writes a str with
 _json_encode = _json_encoder()
-_json_decode = json.JSONDecoder().decode
-# msgspec writes a record's head and reads every JSON record (the json module reads what
-# it refuses: NaN, 1e400, the escape of a lone surrogate). Side by side, 9 alternating
-# rounds, CPU: the head 2.29 (2.11-2.35) -> 0.62 (0.59-0.67) us, the benchmark's data read
-# 1.82 (1.73-2.06) -> 0.59 (0.57-0.64) us (the json module's scanner alone: 1.39). Its
-# encoder is not used for the data: it writes NaN as null, and bytes, sets, dates, UUIDs
-# and enums as JSON where the json module refuses them, as sessions must.
+# msgspec writes a record's head, and reads every JSON record (codecs.load_json). Side by
+# side, 9 alternating rounds, CPU: the head 2.29 (2.11-2.35) -> 0.62 (0.59-0.67) us, the
+# benchmark's data read 1.82 (1.73-2.06) -> 0.59 (0.57-0.64) us (the json module's scanner
+# alone: 1.39). Its encoder is not used for the data: it writes NaN as null, and bytes,
+# sets, dates, UUIDs and enums as JSON where the json module refuses them, as sessions must.
 _fast_encode = msgspec.json.Encoder().encode
-_fast_decode = msgspec.json.Decoder().decode
-_FastDecodeError = (msgspec.DecodeError, RecursionError)
 _unpackb = msgpack.unpackb
 
 
@@ -136,11 +133,7 @@ class RecordCodec:
     def load(self, payload: bytes) -> Any:
         """Decode plain data; raises DecodeError."""
         try:
-            return _fast_decode(payload)
-        except _FastDecodeError:
-            pass  # no JSON, or JSON beyond msgspec (NaN, 1e400, a lone surrogate's escape)
-        try:
-            return _json_decode(payload.decode())
+            return load_json(payload)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DecodeError(f"{len(payload)} bytes are not JSON: {exc}") from exc
 
