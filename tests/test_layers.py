@@ -103,6 +103,7 @@ LAYERS = {
     "polybus.model": 1,
     "polybus.codecs": 2,
     "polybus.message": 2,
+    "polybus.middleware": 2,
     "polybus.log": 3,
     "polybus.adapters._support": 4,
     "polybus.adapters.base": 4,

@@ -1,3 +1,4 @@
 """The patterns conformance suite, run on every backend in polybus.testing.plugin.BACKENDS."""
 
+from polybus.testing.middleware import *  # noqa: F403
 from polybus.testing.patterns import *  # noqa: F403

@@ -29,6 +29,7 @@ from .errors import (
     TopicNotFound,
 )
 from .message import Delivery, Message
+from .middleware import Middleware
 from .types import Capability, Receipt
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ __all__ = [
     "FencedError",
     "Message",
     "MessageTooLarge",
+    "Middleware",
     "PolybusError",
     "Receipt",
     "Rejected",

@@ -18,6 +18,7 @@ worker, while fetching and settling run on threads.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -66,7 +67,10 @@ class AsyncBus:
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        # in the caller's context (as asyncio.to_thread), so that middleware sees the
+        # coroutine's context variables: its current trace span, for one
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await loop.run_in_executor(self._pool, call)
 
     async def declare(self, topic: str, **options: Any) -> None:
         await self._run(self.bus.declare, topic, **options)
@@ -186,6 +190,8 @@ class AsyncWorker:
 
         def invoke(handler: Handler, delivery: Delivery) -> Any:
             if inspect.iscoroutinefunction(handler):
+                # the task runs in a copy of this thread's context (call_soon_threadsafe's),
+                # so the coroutine sees what the middleware's process hooks set
                 return asyncio.run_coroutine_threadsafe(handler(delivery), loop).result()
             return handler(delivery)
 

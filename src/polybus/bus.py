@@ -19,6 +19,7 @@ from .envelope import (
 )
 from .errors import CapabilityError, ClosedError, ConfigurationError, DecodeError
 from .message import UNDECODED, Delivery, Message, message_of, uuid7s, value_of
+from .middleware import Middleware, notify, publish_chain
 from .model import check_name
 from .registry import open_backend
 from .types import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec, tuple_new
@@ -26,18 +27,24 @@ from .types import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec, t
 __all__ = ["Bus", "BusTransaction", "Subscriber", "connect", "out_record"]
 
 
-def connect(url: str | Backend | object, *, default_partitions: int = 4) -> Bus:
+def connect(
+    url: str | Backend | object,
+    *,
+    default_partitions: int = 4,
+    middleware: Sequence[Middleware] = (),
+) -> Bus:
     """Connect to the backend ``url`` names, e.g. ``native:///var/lib/app/bus``.
 
     ``url`` may also be a client object (``redis.Redis(...)``,
     ``pika.ConnectionParameters(...)``, ``confluent_kafka.Producer(...)``) or a
     Backend built by an adapter, e.g. ``KafkaBackend(config)``.
 
-    Topics used before being declared are created with ``default_partitions``.
+    Topics used before being declared are created with ``default_partitions``;
+    ``middleware`` hooks into publishing and consuming (:mod:`polybus.middleware`).
     Raises ConfigurationError for a bad URL and BackendUnavailable for an
     unknown scheme or a missing client library (naming the extra to install).
     """
-    return Bus(open_backend(url), default_partitions=default_partitions)
+    return Bus(open_backend(url), default_partitions=default_partitions, middleware=middleware)
 
 
 def _key_bytes(key: object, headers: list[tuple[str, str]]) -> bytes | None:
@@ -152,6 +159,8 @@ class Subscriber:
         for delivery in deliveries:  # a redelivery may be the object handed out before
             delivery._owner = self
             delivery.settled = False
+        if deliveries and self._bus.middleware:
+            notify(self._bus.middleware, "received", deliveries)
         return deliveries
 
     def ack(self, deliveries: Iterable[Delivery]) -> None:
@@ -256,6 +265,11 @@ class BusTransaction:
         self._subscriber = subscriber
         self._tx = tx
         self._done = False
+        self._publish = publish_chain(bus.middleware, self._stage)
+
+    def _stage(self, topic: str, records: Sequence[OutRecord]) -> list[Receipt]:
+        self._tx.publish(topic, records)
+        return []  # receipts exist only once the transaction commits
 
     def publish(
         self,
@@ -282,7 +296,7 @@ class BusTransaction:
     def publish_records(self, topic: str, records: Sequence[OutRecord]) -> None:
         """Stage records as they are, envelope and all (see :meth:`Bus.publish_records`)."""
         self._bus.declare_once(topic)
-        self._tx.publish(topic, records)
+        self._publish(topic, records)
 
     def ack(self, delivery: Delivery) -> None:
         """Stage the ack of ``delivery`` (fetched by this transaction's subscriber)."""
@@ -326,12 +340,33 @@ class Bus:
     Thread-safe for publishing. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, backend: Backend, *, default_partitions: int = 4) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        default_partitions: int = 4,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
         self.backend = backend
         self.default_partitions = default_partitions
+        self.middleware: tuple[Middleware, ...] = ()
         self._declared: set[str] = set()
         self._subscribers: set[Subscriber] = set()
         self._closed = False
+        self.use(*middleware)
+
+    def use(self, *middleware: Middleware) -> None:
+        """Add ``middleware`` after (inside) the bus's own, for publishing from now on and
+        for deliveries fetched from now on; a worker started later uses them too."""
+        for m in middleware:
+            if not isinstance(m, Middleware):
+                raise ConfigurationError(
+                    f"middleware must subclass polybus.middleware.Middleware, "
+                    f"not {type(m).__name__}"
+                )
+        self.middleware += middleware
+        # built once here: with no publish hook it is backend.publish itself
+        self._publish = publish_chain(self.middleware, self.backend.publish)
 
     @property
     def capabilities(self) -> Capability:
@@ -452,7 +487,7 @@ class Bus:
         if not records:
             return []
         self.declare_once(topic)
-        return self.backend.publish(topic, records)
+        return self._publish(topic, records)
 
     def tombstone(
         self, topic: str, key: str | bytes, *, headers: Mapping[str, str] | None = None
@@ -472,7 +507,7 @@ class Bus:
             raise ConfigurationError("a tombstone needs the key it deletes")
         record = out_record(Message(b"", key=key, headers=headers), 0)._replace(value=None)
         self.declare_once(topic)
-        return self.backend.publish(topic, [record])[0]
+        return self._publish(topic, [record])[0]
 
     def publish_records(self, topic: str, records: Sequence[OutRecord]) -> list[Receipt]:
         """Publish records as they are, envelope and all: what patterns that forward,
@@ -484,7 +519,7 @@ class Bus:
         if Capability.DELAY not in self.capabilities and any(r.not_before_ms for r in records):
             raise CapabilityError("this backend cannot delay delivery")
         self.declare_once(topic)
-        return self.backend.publish(topic, records)
+        return self._publish(topic, records)
 
     def subscribe(
         self,

@@ -29,6 +29,7 @@ from ..errors import (
     PolybusError,
 )
 from ..message import Delivery, Message
+from ..middleware import notify, process_chain
 from ..types import Capability, OutRecord
 from .dlq import dead_letter_copy, dead_letter_topic
 from .inbox import Inbox
@@ -228,6 +229,8 @@ class Consumer:
         self.session_timeout = session_timeout
         self.max_held = max_held
         self.invoke = invoke
+        # the middleware's process hooks around the handler and its outputs, built once
+        self._process = process_chain(bus.middleware, self._call_and_publish)
         self.stats = Stats()
         self.retry_topic = retry_topic(topic, self.group)
         self.dead_letter_topic = dead_letter_topic(topic, self.group)
@@ -437,11 +440,9 @@ class Consumer:
         try:
             d.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
             if self.inbox is not None:
-                ran, _ = self.inbox.process(
-                    self.group, d.message.id, lambda: self._call_and_publish(d)
-                )
+                ran, _ = self.inbox.process(self.group, d.message.id, lambda: self._process(d))
             else:
-                self._call_and_publish(d)
+                self._process(d)
         except Exception as exc:
             return self._failed(d, exc)
         if self.guarantee != "at-most-once":
@@ -470,7 +471,9 @@ class Consumer:
         self._count("failed", error=exc)
         key = d.record.key
         if self.strict_order and key is not None and self.retry.retries(exc, d.attempt):
-            self._hold(d, key, self.retry.delay(d.attempt, exc))
+            delay = self.retry.delay(d.attempt, exc)
+            notify(self.bus.middleware, "retrying", d, exc, delay)
+            self._hold(d, key, delay)
             self._count("retried")
             return False
         try:
@@ -501,6 +504,7 @@ class Consumer:
             )
             self._count("retried")
             log.info("%s: try %d failed (%s); retry in %.1f s", self.name, attempt, exc, delay)
+            notify(self.bus.middleware, "retrying", d, exc, delay)
             return self.retry_topic, [copy]
         if not self.dead_letters:
             log.error("%s: dropped %s after attempt %d: %s", self.name, d.offset, attempt, exc)
@@ -514,6 +518,7 @@ class Consumer:
         copy = dead_letter_copy(d.record, exc, group=self.group, attempts=attempt, reason=reason)
         self._count("dead_lettered")
         log.warning("%s: gave up on %s (%s): %s", self.name, d.message.id, reason, exc)
+        notify(self.bus.middleware, "dead_lettered", d, exc, reason)
         return self.dead_letter_topic, [copy]
 
     def _settle_quietly(self, d: Delivery, *, requeue: bool | None) -> None:
@@ -571,10 +576,13 @@ class Consumer:
             self._done()
 
     def _handle_in(self, tx: BusTransaction, d: Delivery) -> None:
-        try:
-            d.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
+        def call_and_stage(d: Delivery) -> None:
             for topic, record in _outputs(self.invoke(self.handler, d), d):
                 tx.publish_records(topic, [record])
+
+        try:
+            d.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
+            process_chain(self.bus.middleware, call_and_stage)(d)
         except Exception as exc:
             self._count("failed", error=exc)
             routed = self._route(d, exc)

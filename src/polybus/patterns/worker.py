@@ -39,7 +39,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from ..errors import (
     BrokerUnreachable,
     ConfigurationError,
 )
+from ..middleware import Middleware
 from .consumer import (
     Consumer,
     Guarantee,
@@ -101,11 +102,13 @@ def _check_options(options: dict[str, Any]) -> None:
 class App:
     """A set of handlers, registered with :meth:`consumer`; run by a :class:`Worker`.
 
-    ``url`` is the bus a worker connects to when it is given none.
+    ``url`` is the bus a worker connects to when it is given none; ``middleware``
+    (:mod:`polybus.middleware`) is added to the bus a worker runs the app on.
     """
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, *, middleware: Sequence[Middleware] = ()) -> None:
         self.url = url
+        self.middleware = tuple(middleware)
         self.registrations: list[_Registration] = []
 
     def consumer(
@@ -170,6 +173,7 @@ class Worker:
         self._own_bus = not isinstance(target, Bus)
         self._target = target
         self._registrations = app.registrations
+        self._middleware = app.middleware
         self._invoke = invoke
         self.stop_timeout = stop_timeout
         self.bus: Bus | None = None
@@ -186,6 +190,7 @@ class Worker:
 
     def _connect(self) -> None:
         bus = connect(self._target) if isinstance(self._target, str) else self._target
+        bus.use(*(m for m in self._middleware if m not in bus.middleware))
         self.consumers = [
             Consumer(bus, r.topic, r.handler, invoke=self._invoke, **r.options)
             for r in self._registrations

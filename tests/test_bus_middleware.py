@@ -1,0 +1,94 @@
+"""Middleware on the bus: what the conformance suite does not cover (it runs the hooks on
+every backend in polybus.testing.patterns)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import polybus
+from polybus import ConfigurationError, Delivery, Middleware, aio
+from polybus.middleware import ProcessNext, PublishNext
+from polybus.patterns.worker import App
+from polybus.types import OutRecord, Receipt
+
+REQUEST = contextvars.ContextVar("request", default="none")
+
+
+class Stamp(Middleware):
+    """Puts the current REQUEST in a header of whatever it publishes, and sets REQUEST
+    to a delivery's header around its processing."""
+
+    def publish(
+        self, topic: str, records: Sequence[OutRecord], call_next: PublishNext
+    ) -> list[Receipt]:
+        stamped = [r._replace(headers=(*r.headers, ("x-request", REQUEST.get()))) for r in records]
+        return call_next(topic, stamped)
+
+    def process(self, delivery: Delivery, call_next: ProcessNext) -> Any:
+        token = REQUEST.set(f"handling {delivery.header('x-request')}")
+        try:
+            return call_next(delivery)
+        finally:
+            REQUEST.reset(token)
+
+
+def test_a_bus_without_publish_hooks_calls_the_backend_directly(tmp_path: Path) -> None:
+    class OnlyProcess(Middleware):
+        def process(self, delivery: Delivery, call_next: ProcessNext) -> Any:
+            return call_next(delivery)
+
+    with polybus.connect(f"native://{tmp_path}", middleware=[OnlyProcess()]) as bus:
+        assert bus._publish == bus.backend.publish  # no wrapper on the hot path
+        bus.use(Stamp())
+        assert bus._publish != bus.backend.publish
+
+
+def test_use_refuses_what_is_not_a_middleware(tmp_path: Path) -> None:
+    refused = pytest.raises(ConfigurationError, match=r"subclass polybus\.middleware\.Middleware")
+    with polybus.connect(f"native://{tmp_path}") as bus, refused:
+        bus.use(object())  # type: ignore[arg-type]
+
+
+def test_a_transactions_staged_publishes_go_through_the_publish_hooks(tmp_path: Path) -> None:
+    with polybus.connect(f"native://{tmp_path}", middleware=[Stamp()]) as bus:
+        bus.declare("in", partitions=1, groups=["g"])
+        bus.declare("out", partitions=1, groups=["g"])
+        bus.publish("in", "x")
+        with bus.subscribe("in", "g") as sub:
+            (d,) = sub.fetch(10, timeout=5)
+            token = REQUEST.set("in a transaction")
+            with bus.transaction(sub) as tx:
+                tx.publish("out", "y")
+                tx.ack(d)
+            REQUEST.reset(token)
+        with bus.subscribe("out", "g") as sub:
+            (out,) = sub.fetch(10, timeout=5)
+    assert out.header("x-request") == "in a transaction"
+
+
+def test_async_code_and_coroutine_handlers_see_the_middlewares_context(tmp_path: Path) -> None:
+    app = App(middleware=[Stamp()])
+    replies: list[str | None] = []
+
+    @app.consumer("in", group="g")
+    async def handle(d: Delivery) -> None:
+        replies.append(REQUEST.get())  # set by the process hook in the consumer's thread
+
+    async def main() -> None:
+        bus = await aio.connect(f"native://{tmp_path}")
+        async with bus, aio.AsyncWorker(app, bus):
+            REQUEST.set("from a coroutine")
+            await bus.publish("in", "job")  # run on a thread, in this context
+            for _ in range(500):
+                if replies:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert replies == ["handling from a coroutine"]
