@@ -204,6 +204,32 @@ def test_plain_producer_messages_arrive_with_defaults(
     assert dict(records[3].headers())["raw"] == b"\xff\x00"
 
 
+def test_a_header_read_alone_matches_the_decoded_headers(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    # Fetched headers are decoded only when all are asked for: a lookup before and
+    # after that must answer the same, for the values decoding has to take care of.
+    bus = connect()
+    bus.declare(topic, partitions=1)
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap})
+    headers = [("a", b"1"), ("raw", b"\xff\x00"), ("nil", None), ("é", "ü".encode()), ("a", b"2")]
+    producer.produce(topic, b"v", headers=headers)
+    assert producer.flush(DEADLINE) == 0
+    with bus.subscribe(topic, start="earliest") as sub:
+        (d,) = drain(sub, 1)
+    names = ["a", "raw", "nil", "é", "absent", "content-type"]
+    alone = [d.header(name) for name in names]
+    assert alone == ["2", "\udcff\x00", "", "ü", None, None]
+    assert d.record.headers == (
+        ("a", "1"),
+        ("raw", "\udcff\x00"),
+        ("nil", ""),
+        ("é", "ü"),
+        ("a", "2"),
+    )
+    assert [d.header(name) for name in names] == alone
+
+
 # -- construction ---------------------------------------------------------------------
 
 
