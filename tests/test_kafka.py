@@ -230,6 +230,24 @@ def test_a_header_read_alone_matches_the_decoded_headers(
     assert [d.header(name) for name in names] == alone
 
 
+def test_a_consumer_ahead_of_its_fetch_queue_does_not_stall(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    # Once queued.min.messages are fetched ahead, librdkafka waits fetch.queue.backoff.ms
+    # (1 s by default) before fetching more, however soon the queue drains. Small
+    # thresholds make every fetch cross it: 40 batches of 10 records, a fetch taking
+    # one or two, would take 20 s or more with the default (10 ms here: under 1 s).
+    bus = connect("?queued.min.messages=5&max.partition.fetch.bytes=2048")
+    bus.declare(topic, partitions=1)
+    for _ in range(40):
+        bus.publish_many(topic, [b"x" * 100] * 10)  # a batch each: each publish flushes
+    with bus.subscribe(topic, start="earliest") as sub:
+        assert len(drain(sub, 1)) == 1  # the group joined: that wait is not the point
+        started = time.monotonic()
+        assert len(drain(sub, 399, deadline=10)) == 399
+        assert time.monotonic() - started < 5.0
+
+
 # -- construction ---------------------------------------------------------------------
 
 
