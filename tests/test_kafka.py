@@ -328,6 +328,20 @@ def test_topic_settings_are_created_and_compared(
 # -- publishing -------------------------------------------------------------------------
 
 
+def test_publish_returns_once_stored_without_waiting_out_linger(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    # A publish waits for its own record's acknowledgement only: the adapter sends what
+    # is queued at once instead of letting librdkafka hold it for linger.ms.
+    bus = connect("?linger.ms=2000")
+    bus.declare(topic, partitions=1)
+    bus.publish(topic, b"connect")
+    started = time.monotonic()
+    receipts = [bus.publish(topic, b"one") for _ in range(3)]
+    assert time.monotonic() - started < 1.5  # each would take 2 s if it waited
+    assert [r.offset for r in receipts] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     "query",
     ["", "?partitioner=consistent_random"],  # polybus picks partitions / librdkafka does
