@@ -14,7 +14,12 @@ Same durability, per backend:
   so the broker and librdkafka store and read the same bytes either way and
   making the envelope counts as polybus's cost. Consume: a consumer group,
   ``consume()`` in batches, each record's value and headers read, every
-  message acked (raw: ``commit(asynchronous=True)`` after each batch).
+  message acked (raw: ``commit(asynchronous=True)`` after each batch). Both
+  consumers use ``fetch.queue.backoff.ms=10``, as polybus's do: with
+  librdkafka's default (1 s), a consumer that drains the 100k records fetched
+  ahead sooner than that waits out the rest of the second, so either side's
+  time depended on whether the stall happened in its run (raw: 169 k or
+  475 k msg/s on the same machine).
 * RabbitMQ (pika): persistent messages to a durable exchange bound to the
   group's queue and to the topic's history stream (the topology polybus
   declares by default, so the broker does the same work), publisher confirms with a window
@@ -32,6 +37,13 @@ Same durability, per backend:
 * native: the engine's own API (``Topic.append_batch`` / ``Consumer.poll`` +
   ``ack``) against the Bus on ``native://``.
 
+Kafka also gets a sequential case: ``--sequential`` messages (default 2000)
+published one at a time, each waited for (polybus: ``bus.publish`` in a loop;
+raw: ``produce`` then ``flush`` per message, same producer settings and
+headers as above), after one unmeasured message each way so the connection
+is up. It is what a request handler that publishes one event sees; the
+target is at least 1,000 msg/s.
+
 Consume time runs from the first message received to the last ack
 committed, so group joins and leaves (seconds on some brokers) are not
 counted on either side. Besides wall time, each side's process CPU time per
@@ -42,7 +54,7 @@ follows the broker. Every case uses a fresh topic and group. Servers come from
 ports, or a Tansu broker started for the run).
 
     python benchmarks/overhead.py [--count 200000] [--repeat 1]
-        [--backends kafka,rabbitmq,redis,native]
+        [--backends kafka,rabbitmq,redis,native] [--sequential 2000]
 """
 
 from __future__ import annotations
@@ -95,6 +107,7 @@ class Case:
     raw_publish: Callable[[str, int, int], Timing]  # (topic, count, chunk)
     raw_consume: Callable[[str, int], Timing]  # (topic, count)
     setup_raw: Callable[[str], None] = lambda topic: None
+    raw_sequential: Callable[[str, int], Timing] | None = None  # (topic, count)
 
 
 # -- polybus (the same code for every backend) --------------------------------
@@ -106,6 +119,16 @@ def bus_publish(url: str, topic: str, count: int, chunk: int) -> Timing:
         started = now()
         for start in range(0, count, chunk):
             bus.publish_many(topic, [PAYLOAD] * min(chunk, count - start))
+        return since(started)
+
+
+def bus_sequential(url: str, topic: str, count: int) -> Timing:
+    with polybus.connect(url) as bus:
+        bus.declare(topic, partitions=1)
+        bus.publish(topic, PAYLOAD)  # the connection up before the clock starts
+        started = now()
+        for _ in range(count):
+            bus.publish(topic, PAYLOAD)
         return since(started)
 
 
@@ -177,6 +200,29 @@ def kafka_raw_publish(topic: str, count: int, chunk: int) -> Timing:
     return elapsed
 
 
+def kafka_raw_sequential(topic: str, count: int) -> Timing:
+    from confluent_kafka import Producer
+
+    producer = Producer({**kafka_config(), "enable.idempotence": True, "acks": "all"})
+    failures: list[object] = []
+    headers = kafka_headers(count)
+
+    def on_delivery(err: object, _msg: object) -> None:
+        if err is not None:
+            failures.append(err)
+
+    producer.produce(topic, PAYLOAD, on_delivery=on_delivery)  # the connection up first
+    producer.flush()
+    started = now()
+    for i in range(count):
+        producer.produce(topic, PAYLOAD, on_delivery=on_delivery, headers=headers[i])
+        producer.flush()
+    elapsed = since(started)
+    if failures:
+        raise RuntimeError(f"raw Kafka deliveries failed: {failures[:3]}")
+    return elapsed
+
+
 def kafka_raw_consume(topic: str, count: int) -> Timing:
     from confluent_kafka import Consumer, KafkaError, KafkaException
 
@@ -188,6 +234,7 @@ def kafka_raw_consume(topic: str, count: int) -> Timing:
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1000,
+            "fetch.queue.backoff.ms": 10,  # as polybus's consumers (see the docstring)
         }
     )
     consumer.subscribe([topic])
@@ -439,6 +486,7 @@ CASES = [
         kafka_raw_publish,
         kafka_raw_consume,
         kafka_setup,
+        kafka_raw_sequential,
     ),
     Case(
         "rabbitmq",
@@ -459,6 +507,7 @@ CASES = [
 ]
 
 TARGET = 1.15
+SEQUENTIAL_TARGET = 1000  # msg/s, polybus publishing one message at a time
 
 
 def run(case: Case, count: int, chunk: int) -> tuple[Timing, Timing, Timing, Timing]:
@@ -476,15 +525,26 @@ def run(case: Case, count: int, chunk: int) -> tuple[Timing, Timing, Timing, Tim
     return raw_pub, bus_pub, raw_con, bus_con
 
 
+def run_sequential(case: Case, count: int) -> tuple[Timing, Timing]:
+    assert case.raw_sequential is not None
+    raw_topic, bus_topic = _name("raw-seq"), _name("bus-seq")
+    case.setup_raw(raw_topic)
+    return case.raw_sequential(raw_topic, count), bus_sequential(case.url(), bus_topic, count)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--chunk", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=1, help="runs per backend, one row each")
     parser.add_argument("--backends", default=",".join(c.name for c in CASES))
+    parser.add_argument(
+        "--sequential", type=int, default=2000, help="messages published one at a time (0: none)"
+    )
     args = parser.parse_args()
     wanted = args.backends.split(",")
     rows = []
+    sequential_rows = []
     failed = False
     for case in CASES:
         if case.name not in wanted:
@@ -496,6 +556,8 @@ def main() -> int:
         for _ in range(args.repeat):
             try:
                 rows.append((case.name, *run(case, args.count, args.chunk)))
+                if case.raw_sequential is not None and args.sequential > 0:
+                    sequential_rows.append((case.name, *run_sequential(case, args.sequential)))
             except Exception as exc:  # report the case and go on with the others
                 failed = True
                 print(f"{case.name}: FAILED {exc!r}", file=sys.stderr)
@@ -521,6 +583,21 @@ def main() -> int:
             f"{con_ratio:6.2f}{con_flag}{con_cpu:>11}"
         )
     print(f"target: ratio ≤ {TARGET} (✗ marks a miss)")
+    if sequential_rows:
+        m = args.sequential
+        print(
+            f"\nsequential publish: {m} messages, each waited for before the next; msg/s; "
+            "ratio = polybus time / raw time; cpu = process CPU µs per message, raw / polybus"
+        )
+        print(f"{'backend':10} {'raw':>10} {'polybus':>10}   {'ratio':>6}  {'cpu':>11}")
+        for name, raw_seq, bus_seq in sequential_rows:
+            flag = "  " if m / bus_seq.wall >= SEQUENTIAL_TARGET else " ✗"
+            cpu = f"{raw_seq.cpu / m * 1e6:.0f} / {bus_seq.cpu / m * 1e6:.0f}"
+            print(
+                f"{name:10} {m / raw_seq.wall:10,.0f} {m / bus_seq.wall:10,.0f}{flag} "
+                f"{bus_seq.wall / raw_seq.wall:6.2f}  {cpu:>11}"
+            )
+        print(f"target: polybus ≥ {SEQUENTIAL_TARGET:,} msg/s (✗ marks a miss)")
     shutil.rmtree(_native_dir, ignore_errors=True)
     return 1 if failed else 0
 

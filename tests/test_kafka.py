@@ -204,6 +204,50 @@ def test_plain_producer_messages_arrive_with_defaults(
     assert dict(records[3].headers())["raw"] == b"\xff\x00"
 
 
+def test_a_header_read_alone_matches_the_decoded_headers(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    # Fetched headers are decoded only when all are asked for: a lookup before and
+    # after that must answer the same, for the values decoding has to take care of.
+    bus = connect()
+    bus.declare(topic, partitions=1)
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap})
+    headers = [("a", b"1"), ("raw", b"\xff\x00"), ("nil", None), ("é", "ü".encode()), ("a", b"2")]
+    producer.produce(topic, b"v", headers=headers)
+    assert producer.flush(DEADLINE) == 0
+    with bus.subscribe(topic, start="earliest") as sub:
+        (d,) = drain(sub, 1)
+    names = ["a", "raw", "nil", "é", "absent", "content-type"]
+    alone = [d.header(name) for name in names]
+    assert alone == ["2", "\udcff\x00", "", "ü", None, None]
+    assert d.record.headers == (
+        ("a", "1"),
+        ("raw", "\udcff\x00"),
+        ("nil", ""),
+        ("é", "ü"),
+        ("a", "2"),
+    )
+    assert [d.header(name) for name in names] == alone
+
+
+def test_a_consumer_ahead_of_its_fetch_queue_does_not_stall(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    # Once queued.min.messages are fetched ahead, librdkafka waits fetch.queue.backoff.ms
+    # (1 s by default) before fetching more, however soon the queue drains. Small
+    # thresholds make every fetch cross it: 40 batches of 10 records, a fetch taking
+    # one or two, would take 20 s or more with the default (10 ms here: under 1 s).
+    bus = connect("?queued.min.messages=5&max.partition.fetch.bytes=2048")
+    bus.declare(topic, partitions=1)
+    for _ in range(40):
+        bus.publish_many(topic, [b"x" * 100] * 10)  # a batch each: each publish flushes
+    with bus.subscribe(topic, start="earliest") as sub:
+        assert len(drain(sub, 1)) == 1  # the group joined: that wait is not the point
+        started = time.monotonic()
+        assert len(drain(sub, 399, deadline=10)) == 399
+        assert time.monotonic() - started < 5.0
+
+
 # -- construction ---------------------------------------------------------------------
 
 
@@ -282,6 +326,20 @@ def test_topic_settings_are_created_and_compared(
 
 
 # -- publishing -------------------------------------------------------------------------
+
+
+def test_publish_returns_once_stored_without_waiting_out_linger(
+    connect: Callable[..., polybus.Bus], topic: str
+) -> None:
+    # A publish waits for its own record's acknowledgement only: the adapter sends what
+    # is queued at once instead of letting librdkafka hold it for linger.ms.
+    bus = connect("?linger.ms=2000")
+    bus.declare(topic, partitions=1)
+    bus.publish(topic, b"connect")
+    started = time.monotonic()
+    receipts = [bus.publish(topic, b"one") for _ in range(3)]
+    assert time.monotonic() - started < 1.5  # each would take 2 s if it waited
+    assert [r.offset for r in receipts] == [1, 2, 3]
 
 
 @pytest.mark.parametrize(

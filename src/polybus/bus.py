@@ -156,8 +156,13 @@ class Subscriber:
         if max_messages < 1:
             raise ConfigurationError("max_messages must be at least 1")
         deliveries = self._sub.fetch(max_messages, max(0.0, timeout))
-        for delivery in deliveries:  # a redelivery may be the object handed out before
+        # A Delivery's state is set here, for every backend: an adapter may build its
+        # records in place (only InRecord's fields), and a redelivery may be the object
+        # handed out before.
+        for delivery in deliveries:
             delivery._owner = self
+            delivery._message = None
+            delivery._value = UNDECODED
             delivery.settled = False
         if deliveries and self._bus.middleware:
             notify(self._bus.middleware, "received", deliveries)

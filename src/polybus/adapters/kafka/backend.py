@@ -369,6 +369,12 @@ class KafkaBackend(_Publisher):
             "enable.auto.offset.store": False,
             "auto.offset.reset": start,
             "isolation.level": "read_committed",  # librdkafka's default, said out loud
+            # Once queued.min.messages (100k) are fetched ahead, librdkafka waits this long
+            # before it checks again (default 1 s): a consumer that drains them sooner
+            # stalls for the rest. 10 ms: 200k records consumed at 139-178 k -> 314-352 k
+            # msg/s here (same CPU a message); the fetcher wakes 100 times a second while
+            # it is that far ahead.
+            "fetch.queue.backoff.ms": 10,
             **without(self.config, PRODUCER_ONLY),
         }
         if group is not None:

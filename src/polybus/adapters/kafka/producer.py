@@ -47,6 +47,7 @@ log = logging.getLogger("polybus.kafka")
 _DELIVERY_GRACE = 5.0  # seconds past message.timeout.ms a delivery report may take to arrive
 _METADATA_TTL = 30.0  # seconds a topic's partition count is reused before a new lookup
 _new_receipt = tuple_new(Receipt, 3)  # Receipt(...) without its Python-level __new__
+tuple_new(OutRecord, 5)  # publish unpacks records: fails at import if OutRecord changes
 
 
 def _encoded_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, bytes]]:
@@ -180,6 +181,10 @@ class _Publisher:
         # one callback. Any other producer gives each record its own callback.
         ordered = self._ordered_reports
         count = self._partition_count_for_publish(producer, topic) if ordered else 0
+        # One partition: no partition picked per record, and a callback that does not ask
+        # the report for its partition (with the above, 0.42-0.45 -> 0.36-0.37 us of Python
+        # a record, measured against a stand-in producer).
+        several = count > 1
         base = next(self._keyless_turn) * 1024
         offsets: list[list[int]] = [[] for _ in range(count)]
         chosen: list[int] = []
@@ -189,13 +194,23 @@ class _Publisher:
         setitem = reports.__setitem__
         scan = 0
 
-        stored = [o.append for o in offsets]
+        if several:
+            stored = [o.append for o in offsets]
 
-        def on_delivery(err: KafkaError | None, msg: Any) -> None:  # one call per record
-            if err is None:
-                stored[msg.partition()](msg.offset())
-            else:
-                failures.append(err)
+            def on_delivery(err: KafkaError | None, msg: Any) -> None:  # one call per record
+                if err is None:
+                    stored[msg.partition()](msg.offset())
+                else:
+                    failures.append(err)
+
+        elif ordered:
+            store = offsets[0].append
+
+            def on_delivery(err: KafkaError | None, msg: Any) -> None:  # one call per record
+                if err is None:
+                    store(msg.offset())
+                else:
+                    failures.append(err)
 
         def missing() -> int:
             nonlocal scan
@@ -209,22 +224,23 @@ class _Publisher:
 
         produce = producer.produce
         deadline = 0.0
-        partition = -1
-        callback: Any = on_delivery
-        for i, r in enumerate(records):
-            if r.not_before_ms:
+        partition = 0 if ordered else -1  # -1: the producer's partitioner picks
+        callback: Any = on_delivery if ordered else None
+        # Unpacked in one step: 53 ns a record, the six field reads it replaces 75 ns
+        # (OutRecord's field count is checked at import).
+        for i, (value, key, headers, timestamp_ms, not_before_ms) in enumerate(records):
+            if not_before_ms:
                 raise CapabilityError("Kafka cannot delay delivery (no DELAY capability)")
-            key = r.key
-            if ordered:
+            if several:
                 partition = ((base + i) >> 10) % count if key is None else murmur2(key, count)
                 choose(partition)
-            else:
+            elif not ordered:
                 callback = lambda _err, msg, i=i: setitem(i, msg)  # noqa: E731
-            headers: Any = list(r.headers) if r.headers else None
+            pairs: Any = list(headers) if headers else None
             while True:
                 try:
                     # positional: keyword parsing costs more than the rest of the call
-                    produce(topic, r.value, key, partition, callback, None, r.timestamp_ms, headers)
+                    produce(topic, value, key, partition, callback, None, timestamp_ms, pairs)
                     break
                 except BufferError:
                     # The local queue is full: serve reports to make room, but not forever.
@@ -237,7 +253,7 @@ class _Publisher:
                         ) from None
                     self._serve(producer, 0.1)
                 except UnicodeEncodeError:
-                    headers = _encoded_headers(r.headers)
+                    pairs = _encoded_headers(headers)
                 except KafkaException as exc:
                     raise map_error(exc) from exc
                 except (TypeError, ValueError) as exc:
@@ -252,11 +268,12 @@ class _Publisher:
         if not ordered:
             return [Receipt(topic, msg.partition(), msg.offset()) for msg in reports]
         # Receipts built in C: Receipt's own __new__ is a Python call per record.
-        if count == 1:
-            in_order: Iterable[int] = offsets[0]
+        if several:
+            in_order: Iterable[int] = map(next, map([iter(o) for o in offsets].__getitem__, chosen))
+            numbers: Iterable[int] = chosen
         else:
-            in_order = map(next, map([iter(o) for o in offsets].__getitem__, chosen))
-        receipts = map(_new_receipt, repeat(Receipt), zip(repeat(topic), chosen, in_order))
+            in_order, numbers = offsets[0], repeat(0)
+        receipts = map(_new_receipt, repeat(Receipt), zip(repeat(topic), numbers, in_order))
         return cast(list[Receipt], list(receipts))
 
     def _failed(self, producer: Producer, topic: str, err: KafkaError) -> PolybusError:
