@@ -14,8 +14,9 @@ A middleware overrides the hooks it needs; the others cost nothing. The
 *wrapping* hooks (:meth:`~Middleware.publish`, :meth:`~Middleware.process`)
 get the operation as ``call_next`` and return its result: ``middleware=[a, b]``
 runs ``a`` around ``b`` around the operation, so ``a`` sees it first and last.
-The *notifications* (:meth:`~Middleware.received`, :meth:`~Middleware.retrying`,
-:meth:`~Middleware.dead_lettered`) are called in list order after the fact.
+The *notifications* (:meth:`~Middleware.received`, :meth:`~Middleware.failed`,
+:meth:`~Middleware.retrying`, :meth:`~Middleware.dead_lettered`) are called in
+list order after the fact.
 
 No middleware loses a message:
 
@@ -23,7 +24,9 @@ No middleware loses a message:
   caller gets the error; if it raised after ``call_next`` the records were
   stored, and a caller that publishes again stores them twice, at-least-once);
 - a ``process`` hook that raises is a failure of the handler: the message is
-  retried or dead-lettered by the worker's policy;
+  retried or dead-lettered by the worker's policy (when the handler itself
+  fails, the worker routes the message inside the hooks, so ``call_next``
+  returns; the hooks learn of it through :meth:`~Middleware.failed`);
 - a notification that raises is logged and ignored.
 
 Every publish goes through ``publish``: ``Bus.publish``/``publish_many``, the
@@ -66,10 +69,16 @@ class Middleware:
         knows its ``topic``, ``group``, ``partition`` and ``offset``."""
 
     def process(self, delivery: Delivery, call_next: ProcessNext) -> Any:
-        """Around a worker's handling of ``delivery``: the handler and the publishing of
-        its outputs. Return what ``call_next(delivery)`` returns; an exception raised
-        here is the handler's failure (retried or dead-lettered)."""
+        """Around a worker's try at ``delivery``: the handler, the publishing of its
+        outputs and the ack, or, when the handler fails, its retry or dead letter
+        (``call_next`` returns either way). Return what ``call_next(delivery)``
+        returns; an exception raised here is a failure of the handler."""
         return call_next(delivery)
+
+    def failed(self, delivery: Delivery, error: BaseException) -> None:
+        """A worker's handler (or a process hook) raised ``error`` for ``delivery``;
+        called before the message is retried, dead-lettered or dropped, inside the
+        process hooks when the handler raised."""
 
     def retrying(self, delivery: Delivery, error: BaseException, delay: float) -> None:
         """A worker scheduled ``delivery`` to be tried again in ``delay`` seconds."""

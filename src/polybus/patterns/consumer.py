@@ -230,7 +230,7 @@ class Consumer:
         self.max_held = max_held
         self.invoke = invoke
         # the middleware's process hooks around the handler and its outputs, built once
-        self._process = process_chain(bus.middleware, self._call_and_publish)
+        self._process = process_chain(bus.middleware, self._attempt)
         self.stats = Stats()
         self.retry_topic = retry_topic(topic, self.group)
         self.dead_letter_topic = dead_letter_topic(topic, self.group)
@@ -435,16 +435,29 @@ class Consumer:
             self._drain(key)
 
     def _handle(self, d: Delivery) -> bool:
-        """Run the handler; settle. False when ``d`` is held for a strict-order retry."""
+        """Try ``d`` through the middleware. False when it is held for a strict-order retry."""
+        try:
+            self._process(d)
+        except Exception as exc:  # a process hook's own: the handler's are routed inside
+            return self._failed(d, exc)
+        return not (self.strict_order and id(d) in self._retrying)
+
+    def _attempt(self, d: Delivery) -> None:
+        """One try at ``d``, inside the middleware's process hooks: the handler and its
+        outputs, then the ack; on a failure, its retry or dead letter instead, published
+        while what the hooks set up (a trace span, say) is still current."""
         ran = True
         try:
             d.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
             if self.inbox is not None:
-                ran, _ = self.inbox.process(self.group, d.message.id, lambda: self._process(d))
+                ran, _ = self.inbox.process(
+                    self.group, d.message.id, lambda: self._call_and_publish(d)
+                )
             else:
-                self._process(d)
+                self._call_and_publish(d)
         except Exception as exc:
-            return self._failed(d, exc)
+            self._failed(d, exc)
+            return
         if self.guarantee != "at-most-once":
             d.ack()
         stats = self.stats
@@ -455,7 +468,6 @@ class Consumer:
                 stats.duplicates += 1
         if self.strict_order:
             self._retrying.discard(id(d))
-        return True
 
     def _count(self, name: str, n: int = 1, error: BaseException | None = None) -> None:
         with self._lock:
@@ -469,6 +481,7 @@ class Consumer:
 
     def _failed(self, d: Delivery, exc: Exception) -> bool:
         self._count("failed", error=exc)
+        notify(self.bus.middleware, "failed", d, exc)
         key = d.record.key
         if self.strict_order and key is not None and self.retry.retries(exc, d.attempt):
             delay = self.retry.delay(d.attempt, exc)
@@ -576,16 +589,17 @@ class Consumer:
             self._done()
 
     def _handle_in(self, tx: BusTransaction, d: Delivery) -> None:
-        def call_and_stage(d: Delivery) -> None:
-            for topic, record in _outputs(self.invoke(self.handler, d), d):
-                tx.publish_records(topic, [record])
+        def attempt(d: Delivery) -> None:  # as _attempt, into the transaction
+            try:
+                d.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
+                for topic, record in _outputs(self.invoke(self.handler, d), d):
+                    tx.publish_records(topic, [record])
+            except Exception as exc:
+                self._count("failed", error=exc)
+                notify(self.bus.middleware, "failed", d, exc)
+                routed = self._route(d, exc)
+                if routed is not None:
+                    tx.publish_records(*routed)  # with the ack: the failure is recorded atomically
 
-        try:
-            d.value  # noqa: B018  # decode now: an undecodable payload is dead-lettered
-            process_chain(self.bus.middleware, call_and_stage)(d)
-        except Exception as exc:
-            self._count("failed", error=exc)
-            routed = self._route(d, exc)
-            if routed is not None:
-                tx.publish_records(*routed)  # with the ack: the failure is recorded atomically
+        process_chain(self.bus.middleware, attempt)(d)
         tx.ack(d)

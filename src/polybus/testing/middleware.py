@@ -47,6 +47,9 @@ class _Recorder(Middleware):
         finally:
             self.events.append((self.name, "processed", delivery.message.value))
 
+    def failed(self, delivery: Delivery, error: BaseException) -> None:
+        self.events.append((self.name, "failed", delivery.message.value))
+
     def retrying(self, delivery: Delivery, error: BaseException, delay: float) -> None:
         self.events.append((self.name, "retrying", delivery.message.value, str(error)))
 
@@ -126,5 +129,15 @@ def test_middleware_that_raises_loses_no_message(connect: Connect, topic: str) -
     assert sorted(handled) == ["fine", "poison"]  # each first try was the middleware's failure
     assert ("r", "retrying", "fine", "the middleware failed") in events
     assert ("r", "dead_lettered", "poison", "exhausted") in events
+    # a handler's failure is routed inside the process hooks: its dead letter is theirs
+    gave_up = events.index(("r", "dead_lettered", "poison", "exhausted"))
+    assert events[gave_up - 2 : gave_up + 4] == [
+        ("r", "process", "poison"),
+        ("r", "failed", "poison"),
+        ("r", "dead_lettered", "poison", "exhausted"),
+        ("r", "publish", f"{topic}.g.dlq"),
+        ("r", "published", f"{topic}.g.dlq"),
+        ("r", "processed", "poison"),
+    ]
     with DeadLetters(connect(), topic, "g") as dead:
         assert [letter.message.value for letter in dead.list()] == ["poison"]
