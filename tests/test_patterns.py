@@ -2,3 +2,4 @@
 
 from polybus.testing.middleware import *  # noqa: F403
 from polybus.testing.patterns import *  # noqa: F403
+from polybus.testing.tracing import *  # noqa: F403
