@@ -84,6 +84,7 @@ bench: $(STAMP) services
 	$(BIN)/python benchmarks/patterns.py
 	$(BIN)/python benchmarks/sessions.py
 	$(BIN)/python benchmarks/tokens.py
+	$(BIN)/python benchmarks/peers.py
 
 # The same workloads and every example on each backend: one table, a chart and JSON.
 compare: $(STAMP) services
