@@ -32,11 +32,13 @@ an SDK configured every span is a no-op.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ..envelope import CORRELATION_ID, MESSAGE_ID, TRACEPARENT, TRACESTATE
 from ..message import Delivery
@@ -46,6 +48,7 @@ from ..types import OutRecord, Receipt
 __all__ = ["Tracing"]
 
 _TRACE_HEADERS = frozenset({TRACEPARENT, TRACESTATE, "baggage"})
+_W3C = TraceContextTextMapPropagator()
 
 
 class Tracing(Middleware):
@@ -57,6 +60,7 @@ class Tracing(Middleware):
         self.system = system
         self._tracer = trace.get_tracer("polybus", tracer_provider=tracer_provider)
         self._offset_key = "messaging.kafka.offset" if system == "kafka" else "polybus.offset"
+        self._attributes: dict[tuple[str, str | None, str], dict[str, Any]] = {}
 
     def publish(
         self, topic: str, records: Sequence[OutRecord], call_next: PublishNext
@@ -92,42 +96,56 @@ class Tracing(Middleware):
 
     def received(self, deliveries: list[Delivery]) -> None:
         first = deliveries[0]
-        attributes: dict[str, Any] = {
-            "messaging.system": self.system,
-            "messaging.destination.name": first.topic,
-            "messaging.operation.name": "receive",
-            "messaging.operation.type": "receive",
+        attributes = {
+            **self._consuming(first.topic, first.group, "receive"),
             "messaging.batch.message_count": len(deliveries),
         }
-        if first.group is not None:
-            attributes["messaging.consumer.group.name"] = first.group
-        links = [Link(c) for c in map(_sent_by, deliveries) if c.is_valid]
+        senders = {c.span_id: c for c in map(_sent_by, deliveries) if c.is_valid}
         self._tracer.start_span(
-            f"receive {first.topic}", kind=SpanKind.CLIENT, attributes=attributes, links=links
+            f"receive {first.topic}",
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            links=[Link(c) for c in senders.values()],  # a batch's messages share senders
         ).end()
 
     def process(self, delivery: Delivery, call_next: ProcessNext) -> Any:
         sent_by = _sent_by(delivery)
-        parent = trace.set_span_in_context(trace.NonRecordingSpan(sent_by))
-        attributes: dict[str, Any] = {
-            "messaging.system": self.system,
-            "messaging.destination.name": delivery.topic,
-            "messaging.operation.name": "process",
-            "messaging.operation.type": "process",
+        attributes = {
+            **self._consuming(delivery.topic, delivery.group, "process"),
             "messaging.destination.partition.id": str(delivery.partition),
             self._offset_key: str(delivery.offset),
             **_message_attributes(delivery.headers),
         }
-        if delivery.group is not None:
-            attributes["messaging.consumer.group.name"] = delivery.group
-        with self._tracer.start_as_current_span(
+        span = self._tracer.start_span(
             f"process {delivery.topic}",
-            context=parent if sent_by.is_valid else context.Context(),
+            context=_parent(sent_by),
             kind=SpanKind.CONSUMER,
             attributes=attributes,
             links=[Link(sent_by)] if sent_by.is_valid else None,
-        ):
+        )
+        # start_span, attach and end by hand: start_as_current_span's context manager
+        # cost 26 µs a message where this costs 19 (a no-op handler, SDK, dropping exporter)
+        token = context.attach(trace.set_span_in_context(span))
+        try:
             return call_next(delivery)
+        finally:
+            context.detach(token)
+            span.end()
+
+    def _consuming(self, topic: str, group: str | None, operation: str) -> dict[str, Any]:
+        """The attributes every span of ``operation`` on ``topic`` for ``group`` has."""
+        key = (topic, group, operation)
+        found = self._attributes.get(key)
+        if found is None:
+            found = self._attributes[key] = {
+                "messaging.system": self.system,
+                "messaging.destination.name": topic,
+                "messaging.operation.name": operation,
+                "messaging.operation.type": operation,
+            }
+            if group is not None:
+                found["messaging.consumer.group.name"] = group
+        return found
 
     def failed(self, delivery: Delivery, error: BaseException) -> None:
         span = trace.get_current_span()  # the process span, when the handler raised
@@ -139,8 +157,28 @@ class Tracing(Middleware):
 
 def _sent_by(delivery: Delivery) -> trace.SpanContext:
     """The context of the span that sent ``delivery`` (invalid when it carried none)."""
-    carrier = {name: value for name, value in delivery.headers if name in _TRACE_HEADERS}
-    return trace.get_current_span(propagate.extract(carrier)).get_span_context()
+    traceparent = delivery.header(TRACEPARENT)
+    if traceparent is None:  # another propagation format, or none: ask the global one
+        carrier = dict(delivery.headers)
+        return trace.get_current_span(propagate.extract(carrier)).get_span_context()
+    return _parse_w3c(traceparent, delivery.header(TRACESTATE))
+
+
+@functools.lru_cache(maxsize=64)  # a batch shares one sender: parsed once, not per message
+def _parse_w3c(traceparent: str, tracestate: str | None) -> trace.SpanContext:
+    """A W3C ``traceparent`` (and ``tracestate``) as a remote span context: the global
+    propagator's answer for them, without its 3.8 µs a message."""
+    carrier = {TRACEPARENT: traceparent}
+    if tracestate is not None:
+        carrier[TRACESTATE] = tracestate
+    return trace.get_current_span(_W3C.extract(carrier)).get_span_context()
+
+
+def _parent(sent_by: trace.SpanContext) -> context.Context:
+    """The context a process span starts in: its sender's, else none (a root span)."""
+    if not sent_by.is_valid:
+        return context.Context()
+    return trace.set_span_in_context(trace.NonRecordingSpan(sent_by), context.Context())
 
 
 def _message_attributes(headers: Sequence[tuple[str, str]]) -> dict[str, str]:
