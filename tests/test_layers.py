@@ -113,6 +113,7 @@ LAYERS = {
     "polybus.sessions": 8,
     "polybus.aio": 9,
     "polybus.cli": 9,
+    "polybus.asyncapi": 9,
     "polybus": 9,  # the package's own __init__: re-exports
     "polybus.testing": 10,
 }
