@@ -6,6 +6,8 @@ operations, payloads, headers and bindings that match the registrations."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +181,44 @@ def test_the_caller_owns_the_document() -> None:
     changed["components"]["schemas"]["polybus-message-headers"]["properties"][MESSAGE_ID]["x"] = 1
     changed["components"]["messages"]["any-value"]["payload"]["x"] = 1
     assert json.dumps(asyncapi_document(app)) == before
+
+
+def docs(*args: str) -> subprocess.CompletedProcess[str]:
+    """``polybus docs ...`` run where asyncapi_app.py is."""
+    return subprocess.run(
+        [sys.executable, "-m", "polybus.cli", "docs", *args],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_docs_command_prints_a_valid_document(tmp_path: Path) -> None:
+    done = docs("asyncapi_app:app", "--url", URLS["kafka"])
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert not list(ASYNCAPI_3.iter_errors(document))
+    assert document["info"]["title"] == "asyncapi_app:app"
+    assert document["servers"]["kafka"]["host"] == "b1:9092,b2:9092"
+
+    written = tmp_path / "asyncapi.json"
+    assert docs("asyncapi_app", "--output", str(written)).returncode == 0  # attribute: app
+    assert json.loads(written.read_text())["servers"]["native"]["protocol"] == "native"
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("no_such_module:app", "cannot load 'no_such_module:app': No module named"),
+        ("asyncapi_app:no_such_app", "cannot load 'asyncapi_app:no_such_app'"),
+        ("asyncapi_app:Order", "'asyncapi_app:Order' is a ModelMetaclass, not a polybus App"),
+    ],
+)
+def test_docs_command_explains_a_bad_app_path(spec: str, says: str) -> None:
+    done = docs(spec)
+    assert done.returncode == 1
+    assert says in done.stderr
+    assert not done.stdout
+    if "cannot load" in says:
+        assert "module:attribute" in done.stderr  # what to give instead
