@@ -115,6 +115,7 @@ LAYERS = {
     "polybus.otel": 8,
     "polybus.aio": 9,
     "polybus.cli": 9,
+    "polybus.asyncapi": 9,
     "polybus": 9,  # the package's own __init__: re-exports
     "polybus.testing": 10,
 }

@@ -1,4 +1,4 @@
-"""``polybus``: inspect a native log, manage dead letters, run workers.
+"""``polybus``: inspect a native log, manage dead letters, run and document workers.
 
 polybus topics native:///var/lib/app/bus
 polybus groups native:///var/lib/app/bus orders
@@ -8,9 +8,11 @@ polybus dlq show    URL orders billing MESSAGE_ID
 polybus dlq redrive URL orders billing (MESSAGE_ID ... | --all)
 polybus dlq purge   URL orders billing (MESSAGE_ID ... | --all)
 polybus worker module:app [--url URL] [--health-port PORT]
+polybus docs   module:app [--url URL] [--output FILE]
 
 The dead-letter and worker commands take any bus URL; ``topics``, ``groups``
-and ``tail`` read native logs.
+and ``tail`` read native logs. ``docs`` writes an App's AsyncAPI 3.0 document
+(see :mod:`polybus.asyncapi`) and connects to nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from .adapters.native import NativeBackend
@@ -32,6 +34,9 @@ from .bus import connect
 from .errors import ConfigurationError, PolybusError
 from .log import Log
 from .registry import open_backend
+
+if TYPE_CHECKING:
+    from .patterns.worker import App
 
 
 def _topics(log: Log, args: argparse.Namespace) -> None:
@@ -138,17 +143,28 @@ def _dlq(args: argparse.Namespace) -> None:
             print(f"purged {dead.purge(args.ids or None)} message(s)")
 
 
-def _worker(args: argparse.Namespace) -> None:
-    from .patterns.worker import App, Worker
+def _load_app(spec: str) -> App:
+    """The App that ``spec`` (``module:attribute``, the attribute ``app`` by default) names."""
+    from .patterns.worker import App
 
-    module_name, _, attr = args.app.partition(":")
+    module_name, _, attr = spec.partition(":")
     sys.path.insert(0, os.getcwd())  # like other app runners: find modules where it runs
     try:
         app = getattr(importlib.import_module(module_name), attr or "app")
     except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(f"cannot load {args.app!r}: {exc}; use module:app") from exc
+        raise ConfigurationError(
+            f"cannot load {spec!r}: {exc}; name an App as module:attribute, with the module "
+            "importable from this directory or PYTHONPATH"
+        ) from exc
     if not isinstance(app, App):
-        raise ConfigurationError(f"{args.app!r} is a {type(app).__name__}, not a polybus App")
+        raise ConfigurationError(f"{spec!r} is a {type(app).__name__}, not a polybus App")
+    return app
+
+
+def _worker(args: argparse.Namespace) -> None:
+    from .patterns.worker import Worker
+
+    app = _load_app(args.app)
     worker = Worker(app, args.url, stop_timeout=args.stop_timeout)
     if args.health_port is not None:
         try:
@@ -167,6 +183,21 @@ def _worker(args: argparse.Namespace) -> None:
         flush=True,
     )
     worker.run()
+
+
+def _docs(args: argparse.Namespace) -> None:
+    from .asyncapi import asyncapi_document
+
+    document = asyncapi_document(_load_app(args.app), args.url, title=args.app)
+    text = json.dumps(document, indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {args.output!r}: {exc.strerror or exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker.add_argument("--health-port", type=int, default=None)
     worker.add_argument("--health-host", default="127.0.0.1")
     worker.set_defaults(run=_worker)
+
+    docs = commands.add_parser("docs", help="print an App's AsyncAPI 3.0 document (JSON)")
+    docs.add_argument("app", help="module:attribute of a polybus.patterns.worker.App")
+    docs.add_argument("--url", default=None, help="the bus it runs on (default: the App's)")
+    docs.add_argument("--output", "-o", default=None, help="write it to this file")
+    docs.set_defaults(run=_docs)
 
     args = parser.parse_args(argv)
     if args.run is _dlq and args.action == "show" and len(args.ids) != 1:

@@ -20,6 +20,7 @@ Responders do not retry: a failure goes back to the caller as
 
 from __future__ import annotations
 
+import functools
 import heapq
 import inspect
 import itertools
@@ -216,7 +217,8 @@ def responder(handler: Callable[[Delivery], Any]) -> Callable[[Delivery], Any]:
     raises, becomes the reply to the request it was given.
 
     Run the result as a Consumer handler with ``retry=NO_RETRY`` (``App.responder``
-    does). A message without a reply topic is logged and acked.
+    does). A message without a reply topic is logged and acked. The result keeps
+    ``handler``'s name and docstring.
     """
 
     def target(d: Delivery) -> str | None:
@@ -229,6 +231,7 @@ def responder(handler: Callable[[Delivery], Any]) -> Callable[[Delivery], Any]:
 
     if inspect.iscoroutinefunction(handler):
 
+        @functools.wraps(handler)
         async def respond_async(d: Delivery) -> Output | None:
             reply_to = target(d)
             if reply_to is None:
@@ -241,6 +244,7 @@ def responder(handler: Callable[[Delivery], Any]) -> Callable[[Delivery], Any]:
 
         return respond_async
 
+    @functools.wraps(handler)
     def respond(d: Delivery) -> Output | None:
         reply_to = target(d)
         if reply_to is None:

@@ -58,7 +58,7 @@ from .consumer import (
     _check_settings,
     call_handler,
 )
-from .request_reply import responder
+from .request_reply import reply_topic, responder
 from .retry import NO_RETRY
 
 __all__ = ["App", "Consumer", "Guarantee", "Output", "Worker"]
@@ -74,6 +74,7 @@ class _Registration:
     topic: str
     handler: Handler
     options: dict[str, Any]
+    reply_topic: str | None = None  #: where a responder's replies go; None for a consumer
 
 
 _CONSUMER = inspect.signature(Consumer)
@@ -141,6 +142,7 @@ class App:
                     topic,
                     responder(handler),
                     {"group": group, "retry": NO_RETRY, "dead_letters": False, **options},
+                    reply_topic(topic),
                 )
             )
             return handler
