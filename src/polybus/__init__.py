@@ -29,7 +29,7 @@ from .errors import (
     TopicNotFound,
 )
 from .message import Delivery, Message
-from .types import Capability, Receipt
+from .types import BusStats, Capability, Receipt
 
 if TYPE_CHECKING:
     from .sessions import SessionManager
@@ -38,6 +38,7 @@ __all__ = [
     "BackendUnavailable",
     "BrokerUnreachable",
     "Bus",
+    "BusStats",
     "Capability",
     "CapabilityError",
     "ClosedError",
