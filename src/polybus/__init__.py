@@ -30,7 +30,7 @@ from .errors import (
 )
 from .message import Delivery, Message
 from .middleware import Middleware
-from .types import Capability, Receipt
+from .types import BusStats, Capability, Receipt
 
 if TYPE_CHECKING:
     from .sessions import SessionManager
@@ -39,6 +39,7 @@ __all__ = [
     "BackendUnavailable",
     "BrokerUnreachable",
     "Bus",
+    "BusStats",
     "Capability",
     "CapabilityError",
     "ClosedError",

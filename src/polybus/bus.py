@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .adapters.base import Backend, Subscription, Transaction, TransactionalBackend
+from .adapters.base import Backend, StatsBackend, Subscription, Transaction, TransactionalBackend
 from .codecs import decoder_for, encode
 from .envelope import (
     CAUSATION_ID,
@@ -22,7 +22,7 @@ from .message import UNDECODED, Delivery, Message, message_of, uuid7s, value_of
 from .middleware import Middleware, notify, publish_chain
 from .model import check_name
 from .registry import open_backend
-from .types import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec, tuple_new
+from .types import BusStats, Capability, InRecord, OutRecord, Receipt, Start, TopicSpec, tuple_new
 
 __all__ = ["Bus", "BusTransaction", "Subscriber", "connect", "out_record"]
 
@@ -426,6 +426,26 @@ class Bus:
         )
         self.backend.declare_topic(topic, spec)
         self._declared.add(topic)
+
+    def stats(
+        self,
+        topics: Collection[str] | None = None,
+        groups: Collection[str] | None = None,
+        *,
+        timeout: float = 5.0,
+    ) -> BusStats:
+        """Each topic's offsets per partition and each durable group's lag, read without
+        joining a group (what ``polybus stats`` prints).
+
+        ``topics`` and ``groups`` narrow it to those names (None: all the backend can
+        list). A number a backend cannot say is None, never 0. Raises ConnectionLost
+        past ``timeout`` seconds, CapabilityError if the backend reports no stats.
+        """
+        self._check()
+        if not hasattr(self.backend, "stats"):
+            raise CapabilityError(f"{type(self.backend).__name__} reports no stats")
+        backend: StatsBackend = self.backend  # type: ignore[assignment]
+        return backend.stats(topics, groups, timeout=timeout)
 
     def declare_once(self, topic: str) -> None:
         """Declare ``topic`` with the defaults unless this bus declared it already."""

@@ -1,5 +1,7 @@
-"""``polybus``: inspect a native log, manage dead letters, run and document workers.
+"""``polybus``: inspect a bus, manage dead letters, run and document workers.
 
+polybus stats  URL [--topic T ...] [--group G ...]
+polybus top    URL [--topic T ...] [--group G ...] [--interval 1] [--iterations N | --once]
 polybus topics native:///var/lib/app/bus
 polybus groups native:///var/lib/app/bus orders
 polybus tail   native:///var/lib/app/bus orders [--partition 0] [--offset 0] [-n 10]
@@ -10,9 +12,9 @@ polybus dlq purge   URL orders billing (MESSAGE_ID ... | --all)
 polybus worker module:app [--url URL] [--health-port PORT]
 polybus docs   module:app [--url URL] [--output FILE]
 
-The dead-letter and worker commands take any bus URL; ``topics``, ``groups``
-and ``tail`` read native logs. ``docs`` writes an App's AsyncAPI 3.0 document
-(see :mod:`polybus.asyncapi`) and connects to nothing.
+The stats, top, dead-letter and worker commands take any bus URL; ``topics``,
+``groups`` and ``tail`` read native logs. ``docs`` writes an App's AsyncAPI 3.0
+document (see :mod:`polybus.asyncapi`) and connects to nothing.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from urllib.parse import unquote, urlsplit
 
 from .adapters.native import NativeBackend
 from .bus import connect
-from .errors import ConfigurationError, PolybusError
+from .errors import BrokerUnreachable, ConfigurationError, ConnectionLost, PolybusError, redact_url
 from .log import Log
 from .registry import open_backend
+from .types import BusStats
 
 if TYPE_CHECKING:
     from .patterns.worker import App
@@ -67,8 +70,17 @@ def _tail(log: Log, args: argparse.Namespace) -> None:
         print(f"{rec.partition}:{rec.offset} ts={rec.timestamp_ms} key={rec.key!r} {value!r}")
 
 
-def _native(args: argparse.Namespace) -> None:
-    parts = urlsplit(args.url)
+#: how to start a broker on one machine, for the message about one nobody answers at
+_HOW_TO_START = {
+    "kafka": "docker run -d -p 9092:9092 apache/kafka",
+    "amqp": "rabbitmq-server -detached, or docker run -d -p 5672:5672 rabbitmq:3",
+    "redis": "redis-server --daemonize yes, or docker run -d -p 6379:6379 redis:7",
+}
+
+
+def _check_inspectable(url: str) -> None:
+    """Refuse a URL an inspecting command would see nothing at, or would create a log at."""
+    parts = urlsplit(url)
     if parts.scheme == "memory":
         raise ConfigurationError(
             "a memory:// bus lives inside the process that opened it, and this command runs "
@@ -78,6 +90,10 @@ def _native(args: argparse.Namespace) -> None:
         raise ConfigurationError(
             f"{unquote(parts.path)!r} does not exist: there is no native log there to inspect"
         )
+
+
+def _native(args: argparse.Namespace) -> None:
+    _check_inspectable(args.url)
     backend = open_backend(args.url)
     try:
         if not isinstance(backend, NativeBackend):
@@ -85,6 +101,105 @@ def _native(args: argparse.Namespace) -> None:
         args.inspect(backend.log, args)
     finally:
         backend.close()
+
+
+def _stats_json(stats: BusStats) -> dict[str, Any]:
+    topics = {}
+    for name, topic in sorted(stats.topics.items()):
+        topics[name] = {
+            "end_offset": topic.end_offset,
+            "partitions": [
+                {"partition": p, "start_offset": part.start_offset, "end_offset": part.end_offset}
+                for p, part in enumerate(topic.partitions)
+            ],
+            "groups": {
+                group: {"lag": lag.total_lag, "partitions": list(lag.lag)}
+                for group, lag in sorted(topic.groups.items())
+            },
+        }
+    return {"complete": stats.complete, "topics": topics}
+
+
+def _unlisted(stats: BusStats, args: argparse.Namespace) -> str | None:
+    """What to say when the backend could not list what was not named."""
+    if stats.complete or (args.topic and args.group):
+        return None
+    return "this backend cannot list its topics and groups: name them with --topic and --group"
+
+
+def _stats(args: argparse.Namespace) -> None:
+    _check_inspectable(args.url)
+    with connect(args.url) as bus:
+        stats = bus.stats(args.topic, args.group)
+    if note := _unlisted(stats, args):
+        print(f"polybus: {note}", file=sys.stderr)
+    print(json.dumps(_stats_json(stats), indent=2))
+
+
+def _row(
+    width: int, name: str, partitions: str = "", end: str = "", rate: str = "", lag: str = ""
+) -> str:
+    return f"{name:{width}} {partitions:>10} {end:>12} {rate:>10} {lag:>12}".rstrip()
+
+
+def _number(value: float | None, decimals: int = 0) -> str:
+    return "-" if value is None else f"{value:.{decimals}f}"
+
+
+def _table(stats: BusStats, rates: dict[str, float | None]) -> list[str]:
+    """Topics with their partition count, end offset and rate, each followed by its groups'
+    lag; "-" for what the backend cannot say."""
+    names = [*stats.topics, *(g for t in stats.topics.values() for g in t.groups)]
+    width = max([len("topic / group"), *(len(n) + 2 for n in names)])
+    lines = [_row(width, "topic / group", "partitions", "end", "msg/s", "lag")]
+    for name, topic in sorted(stats.topics.items()):
+        end, rate = _number(topic.end_offset), _number(rates.get(name), 1)
+        lines.append(_row(width, name, str(len(topic.partitions)), end, rate))
+        for group, lag in sorted(topic.groups.items()):
+            lines.append(_row(width, f"  {group}", lag=_number(lag.total_lag)))
+    return lines
+
+
+def _rates(before: BusStats, after: BusStats, seconds: float) -> dict[str, float | None]:
+    """Messages a second per topic, from the change of its end offset; None where an end
+    offset is unknown or went back (the topic was made again)."""
+    rates: dict[str, float | None] = {}
+    for name, topic in after.topics.items():
+        old = before.topics.get(name)
+        start, end = None if old is None else old.end_offset, topic.end_offset
+        if start is None or end is None or end < start:
+            rates[name] = None
+        else:
+            rates[name] = (end - start) / seconds
+    return rates
+
+
+def _top(args: argparse.Namespace) -> None:
+    _check_inspectable(args.url)
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""  # a pipe or a file gets plain frames
+    try:
+        with connect(args.url) as bus:
+            last: tuple[float, BusStats] | None = None
+            for frame in itertools.count(1):
+                started = time.monotonic()
+                try:
+                    stats = bus.stats(args.topic, args.group)
+                except ConnectionLost as exc:  # the broker may come back: keep watching
+                    lines = [f"polybus: {exc}; trying again"]
+                else:
+                    rates = {} if last is None else _rates(last[1], stats, started - last[0])
+                    lines = _table(stats, rates)
+                    if note := _unlisted(stats, args):
+                        lines += ["", note]
+                    last = (started, stats)
+                when = time.strftime("%H:%M:%S")
+                head = f"polybus top {redact_url(args.url)} - every {args.interval:g} s - {when}"
+                print(clear + "\n".join([head, "", *lines, ""]), flush=True)
+                if frame == args.iterations:
+                    return
+                time.sleep(max(0.0, started + args.interval - time.monotonic()))
+    except KeyboardInterrupt:  # ^C is how top is left
+        return
 
 
 def _when(epoch: float) -> str:
@@ -204,6 +319,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polybus", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(required=True)
 
+    stats = commands.add_parser("stats", help="offsets and group lag of any bus, as JSON")
+    top = commands.add_parser("top", help="per-topic rate and per-group lag, refreshed")
+    for command in (stats, top):
+        command.add_argument("url")
+        command.add_argument("--topic", action="append", help="only this topic (repeatable)")
+        command.add_argument("--group", action="append", help="only this group (repeatable)")
+    stats.set_defaults(run=_stats)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    top.add_argument("--iterations", type=int, default=None, help="stop after N frames")
+    top.add_argument("--once", action="store_const", const=1, dest="iterations")
+    top.set_defaults(run=_top)
+
     topics = commands.add_parser("topics", help="topics of a native log with their offsets")
     topics.add_argument("url")
     topics.set_defaults(run=_native, inspect=_topics)
@@ -247,10 +374,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.run is _dlq and args.action == "show" and len(args.ids) != 1:
         parser.error("dlq show takes exactly one MESSAGE_ID")
+    too_few = args.run is _top and args.iterations is not None and args.iterations < 1
+    if args.run is _top and (args.interval <= 0 or too_few):
+        parser.error("top takes an --interval above 0 and --iterations of 1 or more")
     try:
         args.run(args)
     except PolybusError as exc:
         print(f"polybus: {exc}", file=sys.stderr)
+        scheme = urlsplit(getattr(args, "url", None) or "").scheme
+        start = _HOW_TO_START.get({"amqps": "amqp", "rediss": "redis"}.get(scheme, scheme))
+        if isinstance(exc, BrokerUnreachable) and start:
+            print(f"polybus: to run one here: {start}", file=sys.stderr)
         return 1
     return 0
 

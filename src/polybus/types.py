@@ -1,5 +1,6 @@
 """The value types every layer shares: what a record is on its way in and out, where
-it was stored, what a topic is declared with, and what a backend can do.
+it was stored, what a topic is declared with, what a backend can do, and what it
+reports of its topics and groups.
 
 They sit below the adapters and the facade alike, so ``message.py`` and
 ``bus.py`` use them without importing the adapter layer.
@@ -8,19 +9,23 @@ They sit below the adapters and the facade alike, so ``message.py`` and
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, TypeVar
 
 from .errors import CapabilityError
 
 __all__ = [
+    "BusStats",
     "Capability",
+    "GroupStats",
     "InRecord",
     "OutRecord",
+    "PartitionStats",
     "Receipt",
     "Start",
     "TopicSpec",
+    "TopicStats",
     "tombstone_refused",
     "tuple_new",
 ]
@@ -134,6 +139,59 @@ class TopicSpec:
     retention_bytes: int | None = None
     compact: bool = False
     groups: tuple[str, ...] = field(default=())
+
+
+def _sum(numbers: Sequence[int | None]) -> int | None:
+    """The sum of ``numbers``, or None if any is unknown (a partial sum would mislead)."""
+    return None if None in numbers else sum(n for n in numbers if n is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionStats:
+    """One partition's offsets, counted in records; None where the backend cannot say.
+
+    ``end_offset`` is how many records were ever appended (the next one's offset), so a
+    publish rate is its change over time; ``start_offset`` is the first one still kept.
+    """
+
+    start_offset: int | None
+    end_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStats:
+    """A durable group's lag: per partition, the records it has not yet settled."""
+
+    lag: tuple[int | None, ...]
+
+    @property
+    def total_lag(self) -> int | None:
+        return _sum(self.lag)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicStats:
+    """A topic's partitions (by index) and its durable groups (by name)."""
+
+    partitions: tuple[PartitionStats, ...]
+    groups: Mapping[str, GroupStats]
+
+    @property
+    def end_offset(self) -> int | None:
+        """Records ever appended to the topic, or None if a partition cannot say."""
+        return _sum([p.end_offset for p in self.partitions])
+
+
+@dataclass(frozen=True, slots=True)
+class BusStats:
+    """What a backend reports of its topics and their groups at one moment.
+
+    ``complete`` is False when the backend cannot list its topics and groups (RabbitMQ
+    over AMQP): ``topics`` then holds only those asked for by name or used by this bus.
+    """
+
+    topics: Mapping[str, TopicStats]
+    complete: bool = True
 
 
 T = TypeVar("T", bound=tuple[Any, ...])

@@ -11,22 +11,39 @@ every adapter needs them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from ..message import Delivery
-from ..types import Capability, InRecord, OutRecord, Receipt, Start, TopicSpec, tombstone_refused
+from ..types import (
+    BusStats,
+    Capability,
+    GroupStats,
+    InRecord,
+    OutRecord,
+    PartitionStats,
+    Receipt,
+    Start,
+    TopicSpec,
+    TopicStats,
+    tombstone_refused,
+)
 
 __all__ = [
     "Backend",
+    "BusStats",
     "Capability",
     "Delivery",
+    "GroupStats",
     "InRecord",
     "OutRecord",
+    "PartitionStats",
     "Receipt",
     "Start",
+    "StatsBackend",
     "Subscription",
     "TopicSpec",
+    "TopicStats",
     "Transaction",
     "TransactionalBackend",
     "tombstone_refused",
@@ -103,6 +120,22 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release every connection and file; idempotent."""
+        ...
+
+
+class StatsBackend(Backend, Protocol):
+    """A backend that reports its topics' offsets and its groups' lag (``Bus.stats``)."""
+
+    def stats(
+        self, topics: Collection[str] | None, groups: Collection[str] | None, *, timeout: float
+    ) -> BusStats:
+        """The offsets of ``topics`` (None: every topic it can list) and the lag of their
+        durable ``groups`` (None: every one it can list), read with administrative calls
+        only: it joins no group and changes nothing. A named topic or group that does not
+        exist is left out; a number the broker does not keep is None, never 0.
+
+        Answers within about ``timeout`` seconds or raises ConnectionLost.
+        """
         ...
 
 

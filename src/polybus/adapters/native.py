@@ -15,7 +15,7 @@ group.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import cast
 
 from ..errors import ClosedError, ConfigurationError
@@ -23,7 +23,19 @@ from ..log import Consumer, Log, Record
 from ..log import Transaction as LogTransaction
 from ..types import tuple_new
 from ._support.native import log_options, open_log
-from .base import Capability, Delivery, OutRecord, Receipt, Start, Subscription, TopicSpec
+from .base import (
+    BusStats,
+    Capability,
+    Delivery,
+    GroupStats,
+    OutRecord,
+    PartitionStats,
+    Receipt,
+    Start,
+    Subscription,
+    TopicSpec,
+    TopicStats,
+)
 
 _receipt = tuple_new(Receipt, 3)  # Receipt(...) through its generated __new__ costs more
 
@@ -221,6 +233,26 @@ class NativeBackend:
         sub = NativeSubscription(topic, consumer, self._subscriptions.discard)
         self._subscriptions.add(sub)
         return sub
+
+    def stats(
+        self, topics: Collection[str] | None, groups: Collection[str] | None, *, timeout: float
+    ) -> BusStats:
+        """Offsets from the partitions' heads and lag from the group files, as the ``topics``
+        and ``groups`` commands read them; ``timeout`` does not apply (no network)."""
+        self._check()
+        log = self.log
+        names = [t for t in log.topics() if topics is None or t in topics]
+        found = {}
+        for name in names:
+            parts = log.topic(name).partitions
+            lags = {}
+            for group in log.groups(name):
+                if groups is None or group in groups:
+                    lag = log.lag(name, group)
+                    lags[group] = GroupStats(tuple(lag[p.index] for p in parts))
+            offsets = tuple(PartitionStats(p.start_offset, p.end_offset) for p in parts)
+            found[name] = TopicStats(offsets, lags)
+        return BusStats(found)
 
     def transaction(self, subscription: Subscription) -> NativeTransaction:
         """Begin a transaction acking records ``subscription`` (a durable group member

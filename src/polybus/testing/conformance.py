@@ -46,6 +46,7 @@ __all__ = [
     "test_publish_survives_connection_cuts",
     "test_round_trip_keeps_value_key_headers_and_envelope",
     "test_seek_replays",
+    "test_stats_show_end_offsets_and_each_groups_lag",
     "test_tombstones_arrive_without_a_value_or_are_refused",
     "test_topic_and_group_names_follow_one_rule",
 ]
@@ -308,6 +309,38 @@ def test_lag_counts_uncommitted_messages(connect: Connect, topic: str) -> None:
     sub.close()
     with bus.subscribe(topic, "g") as again:
         assert again.lag() == {0: 3}
+
+
+def test_stats_show_end_offsets_and_each_groups_lag(connect: Connect, topic: str) -> None:
+    """``Bus.stats`` reads, without joining a group, how many messages a topic got (where
+    the backend keeps count: None, never a made-up 0, where it does not) and how many
+    each durable group has not acked; a bus that used neither finds them by name."""
+    bus = connect()
+    bus.declare(topic, partitions=2, groups=["g", "idle"])
+    bus.publish_many(topic, list(range(10)))
+    with bus.subscribe(topic, "g") as sub:
+        assert len(drain(sub, 4)) == 4
+    # closing committed the 4 acks and handed back what was prefetched; a broker may
+    # show the commit a moment later, so ask until it does
+    observer = connect()
+    expected = {"g": 6, "idle": 10}
+    end = time.monotonic() + DEADLINE
+    while True:
+        stats = observer.stats([topic], ["g", "idle"])
+        found = stats.topics[topic]
+        lags = {name: group.total_lag for name, group in found.groups.items()}
+        if lags == expected or time.monotonic() > end:
+            break
+        time.sleep(0.1)
+    assert lags == expected
+    assert all(len(group.lag) == len(found.partitions) for group in found.groups.values())
+    assert found.end_offset in (10, None)
+    if found.end_offset is None:  # unknown is unknown everywhere, not a partial sum
+        assert {p.end_offset for p in found.partitions} == {None}
+    listed = bus.stats().topics[topic]  # unnamed: every topic it can list, or it used
+    assert set(listed.groups) == {"g", "idle"}
+    assert listed.end_offset == found.end_offset
+    assert observer.stats([f"{topic}-missing"]).topics == {}
 
 
 def test_empty_fetch_returns_within_timeout(connect: Connect, topic: str) -> None:

@@ -49,6 +49,7 @@ The modules, each importing only those listed before it:
 - ``producer``: publishing on the backend's own producer (``KafkaBackend.publish``);
 - ``transactions``: a subscription's transactional producer, and ``KafkaTransaction``;
 - ``subscription``: ``KafkaSubscription``, a group member or group-less reader;
+- ``stats``: topic offsets and group lag through the admin client (``KafkaBackend.stats``);
 - ``backend``: ``KafkaBackend`` (configuration, topics and groups, subscribing, closing);
 - ``construction``: ``from_url`` and ``from_client``.
 """

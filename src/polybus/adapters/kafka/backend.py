@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -34,10 +34,11 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 
 from ...errors import ClosedError, ConfigurationError, PolybusError, TopicNotFound
 from .._support.options import parse_flag
-from ..base import Capability, Start, Subscription, TopicSpec
+from ..base import BusStats, Capability, Start, Subscription, TopicSpec
 from .errors import _kafka_error, _while_leaders_move, kafka_errors, map_error
 from .producer import _DELIVERY_GRACE, _METADATA_TTL, _librdkafka_chooses, _Publisher, murmur2
 from .scopes import CONSUMER_ONLY, PRODUCER_ONLY, without
+from .stats import read_stats
 from .subscription import KafkaSubscription
 from .transactions import KafkaTransaction
 
@@ -331,6 +332,13 @@ class KafkaBackend(_Publisher):
             return _while_leaders_move(ask, timeout)
         except Exception as exc:
             raise map_error(exc) from exc
+
+    def stats(
+        self, topics: Collection[str] | None, groups: Collection[str] | None, *, timeout: float
+    ) -> BusStats:
+        """Watermarks and committed offsets through the admin client (:mod:`.stats`)."""
+        self._check()
+        return read_stats(self._admin_client(), topics, groups, timeout)
 
     # -- subscribing ------------------------------------------------------------
 

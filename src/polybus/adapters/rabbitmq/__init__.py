@@ -42,7 +42,9 @@ group names are percent-escaped in queue names, so no two names collide):
   then the member continues with its group's queue. Replayed records are
   settled locally (the group's queue is untouched).
 - **lag** is not offered: AMQP 0-9-1 reports a queue's ready messages but not
-  the messages other members hold unacknowledged.
+  the messages other members hold unacknowledged. ``stats()`` reports those ready
+  messages per group, by passive declares, for the topics and groups it is told
+  or this backend used (AMQP lists neither).
 - **delay** and **compaction** are not offered.
 
 Threads: one I/O thread per backend owns its two pika connections (one

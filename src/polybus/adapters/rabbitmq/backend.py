@@ -16,7 +16,7 @@ import functools
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import pika  # type: ignore[import-untyped]
@@ -34,11 +34,15 @@ from ...errors import (
 )
 from .._support import Options, ensure_reachable
 from ..base import (
+    BusStats,
     Capability,
+    GroupStats,
     OutRecord,
+    PartitionStats,
     Receipt,
     Start,
     TopicSpec,
+    TopicStats,
     tombstone_refused,
 )
 from .errors import _declare_error, _describe, _reply, amqp_errors
@@ -164,6 +168,9 @@ class RabbitMQBackend:
         self._parameters = parameters
         self._subscriptions: set[RabbitMQSubscription] = set()
         self._lock = threading.Lock()
+        #: topics declared or subscribed to here, with their durable groups: what stats()
+        #: reports unless told names, as AMQP can list neither exchanges nor queues
+        self._used: dict[str, set[str]] = {}
         self._declarations = _Declarations()
         self._filling = threading.Lock()  # one copy into a new group's queue at a time
         self._loop = _Loop()
@@ -238,6 +245,11 @@ class RabbitMQBackend:
             self._declare_history(topic, spec)
         for group in spec.groups:
             self._declare_group(topic, group)
+        self._note_used(topic, spec.groups)
+
+    def _note_used(self, topic: str, groups: Sequence[str]) -> None:
+        with self._lock:
+            self._used.setdefault(topic, set()).update(groups)
 
     def _declare_partitions(self, topic: str, partitions: int, *, strict: bool) -> None:
         name = partitions_exchange_name(topic)
@@ -360,14 +372,46 @@ class RabbitMQBackend:
         self._declarations.add(op)
 
     def _exists(self, invoke: Callable[[Any, Callable[[Any], None]], None]) -> bool:
+        return self._passive(invoke) is not None
+
+    def _passive(
+        self, invoke: Callable[[Any, Callable[[Any], None]], None], deadline: float | None = None
+    ) -> Any:
+        """The frame a passive declare ``invoke`` was answered with, or None if the broker
+        has no such exchange or queue."""
         with amqp_errors():
             try:
-                self._control.call(invoke)
+                return self._control.call(invoke, deadline)
             except pex.ChannelClosedByBroker as exc:
                 if _reply(exc)[0] == 404:
-                    return False
+                    return None
                 raise
-        return True
+
+    def stats(
+        self, topics: Collection[str] | None, groups: Collection[str] | None, *, timeout: float
+    ) -> BusStats:
+        """Each group's lag is the message count of its queue, by a passive declare: the
+        messages waiting, not those its members hold unacknowledged (up to ``prefetch``
+        each). AMQP lists no exchanges or queues and the management plugin is not
+        assumed, so unnamed topics and groups are those this backend declared or
+        subscribed to (``complete`` is False). A topic's offsets are None: its history
+        stream counts no messages over AMQP."""
+        self._check()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            used = {topic: sorted(groups) for topic, groups in self._used.items()}
+        found = {}
+        for topic in used if topics is None else topics:
+            if self._passive(functools.partial(_passive_exchange, topic), deadline) is None:
+                continue
+            lags = {}
+            for group in used.get(topic, []) if groups is None else groups:
+                queue = functools.partial(_passive_queue, queue_name(topic, group))
+                frame = self._passive(queue, deadline)
+                if frame is not None:
+                    lags[group] = GroupStats((frame.method.message_count,))
+            found[topic] = TopicStats((PartitionStats(None, None),), lags)
+        return BusStats(found, complete=False)
 
     # publishing
 
@@ -437,6 +481,7 @@ class RabbitMQBackend:
         except BaseException:
             sub.close()
             raise
+        self._note_used(topic, [] if group is None else [group])
         return sub
 
     def _consumer(self) -> _Link:
@@ -480,6 +525,14 @@ def _message_id(record: OutRecord) -> str:
         if name == MESSAGE_ID:
             return value
     return ""
+
+
+def _passive_exchange(name: str, channel: Any, done: Callable[[Any], None]) -> None:
+    channel.exchange_declare(name, passive=True, callback=done)
+
+
+def _passive_queue(name: str, channel: Any, done: Callable[[Any], None]) -> None:
+    channel.queue_declare(name, passive=True, callback=done)
 
 
 def _declare_exclusive(name: str, channel: Any, done: Callable[[Any], None]) -> None:

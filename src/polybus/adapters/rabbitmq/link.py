@@ -358,20 +358,23 @@ class _Control:
         self._link = link
         self._lock = threading.Lock()
 
-    def call(self, invoke: _Invoke) -> Any:
+    def call(self, invoke: _Invoke, deadline: float | None = None) -> Any:
         """Run ``invoke(channel, done)`` on the I/O thread and return what ``done`` got.
 
-        Retries across reconnects for ``reconnect_timeout``; raises the pika
+        Retries across reconnects for ``reconnect_timeout``, or until ``deadline`` (a
+        monotonic time), which also bounds the wait for the answer; raises the pika
         channel error (the caller maps it), ConnectionLost or ClosedError.
         """
-        deadline = time.monotonic() + self._link.reconnect_timeout
+        answer_by = deadline
+        if deadline is None:
+            deadline = time.monotonic() + self._link.reconnect_timeout
         with self._lock:
             while True:
                 self._link.wait_open(deadline)
                 fut: Future[Any] = Future()
                 self._link.loop.submit(functools.partial(self._start, invoke, fut))
                 try:
-                    return _wait(fut, lambda: self._link.loop.stopped)
+                    return _wait(fut, lambda: self._link.loop.stopped, answer_by)
                 except _CONNECTION_ERRORS as exc:
                     if time.monotonic() >= deadline:
                         raise map_error(exc) from exc

@@ -70,7 +70,8 @@ subscription resumes; records whose delivery was lost in transit come back after
 timeout.
 
 The package's modules: :mod:`.connect` (URL and client), :mod:`.backend` (RedisBackend),
-:mod:`.subscription` (RedisSubscription), :mod:`.entries` (the entry layout), :mod:`.resp`
+:mod:`.subscription` (RedisSubscription), :mod:`.stats` (offsets and lag for
+``RedisBackend.stats``), :mod:`.entries` (the entry layout), :mod:`.resp`
 (RESP packing and replies), :mod:`.scripts` (the ``.lua`` files); the client and
 ``map_error`` come from the toolkit, :mod:`polybus.adapters._support.redis`.
 """

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -36,6 +36,7 @@ from ...model import partition_for_key
 from .._support.backoff import Backoff
 from .._support.redis import map_error, retryable
 from ..base import (
+    BusStats,
     Capability,
     OutRecord,
     Receipt,
@@ -46,6 +47,7 @@ from ..base import (
 from .entries import _Packer
 from .resp import _as_dict, _pack
 from .scripts import _DECLARE, _SCRIPTS, _evalsha, _Script
+from .stats import read_stats
 from .subscription import RedisSubscription
 
 T = TypeVar("T")
@@ -181,8 +183,10 @@ class RedisBackend:
     def _retry(self, op: Callable[[], T], *, deadline: float | None = None) -> T:
         """Run ``op`` until it succeeds, retrying transient failures with backoff until
         ``deadline`` (default: ``reconnect_timeout`` from now); then raise ConnectionLost."""
+        started = time.monotonic()
+        limit = "" if deadline is not None else " (reconnect_timeout)"
         if deadline is None:
-            deadline = time.monotonic() + self.reconnect_timeout
+            deadline = started + self.reconnect_timeout
         backoff = Backoff(first=0.02, cap=1.0)
         while True:
             try:
@@ -195,8 +199,7 @@ class RedisBackend:
                 now = time.monotonic()
                 if now >= deadline:
                     raise ConnectionLost(
-                        f"Redis unreachable for {self.reconnect_timeout:g}s "
-                        f"(reconnect_timeout): {exc}"
+                        f"Redis unreachable for {now - started:.1f}s{limit}: {exc}"
                     ) from exc
                 self._after_failure(exc)
                 backoff.sleep(deadline)
@@ -442,6 +445,13 @@ class RedisBackend:
         with self._lock:
             self._subscriptions.add(sub)
         return sub
+
+    def stats(
+        self, topics: Collection[str] | None, groups: Collection[str] | None, *, timeout: float
+    ) -> BusStats:
+        """The partition streams' XINFO, retried until ``timeout`` (:mod:`.stats`)."""
+        self._check()
+        return read_stats(self, topics, groups, timeout)
 
     def _forget(self, sub: RedisSubscription) -> None:
         with self._lock:
