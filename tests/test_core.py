@@ -17,9 +17,12 @@ from polybus import BackendUnavailable, ConfigurationError, DecodeError, EncodeE
 from polybus.adapters.base import Capability
 from polybus.adapters.native import NativeBackend
 from polybus.codecs import JSON, MSGPACK, decoder_for, encode
+from polybus.envelope import MESSAGE_ID, TIMESTAMP
 from polybus.errors import BrokerUnreachable, ConnectionLost
-from polybus.message import uuid7, uuid7s
+from polybus.message import message_of, uuid7, uuid7s
+from polybus.patterns.retry import failure_headers
 from polybus.testing import servers
+from polybus.types import InRecord
 
 
 def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
@@ -249,3 +252,47 @@ def test_a_rabbitmq_that_accepts_but_never_answers_is_named_within_seconds() -> 
 def test_connect_timeout_must_be_seconds() -> None:
     with pytest.raises(ConfigurationError, match="connect_timeout must be a positive number"):
         polybus.connect("redis://127.0.0.1:6379/0?connect_timeout=soon")
+
+
+# -- CloudEvents (polybus.cloudevents; the SDK's side is in polybus.testing.cloudevents) --
+
+
+def _record(*headers: tuple[str, str], key: bytes | None = None) -> InRecord:
+    return InRecord("t", 0, 7, b"{}", key, headers, 1_000)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "sent", "epoch_ms"),
+    [
+        ("ce_", "2026-03-04T05:06:07.891Z", 1772600767891),
+        ("ce-", "2026-03-04t05:06:07.891z", 1772600767891),  # RFC 3339 allows t and z
+        ("cloudEvents:", "2026-03-04T07:06:07.891+02:00", 1772600767891),
+        ("cloudEvents_", "2026-03-04T05:06:07.891234567Z", 1772600767891),
+        ("ce_", "2026-03-04T05:06:07.891", 1772600767891),  # no offset: taken as UTC
+        ("ce_", "last tuesday", 1_000),  # not RFC 3339: the backend's timestamp
+        ("ce_", None, 1_000),
+    ],
+)
+def test_a_cloudevent_without_polybus_envelope_is_read_with_its_id_and_time(
+    prefix: str, sent: str | None, epoch_ms: int
+) -> None:
+    headers = [(f"{prefix}id", "event-1"), ("content-type", "application/json")]
+    if sent is not None:
+        headers.append((f"{prefix}time", sent))
+    message = message_of(_record(*headers))
+    assert (message.id, round(message.timestamp * 1000)) == ("event-1", epoch_ms)
+    assert message.content_type == "application/json"
+    assert message.headers[f"{prefix}id"] == "event-1"  # the attributes stay visible
+
+
+def test_polybus_envelope_wins_over_cloudevent_attributes() -> None:
+    record = _record((MESSAGE_ID, "m-1"), (TIMESTAMP, "2000"), ("ce_id", "e-1"))
+    message = message_of(record)
+    assert (message.id, message.timestamp) == ("m-1", 2.0)
+    assert message_of(_record(("x", "y"))).id == "t/0/7"  # neither: the position
+
+
+def test_a_retried_cloudevent_keeps_its_id() -> None:
+    headers = dict(failure_headers(_record(("ce_id", "e-1")), ValueError("no"), 5))
+    assert headers[MESSAGE_ID] == "e-1"
+    assert dict(failure_headers(_record(), ValueError("no"), 5))[MESSAGE_ID] == "t/0/7"
