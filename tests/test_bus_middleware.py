@@ -13,7 +13,7 @@ import pytest
 
 import polybus
 from polybus import ConfigurationError, Delivery, Middleware, aio
-from polybus.middleware import ProcessNext, PublishNext
+from polybus.middleware import Host, ProcessNext, PublishNext
 from polybus.patterns.worker import App
 from polybus.types import OutRecord, Receipt
 
@@ -53,6 +53,28 @@ def test_use_refuses_what_is_not_a_middleware(tmp_path: Path) -> None:
     refused = pytest.raises(ConfigurationError, match=r"subclass polybus\.middleware\.Middleware")
     with polybus.connect(f"native://{tmp_path}") as bus, refused:
         bus.use(object())  # type: ignore[arg-type]
+
+
+def test_a_middleware_is_attached_to_each_bus_and_may_refuse_one(tmp_path: Path) -> None:
+    class NativeOnly(Middleware):
+        def __init__(self) -> None:
+            self.buses: list[str] = []
+
+        def attach(self, bus: Host) -> None:
+            if bus.wire_protocol != "native":
+                raise ConfigurationError("native buses only")
+            self.buses.append(bus.wire_protocol)
+
+    class Refusing(Middleware):
+        def attach(self, bus: Host) -> None:
+            raise ConfigurationError("not this bus")
+
+    first = NativeOnly()
+    with polybus.connect(f"native://{tmp_path}", middleware=[first]) as bus:
+        assert first.buses == ["native"]
+        with pytest.raises(ConfigurationError, match="not this bus"):
+            bus.use(Stamp(), Refusing())
+        assert bus.middleware == (first,)  # neither was added
 
 
 def test_a_transactions_staged_publishes_go_through_the_publish_hooks(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,14 @@ import polybus
 from polybus import BackendUnavailable, ConfigurationError, DecodeError, EncodeError, Message
 from polybus.adapters.base import Capability
 from polybus.adapters.native import NativeBackend
+from polybus.cloudevents import CloudEvents
 from polybus.codecs import JSON, MSGPACK, decoder_for, encode
+from polybus.envelope import MESSAGE_ID, TIMESTAMP
 from polybus.errors import BrokerUnreachable, ConnectionLost
-from polybus.message import uuid7, uuid7s
+from polybus.message import message_of, uuid7, uuid7s
+from polybus.patterns.retry import failure_headers
 from polybus.testing import servers
+from polybus.types import InRecord, OutRecord, Receipt
 
 
 def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
@@ -249,3 +254,141 @@ def test_a_rabbitmq_that_accepts_but_never_answers_is_named_within_seconds() -> 
 def test_connect_timeout_must_be_seconds() -> None:
     with pytest.raises(ConfigurationError, match="connect_timeout must be a positive number"):
         polybus.connect("redis://127.0.0.1:6379/0?connect_timeout=soon")
+
+
+# -- CloudEvents (polybus.cloudevents; the SDK's side is in polybus.testing.cloudevents) --
+
+
+def _record(*headers: tuple[str, str], key: bytes | None = None) -> InRecord:
+    return InRecord("t", 0, 7, b"{}", key, headers, 1_000)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "sent", "epoch_ms"),
+    [
+        ("ce_", "2026-03-04T05:06:07.891Z", 1772600767891),
+        ("ce-", "2026-03-04t05:06:07.891z", 1772600767891),  # RFC 3339 allows t and z
+        ("cloudEvents:", "2026-03-04T07:06:07.891+02:00", 1772600767891),
+        ("cloudEvents_", "2026-03-04T05:06:07.891234567Z", 1772600767891),
+        ("ce_", "2026-03-04T05:06:07.891", 1772600767891),  # no offset: taken as UTC
+        ("ce_", "last tuesday", 1_000),  # not RFC 3339: the backend's timestamp
+        ("ce_", None, 1_000),
+    ],
+)
+def test_a_cloudevent_without_polybus_envelope_is_read_with_its_id_and_time(
+    prefix: str, sent: str | None, epoch_ms: int
+) -> None:
+    headers = [(f"{prefix}id", "event-1"), ("content-type", "application/json")]
+    if sent is not None:
+        headers.append((f"{prefix}time", sent))
+    message = message_of(_record(*headers))
+    assert (message.id, round(message.timestamp * 1000)) == ("event-1", epoch_ms)
+    assert message.content_type == "application/json"
+    assert message.headers[f"{prefix}id"] == "event-1"  # the attributes stay visible
+
+
+def test_polybus_envelope_wins_over_cloudevent_attributes() -> None:
+    record = _record((MESSAGE_ID, "m-1"), (TIMESTAMP, "2000"), ("ce_id", "e-1"))
+    message = message_of(record)
+    assert (message.id, message.timestamp) == ("m-1", 2.0)
+    assert message_of(_record(("x", "y"))).id == "t/0/7"  # neither: the position
+
+
+def test_a_retried_cloudevent_keeps_its_id() -> None:
+    headers = dict(failure_headers(_record(("ce_id", "e-1")), ValueError("no"), 5))
+    assert headers[MESSAGE_ID] == "e-1"
+    assert dict(failure_headers(_record(), ValueError("no"), 5))[MESSAGE_ID] == "t/0/7"
+
+
+def _published(bus: polybus.Bus, topic: str) -> list[dict[str, str]]:
+    with bus.subscribe(topic, "g", start="earliest") as sub:
+        return [dict(d.headers) for d in sub.fetch(100, timeout=5)]
+
+
+def test_cloudevents_envelope_completes_what_a_message_gives() -> None:
+    bus = polybus.connect(
+        f"memory://{uuid.uuid4().hex}", middleware=[CloudEvents(source="/billing")]
+    )
+    bus.declare("invoice.created", partitions=1)
+    plain = Message("x", key="invoice-1")
+    given = Message(
+        1,
+        headers={
+            "ce-type": "com.acme.invoice.voided",  # any binding's prefix is taken
+            "cloudEvents:subject": "invoice-2",
+            "ce_source": "/other",
+            "ce_id": "not this one",  # polybus's envelope has the id
+            "ce_tenant": "acme",
+        },
+    )
+    bus.publish_many("invoice.created", [plain, given, Message(b"\x01", key=b"\x02")])
+    raw = OutRecord(b"{}", None, (("ce_id", "e-1"), ("ce_time", "2026-03-04T05:06:07.891Z")))
+    bus.publish_records("invoice.created", [raw])
+    with pytest.raises(ConfigurationError, match="lowercase letters and digits"):
+        bus.publish("invoice.created", 1, headers={"ce_Tenant": "acme"})
+
+    first, second, binary, record = _published(bus, "invoice.created")
+    assert first["ce_specversion"] == "1.0"
+    assert first["ce_id"] == plain.id
+    assert first["ce_time"] == time.strftime(
+        f"%Y-%m-%dT%H:%M:%S.{int(plain.timestamp * 1000) % 1000:03d}Z",
+        time.gmtime(plain.timestamp),
+    )
+    assert (first["ce_source"], first["ce_type"]) == ("/billing", "invoice.created")
+    assert first["ce_subject"] == "invoice-1"  # the key
+    assert {k: v for k, v in second.items() if k.startswith("ce")} == {
+        "ce_specversion": "1.0",
+        "ce_id": given.id,
+        "ce_source": "/other",
+        "ce_type": "com.acme.invoice.voided",
+        "ce_time": second["ce_time"],
+        "ce_subject": "invoice-2",
+        "ce_tenant": "acme",
+    }
+    assert "ce_subject" not in binary  # a binary key is no subject
+    assert binary["content-type"] == "application/octet-stream"
+    assert (record["ce_id"], record["ce_time"]) == ("e-1", "2026-03-04T05:06:07.891Z")
+    assert record["content-type"] == "application/octet-stream"
+    bus.close()
+
+
+class _Bus:
+    capabilities = Capability.NONE
+
+    def __init__(self, wire_protocol: str) -> None:
+        self.wire_protocol = wire_protocol
+
+
+def _stamped(envelope: CloudEvents) -> dict[str, str]:
+    sent: list[OutRecord] = []
+
+    def call_next(topic: str, records: Sequence[OutRecord]) -> list[Receipt]:
+        sent.extend(records)
+        return []
+
+    envelope.publish("t", [OutRecord(b"x", b"k", (("content-type", "text/plain"),))], call_next)
+    return dict(sent[0].headers)
+
+
+def test_cloudevents_header_names_follow_the_buss_wire_protocol() -> None:
+    envelope = CloudEvents(source="/s", type="com.acme.thing")
+    with pytest.raises(ConfigurationError, match="add CloudEvents to a bus"):
+        _stamped(envelope)
+    envelope.attach(_Bus("amqp-0-9-1"))
+    envelope.attach(_Bus("amqp-0-9-1"))  # another bus of the same binding
+    headers = _stamped(envelope)
+    assert (headers["ce-type"], headers["ce-subject"]) == ("com.acme.thing", "k")
+    assert not any(name.startswith("ce_") for name in headers)
+    with pytest.raises(ConfigurationError, match="give each bus its own"):
+        envelope.attach(_Bus("kafka"))
+
+    for protocol in ("kafka", "redis", "native", "somebody-elses"):
+        other = CloudEvents(source="/s")
+        other.attach(_Bus(protocol))
+        assert _stamped(other)["ce_type"] == "t"
+    amqp10 = CloudEvents(source="/s", prefix="cloudEvents:")
+    amqp10.attach(_Bus("amqp-0-9-1"))
+    amqp10.attach(_Bus("kafka"))
+    assert _stamped(amqp10)["cloudEvents:source"] == "/s"
+    with pytest.raises(ConfigurationError, match="needs a source"):
+        CloudEvents(source="")

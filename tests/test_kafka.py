@@ -8,6 +8,7 @@ Run as a script, this module is the child process of the transaction crash test.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ from polybus.adapters.kafka import (  # noqa: E402
     from_url,
     map_error,
 )
+from polybus.cloudevents import CloudEvents, attributes  # noqa: E402
 from polybus.testing import servers  # noqa: E402
 from polybus.testing.conformance import drain, publish_retrying  # noqa: E402
 from polybus.testing.plugin import proxied_kafka, require_server  # noqa: E402
@@ -173,6 +175,55 @@ def test_plain_consumer_reads_body_key_and_headers(
     assert headers["source"] == "shop"
     assert headers["ü"] == "é"
     assert record.timestamp()[1] == int(sent.timestamp * 1000)
+
+
+def test_the_cloudevents_sdk_reads_through_a_plain_consumer_what_polybus_publishes(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    ce_kafka = pytest.importorskip("cloudevents.core.bindings.kafka")
+    bus = connect()
+    bus.use(CloudEvents(source="/billing", type="com.acme.invoice.created"))
+    bus.declare(topic, partitions=1)
+    sent = Message({"invoice": 42}, key="invoice-42")
+    bus.publish(topic, sent)
+    (record,) = read_plain(bootstrap, topic, 1, 1)
+    event = ce_kafka.from_binary_event(
+        ce_kafka.KafkaMessage(dict(record.headers()), record.key(), record.value())
+    )
+    assert (event.get_id(), event.get_source()) == (sent.id, "/billing")
+    assert (event.get_type(), event.get_subject()) == ("com.acme.invoice.created", "invoice-42")
+    assert event.get_extension("partitionkey") == "invoice-42"  # the key, by the binding
+    assert event.get_data() == {"invoice": 42}
+
+
+def test_polybus_reads_a_cloudevent_a_plain_producer_publishes(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
+) -> None:
+    ce_kafka = pytest.importorskip("cloudevents.core.bindings.kafka")
+    from cloudevents.core.v1.event import CloudEvent
+
+    bus = connect()
+    bus.declare(topic, partitions=1)
+    sent = datetime.datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=datetime.UTC)
+    event = CloudEvent(
+        {
+            "type": "order.placed",
+            "source": "/shop",
+            "time": sent,
+            "datacontenttype": "application/json",
+            "partitionkey": "o-7",
+        },
+        {"o": 7},
+    )
+    message = ce_kafka.to_binary_event(event)
+    producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap})
+    producer.produce(topic, message.value, key=message.key, headers=list(message.headers.items()))
+    assert producer.flush(DEADLINE) == 0
+    with bus.subscribe(topic, start="earliest") as sub:
+        (d,) = drain(sub, 1)
+    assert (d.message.id, d.message.key) == (event.get_id(), "o-7")
+    assert d.message.timestamp == sent.timestamp()
+    assert (d.value, attributes(d)["type"]) == ({"o": 7}, "order.placed")
 
 
 def test_plain_producer_messages_arrive_with_defaults(

@@ -113,6 +113,7 @@ LAYERS = {
     "polybus.patterns": 8,
     "polybus.sessions": 8,
     "polybus.otel": 8,
+    "polybus.cloudevents": 8,
     "polybus.aio": 9,
     "polybus.cli": 9,
     "polybus.asyncapi": 9,

@@ -22,6 +22,7 @@ from polybus import CapabilityError, ConfigurationError, Delivery, Message
 from polybus.adapters import rabbitmq
 from polybus.adapters.base import OutRecord
 from polybus.adapters.rabbitmq import pika_hooks, publisher, wire
+from polybus.cloudevents import CloudEvents, attributes
 from polybus.testing import servers
 from polybus.testing.conformance import drain
 from polybus.testing.plugin import require_server, with_options
@@ -133,6 +134,54 @@ def test_polybus_reads_what_plain_pika_publishes(
     assert bare.message.id  # a default, never empty
     assert abs(bare.message.timestamp - time.time()) < 60
     assert first.message.id != bare.message.id
+
+
+def test_the_cloudevents_sdk_reads_through_plain_pika_what_polybus_publishes(
+    connect: Callable[..., polybus.Bus], topic: str, admin: Callable[[], Any]
+) -> None:
+    ce_rabbitmq = pytest.importorskip("cloudevents.core.bindings.rabbitmq")
+    bus = connect()
+    bus.use(CloudEvents(source="/billing", type="com.acme.invoice.created"))
+    bus.declare(topic, groups=["g"])
+    sent = Message({"invoice": 42}, key="invoice-42")
+    bus.publish(topic, sent)
+    _, properties, body = basic_get(admin, rabbitmq.queue_name(topic, "g"))
+    assert properties.headers["ce-id"] == sent.id  # in the headers table, as the binding says
+    event = ce_rabbitmq.from_binary_event(
+        ce_rabbitmq.RabbitMQMessage(properties.headers, properties.content_type, body)
+    )
+    assert (event.get_id(), event.get_source()) == (sent.id, "/billing")
+    assert (event.get_type(), event.get_subject()) == ("com.acme.invoice.created", "invoice-42")
+    assert event.get_datacontenttype() == "application/json"  # the content_type property
+    assert event.get_data() == {"invoice": 42}
+
+
+def test_polybus_reads_a_cloudevent_plain_pika_publishes(
+    connect: Callable[..., polybus.Bus], topic: str, admin: Callable[[], Any]
+) -> None:
+    ce_rabbitmq = pytest.importorskip("cloudevents.core.bindings.rabbitmq")
+    from cloudevents.core.v1.event import CloudEvent
+
+    bus = connect()
+    bus.declare(topic, groups=["g"])
+    sent = datetime.datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=datetime.UTC)
+    event = CloudEvent(
+        {"type": "order.placed", "source": "/shop", "time": sent, "datacontenttype": "text/plain"},
+        "order 7",
+    )
+    amqp = ce_rabbitmq.to_binary_event(event)
+    ch = admin()
+    ch.basic_publish(
+        topic,
+        "",
+        amqp.body,
+        pika.BasicProperties(content_type=amqp.content_type, headers=amqp.headers),
+    )
+    with bus.subscribe(topic, "g") as sub:
+        (d,) = drain(sub, 1)
+    assert (d.message.id, d.message.timestamp) == (event.get_id(), sent.timestamp())
+    assert (d.value, d.message.content_type) == ("order 7", "text/plain")
+    assert attributes(d)["source"] == "/shop"
 
 
 def test_deliveries_cut_from_the_stream_match_what_pika_decodes(

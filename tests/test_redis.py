@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import polybus
-from polybus import CapabilityError, ConfigurationError, ConnectionLost, TopicNotFound
+from polybus import CapabilityError, ConfigurationError, ConnectionLost, Message, TopicNotFound
+from polybus.cloudevents import CloudEvents, attributes
 from polybus.testing import servers
 from polybus.testing.plugin import require_server, with_options
 
@@ -116,6 +117,50 @@ def test_plain_entries_arrive_with_defaults(
     assert abs(first.timestamp - int(no_layout.split(b"-")[0]) / 1000) < 0.001
     assert second.value == b"hello"
     assert second.headers == {"trace": "t-1"}
+
+
+def test_the_cloudevents_sdk_reads_through_a_plain_client_what_polybus_publishes(
+    connect: Callable[..., polybus.Bus], prefix: str, raw: redis.Redis
+) -> None:
+    ce_kafka = pytest.importorskip("cloudevents.core.bindings.kafka")
+    bus = connect()
+    bus.use(CloudEvents(source="/billing", type="com.acme.invoice.created"))
+    bus.declare("invoices", partitions=1)
+    sent = Message({"invoice": 42}, key="invoice-42")
+    bus.publish("invoices", sent)
+    [(_, fields)] = raw.xrange(stream(prefix, "invoices"))
+    assert fields[b"h:ce_id"] == sent.id.encode()
+    headers = {f.decode()[2:]: v for f, v in fields.items() if f.startswith(b"h:")}
+    # no Redis binding exists: the Kafka one's names, read by its reader
+    event = ce_kafka.from_binary_event(
+        ce_kafka.KafkaMessage(headers, fields[b"key"], fields[b"value"])
+    )
+    assert (event.get_id(), event.get_source()) == (sent.id, "/billing")
+    assert (event.get_type(), event.get_subject()) == ("com.acme.invoice.created", "invoice-42")
+    assert event.get_data() == {"invoice": 42}
+
+
+def test_polybus_reads_a_cloudevent_a_plain_client_writes_as_fields(
+    connect: Callable[..., polybus.Bus], prefix: str, raw: redis.Redis
+) -> None:
+    bus = connect()
+    bus.declare("orders", partitions=1, groups=["g"])
+    fields = {
+        "value": '{"o": 7}',
+        "content-type": "application/json",
+        "ce_specversion": "1.0",
+        "ce_id": "order-7-placed",
+        "ce_source": "/shop",
+        "ce_type": "order.placed",
+        "ce_time": "2026-03-04T05:06:07.891Z",
+    }
+    raw.xadd(stream(prefix, "orders"), fields)
+    with bus.subscribe("orders", "g") as sub:
+        [d] = sub.fetch(10, timeout=DEADLINE)
+        d.ack()
+    assert (d.message.id, d.value) == ("order-7-placed", {"o": 7})
+    assert d.message.timestamp == 1772600767.891
+    assert attributes(d)["type"] == "order.placed"
 
 
 def test_connect_takes_a_client_and_leaves_it_open(url: str, raw: redis.Redis) -> None:

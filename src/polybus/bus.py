@@ -362,13 +362,18 @@ class Bus:
 
     def use(self, *middleware: Middleware) -> None:
         """Add ``middleware`` after (inside) the bus's own, for publishing from now on and
-        for deliveries fetched from now on; a worker started later uses them too."""
+        for deliveries fetched from now on; a worker started later uses them too.
+
+        Each is attached (:meth:`Middleware.attach`) first; if one refuses the bus,
+        none is added."""
         for m in middleware:
             if not isinstance(m, Middleware):
                 raise ConfigurationError(
                     f"middleware must subclass polybus.middleware.Middleware, "
                     f"not {type(m).__name__}"
                 )
+        for m in middleware:
+            m.attach(self)
         self.middleware += middleware
         # built once here: with no publish hook it is backend.publish itself
         self._publish = publish_chain(self.middleware, self.backend.publish)
@@ -376,6 +381,11 @@ class Bus:
     @property
     def capabilities(self) -> Capability:
         return self.backend.capabilities
+
+    @property
+    def wire_protocol(self) -> str:
+        """The backend's wire protocol: "kafka", "amqp-0-9-1", "redis" or "native"."""
+        return self.backend.wire_protocol
 
     @property
     def closed(self) -> bool:

@@ -65,6 +65,20 @@ REMOTE_ERROR = "polybus-remote-error"
 #: the signed user context (a JWT bound to the message id)
 USER_CONTEXT = "user-context"
 
+# -- CloudEvents (polybus.cloudevents) -----------------------------------------------
+
+# A CloudEvents attribute in binary content mode is a header named by a prefix and the
+# attribute's name ("ce_id"); its data content type is the content type above.
+#: the Kafka binding's prefix, which polybus also uses on Redis and the native engine
+CLOUDEVENTS_PREFIX = "ce_"
+#: the RabbitMQ binding's (AMQP 0-9-1, as Knative Eventing and the CloudEvents SDK write it)
+CLOUDEVENTS_RABBITMQ_PREFIX = "ce-"
+#: the AMQP 1.0 binding's application-properties, which RabbitMQ 4 hands to AMQP 0-9-1
+#: clients as headers
+CLOUDEVENTS_AMQP_PREFIXES = ("cloudEvents:", "cloudEvents_")
+#: every prefix an attribute is read under, on every backend
+CLOUDEVENTS_PREFIXES = (CLOUDEVENTS_PREFIX, CLOUDEVENTS_RABBITMQ_PREFIX, *CLOUDEVENTS_AMQP_PREFIXES)
+
 # -- RabbitMQ only ---------------------------------------------------------------------
 
 #: a binary or long key travels base64-encoded in this header (routing keys are short text)

@@ -10,12 +10,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from .codecs import decoder_for
 from .envelope import (
     ATTEMPT,
     CAUSATION_ID,
+    CLOUDEVENTS_PREFIXES,
     CONTENT_TYPE,
     CORRELATION_ID,
     KEY_BINARY,
@@ -329,7 +331,11 @@ class Delivery(InRecord):
 
 def message_of(record: InRecord) -> Message:
     """The :class:`Message` a record carries: its envelope headers taken out of
-    ``headers``, its payload decoded by its content type on first access."""
+    ``headers``, its payload decoded by its content type on first access.
+
+    A record without polybus's id that is a CloudEvent in binary content mode (one an
+    SDK published) takes its id and timestamp from the event's ``id`` and ``time``;
+    the event's attributes stay in ``headers`` (see :mod:`polybus.cloudevents`)."""
     fields = dict(record.headers)
     pop = fields.pop
     message_id = pop(MESSAGE_ID, None)
@@ -344,6 +350,9 @@ def message_of(record: InRecord) -> Message:
         binary = pop(KEY_BINARY, None) is not None
         if any(name.startswith(RESERVED_PREFIX) for name in fields):
             fields = {k: v for k, v in fields.items() if not k.startswith(RESERVED_PREFIX)}
+    timestamp_ms = int(stamp) if stamp is not None and stamp.isdigit() else record.timestamp_ms
+    if message_id is None and fields:  # not polybus's envelope: perhaps a CloudEvent's
+        message_id, timestamp_ms = _cloud_event_id_and_time(fields, timestamp_ms)
     key: str | bytes | None = raw_key
     if raw_key is not None and not binary:
         key = raw_key.decode(errors="surrogateescape")
@@ -354,9 +363,7 @@ def message_of(record: InRecord) -> Message:
     message.key = key
     message.headers = fields
     message.id = message_id or f"{record.topic}/{record.partition}/{record.offset}"
-    message.timestamp = (
-        int(stamp) if stamp is not None and stamp.isdigit() else record.timestamp_ms
-    ) / 1000
+    message.timestamp = timestamp_ms / 1000
     message.correlation_id = correlation_id
     message.causation_id = causation_id
     message.content_type = content_type
@@ -364,6 +371,31 @@ def message_of(record: InRecord) -> Message:
 
 
 _new_message = Message.__new__
+
+#: (id, time) header names of a CloudEvent, under each binding's prefix
+_CLOUD_EVENT_NAMES = [(prefix + "id", prefix + "time") for prefix in CLOUDEVENTS_PREFIXES]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _cloud_event_id_and_time(fields: dict[str, str], timestamp_ms: int) -> tuple[str | None, int]:
+    """The id and time (epoch ms) of the CloudEvent whose attributes are in ``fields``,
+    or None and ``timestamp_ms`` for a record that is none. A time that is not RFC 3339
+    leaves ``timestamp_ms``: a consumer reads the event rather than failing on it."""
+    for id_name, time_name in _CLOUD_EVENT_NAMES:
+        event_id = fields.get(id_name)
+        if event_id is not None:
+            text = fields.get(time_name)
+            if text is not None:
+                try:
+                    moment = datetime.fromisoformat(text.upper())  # RFC 3339 allows t and z
+                except ValueError:
+                    return event_id, timestamp_ms
+                if moment.tzinfo is None:
+                    moment = moment.replace(tzinfo=UTC)
+                timestamp_ms = (moment - _EPOCH) // _MS
+            return event_id, timestamp_ms
+    return None, timestamp_ms
 
 
 def value_of(record: InRecord) -> Any:

@@ -16,7 +16,9 @@ get the operation as ``call_next`` and return its result: ``middleware=[a, b]``
 runs ``a`` around ``b`` around the operation, so ``a`` sees it first and last.
 The *notifications* (:meth:`~Middleware.received`, :meth:`~Middleware.failed`,
 :meth:`~Middleware.retrying`, :meth:`~Middleware.dead_lettered`) are called in
-list order after the fact.
+list order after the fact. :meth:`~Middleware.attach` tells a middleware which
+bus it was added to, for one that depends on the backend (its wire protocol,
+its capabilities).
 
 No middleware loses a message:
 
@@ -40,12 +42,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from .message import Delivery
-from .types import OutRecord, Receipt
+from .types import Capability, OutRecord, Receipt
 
-__all__ = ["Middleware", "ProcessNext", "PublishNext", "notify", "process_chain", "publish_chain"]
+__all__ = [
+    "Host",
+    "Middleware",
+    "ProcessNext",
+    "PublishNext",
+    "notify",
+    "process_chain",
+    "publish_chain",
+]
 
 log = logging.getLogger("polybus.middleware")
 
@@ -53,8 +63,22 @@ PublishNext = Callable[[str, Sequence[OutRecord]], list[Receipt]]
 ProcessNext = Callable[[Delivery], Any]
 
 
+class Host(Protocol):
+    """What a middleware may read of the bus it is added to (a :class:`polybus.Bus`)."""
+
+    @property
+    def capabilities(self) -> Capability: ...
+
+    @property
+    def wire_protocol(self) -> str: ...
+
+
 class Middleware:
     """The hooks; each default only calls on. Subclass and override what you need."""
+
+    def attach(self, bus: Host) -> None:
+        """Called once per bus this middleware is added to, before any other hook runs
+        for that bus. Raise ConfigurationError to refuse a bus (it is then not added)."""
 
     def publish(
         self, topic: str, records: Sequence[OutRecord], call_next: PublishNext

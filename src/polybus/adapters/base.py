@@ -103,6 +103,10 @@ class Backend(Protocol):
     """A connection to one broker (or one native log directory)."""
 
     capabilities: Capability
+    #: the wire protocol its records travel in: "kafka", "amqp-0-9-1", "redis" or "native"
+    #: (another backend names its own). Conventions defined per protocol, such as the
+    #: header names of a CloudEvents binding, are chosen by it, never by the backend's type.
+    wire_protocol: str
 
     def declare_topic(self, topic: str, spec: TopicSpec) -> None:
         """Create the topic (and ``spec.groups``) if missing; idempotent."""

@@ -132,6 +132,7 @@ class NativeTransaction:
 class NativeBackend:
     """A :class:`~polybus.adapters.base.Backend` over a :class:`~polybus.log.Log`."""
 
+    wire_protocol = "native"
     capabilities = (
         Capability.DURABLE_GROUPS
         | Capability.EPHEMERAL_GROUPS

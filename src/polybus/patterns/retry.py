@@ -36,6 +36,7 @@ from ..envelope import (
     ORIGIN_TOPIC,
 )
 from ..errors import ConfigurationError, Rejected
+from ..message import message_of
 from ..types import InRecord, OutRecord
 
 __all__ = [
@@ -150,7 +151,7 @@ def failure_headers(record: InRecord, exc: BaseException, now_ms: int) -> list[t
     headers = [(k, v) for k, v in record.headers if k not in _REPLACED]
     present = {k for k, _ in headers}
     if MESSAGE_ID not in present:  # a plain client's message: keep the id it was given
-        headers.append((MESSAGE_ID, f"{record.topic}/{record.partition}/{record.offset}"))
+        headers.append((MESSAGE_ID, message_of(record).id))  # a CloudEvent's, or its position
     if ORIGIN_TOPIC not in present:
         headers += [
             (ORIGIN_TOPIC, record.topic),

@@ -76,6 +76,7 @@ class KafkaBackend(_Publisher):
     producer (it is not closed by :meth:`close`).
     """
 
+    wire_protocol = "kafka"
     capabilities = (
         Capability.DURABLE_GROUPS
         | Capability.EPHEMERAL_GROUPS

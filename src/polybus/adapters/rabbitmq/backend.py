@@ -135,6 +135,8 @@ class RabbitMQBackend:
     raises BrokerUnreachable instead.
     """
 
+    wire_protocol = "amqp-0-9-1"
+
     def __init__(
         self,
         parameters: Any,

@@ -85,6 +85,7 @@ class RedisBackend:
     any thread; each call borrows a connection from the client's pool for its round trips.
     """
 
+    wire_protocol = "redis"
     capabilities = (
         Capability.DURABLE_GROUPS
         | Capability.EPHEMERAL_GROUPS
