@@ -42,25 +42,40 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ..envelope import CORRELATION_ID, MESSAGE_ID, TRACEPARENT, TRACESTATE
 from ..message import Delivery
-from ..middleware import Middleware, ProcessNext, PublishNext
+from ..middleware import Host, Middleware, ProcessNext, PublishNext
 from ..types import OutRecord, Receipt
 
-__all__ = ["Tracing"]
+__all__ = ["SYSTEMS", "Tracing"]
 
 _TRACE_HEADERS = frozenset({TRACEPARENT, TRACESTATE, "baggage"})
 _W3C = TraceContextTextMapPropagator()
 
 
-class Tracing(Middleware):
-    """Spans for a bus and its workers. ``system`` is their ``messaging.system``
-    (``kafka``, ``rabbitmq``, ``redis``; default ``polybus``, the native engine's);
-    ``tracer_provider`` defaults to the global one."""
+#: ``messaging.system`` of each wire protocol (OpenTelemetry's names where it has one)
+SYSTEMS = {"kafka": "kafka", "amqp-0-9-1": "rabbitmq", "redis": "redis", "native": "polybus"}
 
-    def __init__(self, system: str = "polybus", *, tracer_provider: Any = None) -> None:
-        self.system = system
+
+class Tracing(Middleware):
+    """Spans for a bus and its workers. ``system`` is their ``messaging.system``;
+    by default the backend's (``kafka``, ``rabbitmq``, ``redis``, and ``polybus`` for
+    the native engine), from the first bus it is added to. ``tracer_provider``
+    defaults to the global one."""
+
+    def __init__(self, system: str | None = None, *, tracer_provider: Any = None) -> None:
+        self.system = system or "polybus"
+        self._system_given = system is not None
         self._tracer = trace.get_tracer("polybus", tracer_provider=tracer_provider)
-        self._offset_key = "messaging.kafka.offset" if system == "kafka" else "polybus.offset"
         self._attributes: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+
+    def attach(self, bus: Host) -> None:
+        if not self._system_given:
+            self.system = SYSTEMS.get(bus.wire_protocol, bus.wire_protocol)
+            self._system_given = True  # the first bus names it
+            self._attributes.clear()
+
+    @property
+    def _offset_key(self) -> str:
+        return "messaging.kafka.offset" if self.system == "kafka" else "polybus.offset"
 
     def publish(
         self, topic: str, records: Sequence[OutRecord], call_next: PublishNext

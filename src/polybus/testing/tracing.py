@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from polybus import Delivery
-from polybus.otel.tracing import Tracing
+from polybus.otel.tracing import SYSTEMS, Tracing
 from polybus.patterns.request_reply import Requester
 from polybus.patterns.retry import RetryPolicy
 from polybus.patterns.worker import App, Consumer, Output, Worker
@@ -93,6 +93,7 @@ def test_a_trace_follows_a_message_through_retries_dead_letters_and_outputs(
     assert [link.context.span_id for link in failed.links] == [sent.context.span_id]
     attributes = dict(failed.attributes)
     assert attributes["messaging.destination.name"] == topic
+    assert attributes["messaging.system"] == SYSTEMS[bus.wire_protocol]
     assert attributes["messaging.consumer.group.name"] == "g"
     assert attributes["messaging.operation.type"] == "process"
     assert attributes["messaging.message.id"] == dict(sent.attributes or {})["messaging.message.id"]
