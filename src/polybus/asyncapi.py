@@ -26,6 +26,7 @@ from .envelope import (
     DUE,
     ERROR,
     ERROR_TYPE,
+    FAILURE_HEADERS,
     FIRST_FAILURE,
     KEY_BINARY,
     LAST_FAILURE,
@@ -111,24 +112,19 @@ _ENVELOPE = (
     ATTEMPT,
     USER_CONTEXT,
 )
-_FAILURE = (
-    ORIGIN_TOPIC,
-    ORIGIN_PARTITION,
-    ORIGIN_OFFSET,
-    ERROR_TYPE,
-    ERROR,
-    FIRST_FAILURE,
-    LAST_FAILURE,
-)
 #: kind of message -> (suffix of its message id, its summary, its headers beyond the envelope)
 _KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "message": ("", "", ()),
-    "retry": (".retry", "A failed message, published again for its next try.", (DUE, *_FAILURE)),
+    "retry": (
+        ".retry",
+        "A failed message, published again for its next try.",
+        (DUE, *FAILURE_HEADERS),
+    ),
     "dead-letter": (
         ".dead-letter",
         "A message its group gave up on, with its payload byte for byte (so one that "
         "could not be decoded does not match the payload schema).",
-        (*_FAILURE, DEAD_LETTER_GROUP, DEAD_LETTER_REASON, ATTEMPTS),
+        (*FAILURE_HEADERS, DEAD_LETTER_GROUP, DEAD_LETTER_REASON, ATTEMPTS),
     ),
     "request": (
         ".request",

@@ -40,6 +40,9 @@ ERROR = "polybus-error"
 #: epoch ms of the first and the last failure
 FIRST_FAILURE = "polybus-first-failure"
 LAST_FAILURE = "polybus-last-failure"
+#: what a retried or dead-lettered copy says of its failures
+FAILURE_HEADERS = (ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET, ERROR_TYPE, ERROR,
+                   FIRST_FAILURE, LAST_FAILURE)  # fmt: skip
 
 # -- dead letters (polybus.patterns.dlq) ----------------------------------------------
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..bus import Bus, Subscriber, out_record
-from ..envelope import ATTEMPT, ATTEMPTS, DEAD_LETTER_GROUP, DEAD_LETTER_REASON
+from ..envelope import ATTEMPT, ATTEMPTS, DEAD_LETTER_GROUP, DEAD_LETTER_REASON, FAILURE_HEADERS
 from ..errors import DeadLetterNotFound
 from ..message import Delivery, Message
 from ..types import Capability, InRecord, OutRecord
@@ -254,20 +254,7 @@ class DeadLetters:
 
 
 #: the headers a re-drive drops: the message starts over
-_PROVENANCE = frozenset(
-    {
-        ORIGIN_TOPIC,
-        ORIGIN_PARTITION,
-        ORIGIN_OFFSET,
-        ERROR_TYPE,
-        ERROR,
-        FIRST_FAILURE,
-        LAST_FAILURE,
-        DEAD_LETTER_GROUP,
-        DEAD_LETTER_REASON,
-        ATTEMPTS,
-    }
-)
+_PROVENANCE = frozenset({*FAILURE_HEADERS, DEAD_LETTER_GROUP, DEAD_LETTER_REASON, ATTEMPTS})
 
 
 def _as_out(delivery: Delivery) -> OutRecord:
