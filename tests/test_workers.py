@@ -8,6 +8,7 @@ signals, the health endpoint, and bad input.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -396,3 +397,36 @@ def test_worker_command_waits_for_a_broker_that_is_not_there_yet(tmp_path: Path)
             _wait_for(lambda: _health(health)[0] == 200, "the worker to start once Redis answers")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(DEADLINE) == 0
+
+
+def test_each_failure_is_one_log_line_with_the_messages_ids_and_position_not_its_payload(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "card 4111 1111 1111 1111"
+
+    def decline(d: polybus.Delivery) -> None:
+        raise ValueError("declined")
+
+    policy = RetryPolicy(max_attempts=2, initial_delay=0.1, jitter=0.0)
+    with polybus.connect("memory://") as bus, caplog.at_level(logging.INFO, "polybus.worker"):
+        bus.declare("payments", partitions=1, groups=["billing"])
+        consumer = Consumer(bus, "payments", decline, group="billing", retry=policy).start()
+        sent = bus.publish("payments", Message(secret, key="k", correlation_id="order-7"))
+        _wait_for(lambda: consumer.stats.dead_lettered == 1, "the dead letter", consumer)
+        consumer.stop()
+    lines = [r for r in caplog.records if r.name == "polybus.worker"]
+    assert [(r.levelname, r.outcome, r.attempt) for r in lines] == [
+        ("INFO", "retry", 1),
+        ("WARNING", "dead-letter", 2),
+    ]
+    first, last = lines
+    assert (first.topic, first.partition, first.offset) == ("payments", 0, sent.offset)
+    assert last.topic == consumer.retry_topic  # where the second try was read from
+    for r in lines:
+        assert r.message_id == first.message_id
+        assert r.correlation_id == "order-7"
+        assert (r.group, r.error_type) == ("billing", "ValueError")
+        assert "ValueError: declined" in r.getMessage()
+        assert secret not in repr(vars(r))  # the message and every field
+    assert first.getMessage().endswith("retry in 0.1 s")
+    assert last.getMessage().endswith("gave up (exhausted)")

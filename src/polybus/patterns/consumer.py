@@ -33,7 +33,7 @@ from ..middleware import notify, process_chain
 from ..types import Capability, OutRecord
 from .dlq import dead_letter_copy, dead_letter_topic
 from .inbox import Inbox
-from .retry import DUE, NO_RETRY, RetryPolicy, retry_copy, retry_topic
+from .retry import DUE, NO_RETRY, RetryPolicy, failure_fields, retry_copy, retry_topic
 
 __all__ = [
     "Consumer",
@@ -485,6 +485,7 @@ class Consumer:
         key = d.record.key
         if self.strict_order and key is not None and self.retry.retries(exc, d.attempt):
             delay = self.retry.delay(d.attempt, exc)
+            self._log_failure(logging.INFO, "retry", d, exc, f"retry in {delay:.1f} s, in order")
             notify(self.bus.middleware, "retrying", d, exc, delay)
             self._hold(d, key, delay)
             self._count("retried")
@@ -516,11 +517,11 @@ class Consumer:
                 held_by_backend=self._held_by_backend,
             )
             self._count("retried")
-            log.info("%s: try %d failed (%s); retry in %.1f s", self.name, attempt, exc, delay)
+            self._log_failure(logging.INFO, "retry", d, exc, f"retry in {delay:.1f} s")
             notify(self.bus.middleware, "retrying", d, exc, delay)
             return self.retry_topic, [copy]
         if not self.dead_letters:
-            log.error("%s: dropped %s after attempt %d: %s", self.name, d.offset, attempt, exc)
+            self._log_failure(logging.ERROR, "drop", d, exc, "dropped: no dead-letter topic")
             return None
         if isinstance(exc, DecodeError):
             reason = "undecodable"
@@ -530,9 +531,18 @@ class Consumer:
             reason = "not-retryable"
         copy = dead_letter_copy(d.record, exc, group=self.group, attempts=attempt, reason=reason)
         self._count("dead_lettered")
-        log.warning("%s: gave up on %s (%s): %s", self.name, d.message.id, reason, exc)
+        self._log_failure(logging.WARNING, "dead-letter", d, exc, f"gave up ({reason})")
         notify(self.bus.middleware, "dead_lettered", d, exc, reason)
         return self.dead_letter_topic, [copy]
+
+    def _log_failure(
+        self, level: int, outcome: str, d: Delivery, exc: Exception, then: str
+    ) -> None:
+        """One line per failed try: text for people, the fields in ``extra`` for a pipeline."""
+        fields = failure_fields(d, exc, self.group, outcome)
+        text = "%s: attempt %d of message %s failed (%s: %s); %s"
+        args = (self.name, d.attempt, fields["message_id"], fields["error_type"], exc, then)
+        log.log(level, text, *args, extra=fields)
 
     def _settle_quietly(self, d: Delivery, *, requeue: bool | None) -> None:
         try:

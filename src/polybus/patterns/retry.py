@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..envelope import (
     ATTEMPT,
@@ -36,7 +37,7 @@ from ..envelope import (
     ORIGIN_TOPIC,
 )
 from ..errors import ConfigurationError, Rejected
-from ..message import message_of
+from ..message import Delivery, message_of
 from ..types import InRecord, OutRecord
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "ORIGIN_TOPIC",
     "Retry",
     "RetryPolicy",
+    "failure_fields",
     "failure_headers",
     "retry_copy",
     "retry_topic",
@@ -166,6 +168,24 @@ def failure_headers(record: InRecord, exc: BaseException, now_ms: int) -> list[t
         (LAST_FAILURE, str(now_ms)),
     ]
     return headers
+
+
+def failure_fields(d: Delivery, exc: BaseException, group: str, outcome: str) -> dict[str, Any]:
+    """What a log line about a failed try at ``d`` carries besides its text: the message's
+    ids and position, the attempt, the error's type and the ``outcome`` (retry,
+    dead-letter, drop); never the payload, nor a header other than the ids."""
+    message = d.message
+    return {
+        "message_id": message.id,
+        "correlation_id": message.correlation_id,
+        "topic": d.topic,  # where partition and offset point: the retry topic for a retry
+        "group": group,
+        "partition": d.partition,
+        "offset": d.offset,
+        "attempt": d.attempt,
+        "error_type": error_type(exc),
+        "outcome": outcome,
+    }
 
 
 def retry_copy(
