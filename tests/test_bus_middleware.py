@@ -114,3 +114,34 @@ def test_async_code_and_coroutine_handlers_see_the_middlewares_context(tmp_path:
 
     asyncio.run(main())
     assert replies == ["handling from a coroutine"]
+
+
+def test_metrics_share_a_providers_instruments_and_keep_to_one_system() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from polybus.otel.metrics import Metrics
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    first, second = Metrics(provider), Metrics(provider)  # one app's bus, another's
+    a = polybus.connect("memory://", middleware=[first])
+    b = polybus.connect("memory://", middleware=[second])
+    with a, b:
+        a.publish("audit", "x")
+        b.publish("audit", "y")
+    (sent,) = (
+        m
+        for scope in reader.get_metrics_data().resource_metrics[0].scope_metrics
+        for m in scope.metrics
+        if m.name == "messaging.client.sent.messages"
+    )
+    assert [p.value for p in sent.data.data_points] == [2]  # both, under the same attributes
+    provider.shutdown()
+
+    class Kafka:
+        wire_protocol = "kafka"
+
+    with pytest.raises(ConfigurationError, match="give the kafka bus a Metrics of its own"):
+        first.attach(Kafka())  # type: ignore[arg-type]
+    assert first.system == "polybus"

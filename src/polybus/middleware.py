@@ -41,11 +41,11 @@ is a publish, its answer a delivery the requester receives.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from .message import Delivery
-from .types import Capability, OutRecord, Receipt
+from .types import BusStats, Capability, OutRecord, Receipt
 
 __all__ = [
     "Host",
@@ -71,6 +71,14 @@ class Host(Protocol):
 
     @property
     def wire_protocol(self) -> str: ...
+
+    def stats(
+        self,
+        topics: Collection[str] | None = None,
+        groups: Collection[str] | None = None,
+        *,
+        timeout: float = 5.0,
+    ) -> BusStats: ...
 
 
 class Middleware:
