@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -430,3 +431,67 @@ def test_each_failure_is_one_log_line_with_the_messages_ids_and_position_not_its
         assert secret not in repr(vars(r))  # the message and every field
     assert first.getMessage().endswith("retry in 0.1 s")
     assert last.getMessage().endswith("gave up (exhausted)")
+
+
+def test_metrics_are_scraped_from_the_health_port_in_prometheus_text() -> None:
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    from polybus.otel.metrics import Metrics
+
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()])  # prometheus_client's
+    app = App(middleware=[Metrics(provider)])
+    handled: list[str] = []
+
+    @app.consumer("orders", group="billing")
+    def bill(d: polybus.Delivery) -> None:
+        handled.append(d.message.value)
+
+    try:
+        with polybus.connect("memory://") as bus:
+            worker = Worker(app, bus).start()
+            port = worker.serve_health(0)
+            bus.publish_many("orders", ["a", "b"])
+            _wait_for(lambda: len(handled) == 2, "the handling")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                status, content_type = reply.status, reply.headers["Content-Type"]
+                text = reply.read().decode()
+            worker.stop()
+    finally:
+        provider.shutdown()  # takes its collector out of prometheus_client's registry
+    assert status == 200
+    assert content_type.startswith("text/plain; version=0.0.4")
+    labels = {
+        "messaging_system": "polybus",
+        "messaging_destination_name": "orders",
+        "messaging_consumer_group_name": "billing",
+    }
+    consumed = _sample(text, "messaging_client_consumed_messages_total", labels)
+    durations = _sample(text, "messaging_process_duration_seconds_count", labels)
+    assert (consumed, durations) == (2.0, 2.0)
+
+
+def _sample(text: str, name: str, labels: dict[str, str]) -> float:
+    """The value of the one sample of ``name`` in Prometheus ``text`` that has ``labels``."""
+    found = []
+    for line in text.splitlines():
+        sample = re.fullmatch(r"(\w+)\{(.*)\} (\S+)", line)
+        if sample and sample[1] == name:
+            has = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', sample[2]))
+            if labels.items() <= has.items():
+                found.append(float(sample[3]))
+    assert len(found) == 1, f"{len(found)} samples of {name} with {labels} in:\n{text}"
+    return found[0]
+
+
+def test_metrics_without_prometheus_client_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails as if missing
+    with polybus.connect("memory://") as bus:
+        worker = Worker(App(), bus)
+        port = worker.serve_health(0)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        worker.stop()
+    assert err.value.code == 404
+    assert "pip install polybus[prometheus]" in err.value.read().decode()
+    err.value.close()

@@ -305,18 +305,29 @@ class Worker:
 
     def serve_health(self, port: int, host: str = "127.0.0.1") -> int:
         """Answer ``GET /health`` on ``host:port`` (200 when ok, else 503) from a thread;
-        returns the port (useful with ``port=0``). Stopped by :meth:`stop`."""
+        returns the port (useful with ``port=0``). Stopped by :meth:`stop`.
+
+        ``GET /metrics`` answers with what ``prometheus_client`` holds, in Prometheus's
+        text format: the metrics of an OpenTelemetry SDK given a ``PrometheusMetricReader``
+        (``pip install polybus[prometheus]``; see :mod:`polybus.otel.metrics`); 404,
+        saying so, without that package."""
         worker = self
 
         class HealthHandler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # the http.server API
-                if self.path.rstrip("/") not in ("/health", "/healthz"):
+                path = self.path.rstrip("/")
+                if path == "/metrics":
+                    self._reply(*_prometheus_text())
+                elif path in ("/health", "/healthz"):
+                    report = worker.health()
+                    status = 200 if report["status"] == "ok" else 503
+                    self._reply(status, "application/json", json.dumps(report).encode())
+                else:
                     self.send_error(404)
-                    return
-                report = worker.health()
-                body = json.dumps(report).encode()
-                self.send_response(200 if report["status"] == "ok" else 503)
-                self.send_header("Content-Type", "application/json")
+
+            def _reply(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -327,3 +338,19 @@ class Worker:
         self._health = http.server.ThreadingHTTPServer((host, port), HealthHandler)
         threading.Thread(target=self._health.serve_forever, daemon=True).start()
         return int(self._health.server_address[1])
+
+
+def _prometheus_text() -> tuple[int, str, bytes]:
+    """(status, content type, body) of ``GET /metrics``."""
+    try:
+        import prometheus_client
+    except ImportError:
+        return (
+            404,
+            "text/plain; charset=utf-8",
+            b"no metrics here: pip install polybus[prometheus], then give the OpenTelemetry "
+            b"SDK's MeterProvider a PrometheusMetricReader()\n",
+        )
+    # generate_latest() writes the classic text format, version 0.0.4, whatever the version
+    # of prometheus_client (whose CONTENT_TYPE_LATEST has moved on to 1.0.0)
+    return 200, "text/plain; version=0.0.4; charset=utf-8", prometheus_client.generate_latest()
