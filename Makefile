@@ -82,6 +82,7 @@ bench: $(STAMP) services
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/patterns.py
+	$(BIN)/python benchmarks/observability.py
 	$(BIN)/python benchmarks/sessions.py
 	$(BIN)/python benchmarks/tokens.py
 	$(BIN)/python benchmarks/peers.py
