@@ -413,22 +413,11 @@ class Partition:
                 _flock(fd, _LOCK_UN)
         return next_offset
 
-    @contextmanager
-    def exclusive(self) -> Iterator[int]:
-        """Hold the write lock (no process appends meanwhile); yield the end offset.
-
-        Inside, :meth:`append_encoded` and :meth:`batch_at` may be called; plain
-        appends from this thread would deadlock. Raises ClosedError.
-        """
-        with self._tlock:
-            if self.closed:
-                raise ClosedError(f"partition {self.dir} is closed; open the log again")
-            fd = self._head_fd
-            _flock(fd, _LOCK_EX)
-            try:
-                yield self._state()[0]
-            finally:
-                _flock(fd, _LOCK_UN)
+    def exclusive(self) -> _Exclusive:
+        """Hold the write lock (no process appends meanwhile); ``with`` it gives the end
+        offset. Inside, :meth:`append_encoded` and :meth:`batch_at` may be called; plain
+        appends from this thread would deadlock. Raises ClosedError."""
+        return _Exclusive(self)
 
     def append_encoded(self, batch: bytes) -> None:
         """Inside :meth:`exclusive`: append a batch encoded for the end offset.
@@ -974,3 +963,37 @@ class Partition:
         self._wfd = self._ifd = -1
         self._mm.close()
         os.close(self._head_fd)
+
+
+class _Exclusive:
+    """:meth:`Partition.exclusive`'s context manager: a class, not a generator, as every
+    save of the native session store enters one (2.2 -> 1.3 µs, side by side)."""
+
+    __slots__ = ("_fd", "_partition")
+
+    def __init__(self, partition: Partition) -> None:
+        self._partition = partition
+        self._fd = -1
+
+    def __enter__(self) -> int:
+        partition = self._partition
+        partition._tlock.acquire()
+        try:
+            if partition.closed:
+                raise ClosedError(f"partition {partition.dir} is closed; open the log again")
+            self._fd = partition._head_fd
+            _flock(self._fd, _LOCK_EX)
+        except BaseException:
+            partition._tlock.release()
+            raise
+        try:
+            return partition._state()[0]
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            _flock(self._fd, _LOCK_UN)
+        finally:
+            self._partition._tlock.release()
