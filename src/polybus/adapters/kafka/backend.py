@@ -248,6 +248,23 @@ class KafkaBackend(_Publisher):
         self._partition_counts[topic] = (partitions, time.monotonic() + _METADATA_TTL)
         for group in spec.groups:
             self._declare_group(topic, partitions, group, fresh_topic=created)
+        self._introduce(topic)
+
+    def _introduce(self, topic: str) -> None:
+        """Have the producer look ``topic`` up now, so the first publish to it finds the
+        partition leaders known and connected.
+
+        A new producer drops its bootstrap connection once it learns the brokers, and
+        librdkafka opens the next one no sooner than reconnect.backoff.ms / 2 (50 ms)
+        after the first: without this, a bus's first publish right after connect and
+        declare waited out the rest (its first 1000 records here: 10-27 ms instead of
+        3.6-8 ms; the raw client's, made 60 ms before, 4-8 ms). Best effort: publish
+        looks the topic up itself if this fails.
+        """
+        try:
+            self._producer.list_topics(topic, timeout=min(self.reconnect_timeout, 5.0))
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("the producer could not look up %r yet: %s", topic, exc)
 
     def _await_leaders(self, topic: str, partitions: int | None = None) -> int:
         """``topic``'s partition count once every partition has a leader the metadata
