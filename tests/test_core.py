@@ -44,6 +44,7 @@ def test_uuid7_batches_sort_with_single_ids_past_a_spent_counter() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 7 for i in ids)
+    assert len({i[20:] for i in ids}) == len(ids)  # 60 random bits each, not one draw for all
 
 
 @pytest.mark.parametrize(

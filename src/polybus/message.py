@@ -6,6 +6,7 @@ commonest are re-exported here.
 
 from __future__ import annotations
 
+import binascii
 import os
 import threading
 import time
@@ -87,33 +88,59 @@ def uuid7() -> str:
 def uuid7s(n: int) -> list[str]:
     """Return ``n`` new UUIDv7 strings as :func:`uuid7` makes them, with one clock read,
     one lock and one draw of random digits for the lot (a batch of plain values is
-    published this way: 0.22 µs an id, where formatting each as :func:`uuid7` does took 0.52).
+    published this way).
     """
     global _uuid_last_ms, _uuid_seq, _uuid_prefix
     ms = time.time_ns() // 1_000_000
     if n < 8:  # too few to pay for a draw of their own (a urandom call: 2 µs for one id)
         with _uuid_lock:
             return [_next_uuid7(ms) for _ in range(n)]
-    digits = os.urandom(8 * n + 1).hex()  # 15 random digits an id, the last 2 seed the counter
-    ids: list[str] = []
+    drawn = os.urandom(8 * n + 1)  # 15 random digits an id, the last byte seeds the counter
+    runs: list[tuple[str, int, int]] = []  # (prefix, first counter value, ids)
     with _uuid_lock:
         if ms > _uuid_last_ms:
-            _uuid_last_ms, _uuid_seq = ms, (int(digits[-2:], 16) << 3) - 1
+            _uuid_last_ms, _uuid_seq = ms, (drawn[-1] << 3) - 1
             _uuid_prefix = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7"
-        while len(ids) < n:
+        left = n
+        while left:
             if _uuid_seq >= 0xFFF:  # counter spent: borrow the next millisecond
                 _uuid_last_ms += 1
                 _uuid_seq = -1
                 _uuid_prefix = f"{_uuid_last_ms >> 16:08x}-{_uuid_last_ms & 0xFFFF:04x}-7"
-            first, at = _uuid_seq + 1, 16 * len(ids)
-            take = min(n - len(ids), 0x1000 - first)
-            prefix = _uuid_prefix
-            tails = [digits[i : i + 15] for i in range(at, at + 16 * take, 16)]
-            ids += [
-                f"{prefix}{seq}{tail[:3]}-{tail[3:]}"
-                for seq, tail in zip(_SEQ_DIGITS[first : first + take], tails, strict=True)
-            ]
+            first = _uuid_seq + 1
+            take = min(left, 0x1000 - first)
+            runs.append((_uuid_prefix, first, take))
             _uuid_seq = first + take - 1
+            left -= take
+    digits = binascii.hexlify(drawn)
+    ids: list[str] = []
+    done = 0
+    for prefix, first, take in runs:
+        ids += _uuid_run(prefix, first, take, digits, 16 * done)
+        done += take
+    return ids
+
+
+#: the counter's three hex digits, one bytes object per digit position, indexed by value
+_SEQ_COLUMNS = tuple(bytes(ord(f"{seq:03x}"[i]) for seq in range(0x1000)) for i in range(3))
+_RANDOM_AT = (20, 21, 22, *range(24, 36))  #: where an id's 15 random digits go
+
+
+def _uuid_run(prefix: str, first: int, take: int, digits: bytes, at: int) -> list[str]:
+    """``take`` ids of ``prefix`` with the counter values from ``first`` on, their random
+    digits 15 of each 16 of ``digits`` from ``at``.
+
+    Written a column at a time into rows of one buffer, then split: an id costs one
+    string, where formatting each took 0.23 µs (0.07 µs so, 1000 ids).
+    """
+    end = first + take
+    rows = bytearray(f"{prefix}000-8000-000000000000,".encode() * take)
+    for i, column in enumerate(_SEQ_COLUMNS):
+        rows[15 + i :: 37] = column[first:end]
+    for i, position in enumerate(_RANDOM_AT):
+        rows[position::37] = digits[at + i : at + 16 * take : 16]
+    ids = rows.decode("ascii").split(",")
+    ids.pop()  # after the last comma
     return ids
 
 
