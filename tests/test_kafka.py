@@ -232,7 +232,8 @@ def test_plain_producer_messages_arrive_with_defaults(
     bus = connect()
     bus.declare(topic, partitions=1)
     producer = confluent_kafka.Producer({"bootstrap.servers": bootstrap})
-    producer.produce(topic, b"bare", key=b"k1")
+    stamp = int(time.time() * 1000) - 5000
+    producer.produce(topic, b"bare", key=b"k1", timestamp=stamp)
     producer.produce(
         topic, b"with headers", headers=[("trace", b"abc"), ("raw", b"\xff\x00"), ("nil", None)]
     )
@@ -240,8 +241,10 @@ def test_plain_producer_messages_arrive_with_defaults(
     assert producer.flush(DEADLINE) == 0
     with bus.subscribe(topic, start="earliest") as sub:
         got = drain(sub, 3)
+    assert (got[0].timestamp_ms, got[0].headers, got[0].header("x")) == (stamp, (), None)
     bare, with_headers, tombstone = (d.message for d in got)
     assert (bare.value, bare.key, bare.headers) == (b"bare", "k1", {})
+    assert bare.timestamp == stamp / 1000
     assert bare.id == f"{topic}/0/{got[0].offset}"
     assert abs(bare.timestamp - time.time()) < 60
     assert with_headers.headers["trace"] == "abc"
