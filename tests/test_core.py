@@ -24,7 +24,7 @@ from polybus.errors import BrokerUnreachable, ConnectionLost
 from polybus.message import message_of, uuid7, uuid7s
 from polybus.patterns.retry import failure_headers
 from polybus.testing import servers
-from polybus.types import InRecord, OutRecord, Receipt
+from polybus.types import InRecord, OutRecord, Receipt, ValueBatch
 
 
 def test_uuid7_is_version_7_and_sorts_in_creation_order() -> None:
@@ -45,6 +45,28 @@ def test_uuid7_batches_sort_with_single_ids_past_a_spent_counter() -> None:
     assert len(set(ids)) == len(ids)
     assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 7 for i in ids)
     assert len({i[20:] for i in ids}) == len(ids)  # 60 random bits each, not one draw for all
+
+
+def test_a_value_batch_is_the_sequence_of_its_records() -> None:
+    ids = uuid7s(3)
+    batch = ValueBatch([b"a", b"b", b"c"], "polybus-id", ids, ("polybus-timestamp", "7"), 7)
+    expected = [
+        OutRecord(v, None, (("polybus-id", i), ("polybus-timestamp", "7")), 7, 0)
+        for v, i in zip([b"a", b"b", b"c"], ids, strict=True)
+    ]
+    assert len(batch) == 3
+    assert bool(batch)
+    assert list(batch) == expected
+    assert batch[1] == expected[1]
+    assert batch[-1] == expected[2]
+    assert batch[1:] == expected[1:]
+    assert list(reversed(batch)) == expected[::-1]
+    assert expected[2] in batch
+    assert batch.index(expected[2]) == 2
+    assert next(zip(*batch, strict=True)) == (b"a", b"b", b"c")
+    assert not ValueBatch([], "polybus-id", [], ("polybus-timestamp", "7"), 7)
+    with pytest.raises(ValueError, match="2 values but 1 ids"):
+        ValueBatch([b"a", b"b"], "polybus-id", ids[:1], ("polybus-timestamp", "7"), 7)
 
 
 @pytest.mark.parametrize(

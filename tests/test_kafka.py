@@ -226,6 +226,31 @@ def test_polybus_reads_a_cloudevent_a_plain_producer_publishes(
     assert (d.value, attributes(d)["type"]) == ({"o": 7}, "order.placed")
 
 
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_a_batch_of_bytes_goes_out_as_records_would(
+    connect: Callable[..., polybus.Bus], bootstrap: str, topic: str, partitions: int
+) -> None:
+    # publish_many hands plain bytes over as columns (no OutRecord each): the records
+    # stored and the receipts must be what the records would have given
+    bus = connect()
+    bus.declare(topic, partitions=partitions)
+    values = [f"v{i}".encode() for i in range(2500)]
+    receipts = bus.publish_many(topic, values)
+    records = read_plain(bootstrap, topic, partitions, len(values))
+    stored = {(r.partition(), r.offset()): r for r in records}
+    assert len(stored) == len(values)
+    ids = set()
+    for value, receipt in zip(values, receipts, strict=True):
+        record = stored[(receipt.partition, receipt.offset)]
+        assert (record.value(), record.key()) == (value, None)
+        (id_name, message_id), (stamp_name, stamp) = record.headers()
+        assert (id_name, stamp_name) == ("polybus-id", "polybus-timestamp")
+        assert int(stamp) == record.timestamp()[1]
+        ids.add(message_id)
+    assert len(ids) == len(values)
+    assert len({r.partition for r in receipts}) == partitions
+
+
 def test_plain_producer_messages_arrive_with_defaults(
     connect: Callable[..., polybus.Bus], bootstrap: str, topic: str
 ) -> None:

@@ -9,9 +9,9 @@ They sit below the adapters and the facade alike, so ``message.py`` and
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 from .errors import CapabilityError
 
@@ -26,6 +26,7 @@ __all__ = [
     "Start",
     "TopicSpec",
     "TopicStats",
+    "ValueBatch",
     "tombstone_refused",
     "tuple_new",
 ]
@@ -209,3 +210,82 @@ def tuple_new(cls: type[T], fields: int) -> Callable[[type[T], tuple[Any, ...]],
             f"{cls.__name__} has {declared} fields, not {fields}: update its fast constructors"
         )
     return tuple.__new__
+
+
+_new_out_record = tuple_new(OutRecord, 5)  # OutRecord(...) through its generated __new__ costs more
+
+
+class ValueBatch(Sequence[OutRecord]):
+    """The records of plain values published together, kept as columns: each message's
+    payload and id, and the header and timestamp all share.
+
+    A Sequence of OutRecords like any other batch a backend is given, which makes the
+    records on first use. A backend that knows this type may read the columns instead
+    and make no record object a message. Kafka does: its receipts are then the only
+    objects a message leaves for the garbage collector to count, so it collects far
+    less often. 200,000 messages published here, in batches of 1000: 2.50-2.55 ->
+    1.96-2.04 µs of process CPU a message, 367 -> 182 collections (3 -> 1-2 full);
+    in batches of 10,000: 2.92-3.13 -> 2.26-2.29 µs, 985 -> 255 collections (8 -> 2
+    full).
+    """
+
+    __slots__ = (
+        "_records",
+        "id_header",
+        "ids",
+        "not_before_ms",
+        "shared",
+        "timestamp_ms",
+        "values",
+    )
+
+    def __init__(
+        self,
+        values: list[bytes],
+        id_header: str,
+        ids: list[str],
+        shared: tuple[str, str],
+        timestamp_ms: int,
+        not_before_ms: int = 0,
+    ) -> None:
+        if len(values) != len(ids):
+            raise ValueError(f"{len(values)} values but {len(ids)} ids")
+        self.values = values  #: each message's payload
+        self.id_header = id_header  #: the name of the header carrying each message's id
+        self.ids = ids  #: each message's id
+        self.shared = shared  #: the header every message carries after its id
+        self.timestamp_ms = timestamp_ms
+        self.not_before_ms = not_before_ms
+        self._records: list[OutRecord] | None = None
+
+    def records(self) -> list[OutRecord]:
+        """The batch as OutRecords (made once): ``(value, None, ((id_header, id), shared),
+        timestamp_ms, not_before_ms)`` for each message."""
+        records = self._records
+        if records is None:
+            header, shared, ts, not_before = (
+                self.id_header, self.shared, self.timestamp_ms, self.not_before_ms
+            )  # fmt: skip
+            records = self._records = [
+                _new_out_record(OutRecord, (value, None, ((header, id), shared), ts, not_before))
+                for value, id in zip(self.values, self.ids, strict=True)
+            ]
+        return records
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @overload
+    def __getitem__(self, index: int) -> OutRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[OutRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> OutRecord | list[OutRecord]:
+        return self.records()[index]
+
+    def __iter__(self) -> Iterator[OutRecord]:
+        return iter(self.records())
+
+    def __repr__(self) -> str:
+        return f"ValueBatch({len(self.values)} values)"
