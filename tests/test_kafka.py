@@ -457,7 +457,12 @@ def test_concurrent_publishers_get_their_own_receipts(
     log = read_whole_log(bootstrap, topic, 3)
     stored = {dict(m.headers())["polybus-id"].decode(): (m.partition(), m.offset()) for m in log}
     assert len(log) == len(stored), "a record was stored twice"
-    assert stored.keys() == receipts.keys(), "the log and the receipts name other records"
+    at = {(m.partition(), m.offset()): dict(m.headers())["polybus-id"].decode() for m in log}
+    unread = {i: (r, at.get(r)) for i, r in receipts.items() if i not in stored}
+    assert not unread, (
+        f"receipts (partition, offset) of records not read back, and what is there: {unread}"
+    )
+    assert stored.keys() == receipts.keys(), "the log holds records nobody was given receipts for"
     assert stored == receipts
 
 
