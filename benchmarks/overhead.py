@@ -69,7 +69,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import polybus
 from polybus.testing import servers
@@ -174,17 +174,32 @@ def kafka_headers(count: int) -> list[list[tuple[str, str | bytes | None]]]:
     return [[("polybus-id", str(uuid.uuid4())), ("polybus-timestamp", stamp)] for _ in range(count)]
 
 
-def kafka_raw_publish(topic: str, count: int, chunk: int) -> Timing:
+class RawProducer(NamedTuple):
+    producer: Any  #: confluent_kafka.Producer: idempotent, acks=all
+    on_delivery: Callable[[object, object], None]  #: records each failed delivery
+    failures: list[object]
+
+    def check(self) -> None:
+        if self.failures:
+            raise RuntimeError(f"raw Kafka deliveries failed: {self.failures[:3]}")
+
+
+def raw_producer() -> RawProducer:
     from confluent_kafka import Producer
 
-    producer = Producer({**kafka_config(), "enable.idempotence": True, "acks": "all"})
     failures: list[object] = []
-    headers = kafka_headers(count)
 
     def on_delivery(err: object, _msg: object) -> None:
         if err is not None:
             failures.append(err)
 
+    config = {**kafka_config(), "enable.idempotence": True, "acks": "all"}
+    return RawProducer(Producer(config), on_delivery, failures)
+
+
+def kafka_raw_publish(topic: str, count: int, chunk: int) -> Timing:
+    producer, on_delivery, _ = raw = raw_producer()
+    headers = kafka_headers(count)
     started = now()
     for start in range(0, count, chunk):
         for i in range(start, min(start + chunk, count)):
@@ -196,22 +211,13 @@ def kafka_raw_publish(topic: str, count: int, chunk: int) -> Timing:
                     producer.poll(0.01)
         producer.flush()
     elapsed = since(started)
-    if failures:
-        raise RuntimeError(f"raw Kafka deliveries failed: {failures[:3]}")
+    raw.check()
     return elapsed
 
 
 def kafka_raw_sequential(topic: str, count: int) -> Timing:
-    from confluent_kafka import Producer
-
-    producer = Producer({**kafka_config(), "enable.idempotence": True, "acks": "all"})
-    failures: list[object] = []
+    producer, on_delivery, _ = raw = raw_producer()
     headers = kafka_headers(count)
-
-    def on_delivery(err: object, _msg: object) -> None:
-        if err is not None:
-            failures.append(err)
-
     producer.produce(topic, PAYLOAD, on_delivery=on_delivery)  # the connection up first
     producer.flush()
     started = now()
@@ -219,8 +225,7 @@ def kafka_raw_sequential(topic: str, count: int) -> Timing:
         producer.produce(topic, PAYLOAD, on_delivery=on_delivery, headers=headers[i])
         producer.flush()
     elapsed = since(started)
-    if failures:
-        raise RuntimeError(f"raw Kafka deliveries failed: {failures[:3]}")
+    raw.check()
     return elapsed
 
 
