@@ -16,12 +16,12 @@ group.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from typing import cast
+from typing import Any, cast
 
 from ..errors import ClosedError, ConfigurationError
 from ..log import Consumer, Log, Record
 from ..log import Transaction as LogTransaction
-from ..types import tuple_new
+from ..types import ValueBatch, tuple_new
 from ._support.native import log_options, open_log
 from .base import (
     BusStats,
@@ -189,7 +189,15 @@ class NativeBackend:
                 not_before_ms=r.not_before_ms,
             )
             return [_receipt(Receipt, (topic, p, offset))]
-        values, keys, headers, stamps, not_before = zip(*records, strict=True)
+        columns: tuple[Sequence[Any], ...]  # values, keys, headers, timestamps, not-befores
+        if type(records) is ValueBatch:  # its columns, as Kafka reads them: no OutRecord a message
+            id_header, shared = records.id_header, records.shared
+            envelopes = [((id_header, id), shared) for id in records.ids]
+            columns = (records.values, [None] * n, envelopes, [records.timestamp_ms] * n,
+                       [records.not_before_ms] * n)  # fmt: skip
+        else:
+            columns = tuple(zip(*records, strict=True))
+        values, keys, headers, stamps, not_before = columns
         parts = len(t.partitions)
         if parts == 1 or keys.count(None) == n:
             # Without keys, record i goes to the i-th partition from the topic's round-robin
